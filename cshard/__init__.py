@@ -1,0 +1,1 @@
+"""Compiled kernels of shardstore; use them through ``shardstore.kernels``."""

@@ -1,0 +1,1 @@
+"""Discovering and validating shards, the manifest file, and opening a cache through it."""

@@ -1,0 +1,249 @@
+"""``build_manifest``: discover shards, validate their headers (incrementally), and write ``manifest.json`` atomically."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from shardstore.errors import ManifestError
+from shardstore.manifest.checksum import checksum_files
+from shardstore.manifest.discover import Candidate, discover_shards
+from shardstore.manifest.model import FieldSpec, FileEntry, Manifest, Problem, ShardEntry, manifest_path
+from shardstore.store.atomic import write_bytes_atomic
+from shardstore.store.npy import NpyHeader, read_header
+
+log = logging.getLogger(__name__)
+
+LEFT_OUT = "the shard is left out"
+
+
+@dataclass(frozen=True)
+class _FileInfo:
+    """A field file that passed the per-file checks: its manifest entry and what its header says."""
+
+    entry: FileEntry
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+
+@dataclass
+class BuildReport:
+    """What a build found: the manifest, the shards left out and why, and how much was actually read."""
+
+    manifest: Manifest
+    path: Path | None
+    headers_read: int = 0
+    files_reused: int = 0
+    files_checksummed: int = 0
+    ignored_fields: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def problems(self) -> list[Problem]:
+        """The shards left out, one line each."""
+        return self.manifest.left_out
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _check_header(header: NpyHeader, size: int) -> str | None:
+    if header.dtype.hasobject:
+        return f"dtype {header.dtype} holds Python objects, which are never loaded (no pickle); store numeric arrays"
+    if header.dtype.fields is not None or header.dtype.subdtype is not None:
+        return f"structured dtype {header.dtype} is not supported; store one plain array per field"
+    if not header.shape:
+        return "holds a 0-d array; a field needs a first (sample) dimension"
+    if header.fortran_order and len(header.shape) > 1:
+        return "is stored in Fortran order, which cannot be read row by row; re-save it with np.ascontiguousarray"
+    need = header.file_bytes
+    if size < need:
+        return f"header promises {need:,} bytes, file has {size:,} (truncated)"
+    if size > need:
+        return f"header promises {need:,} bytes, file has {size:,} ({size - need:,} unexpected bytes after the data)"
+    return None
+
+
+def _read_file(root: Path, rel: str, previous: dict[str, _FileInfo]) -> _FileInfo | str | None:
+    """Per-file checks. ``_FileInfo`` if good, a reason if bad, None if the file vanished meanwhile."""
+    path = root / rel
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot be read ({_one_line(exc)})"
+    old = previous.get(rel)
+    if old is not None and old.entry.bytes == st.st_size and old.entry.mtime_ns == st.st_mtime_ns:
+        return old
+    try:
+        with open(path, "rb") as f:
+            header = read_header(f)
+    except OSError as exc:
+        return f"cannot be read ({_one_line(exc)})"
+    except Exception as exc:  # noqa: BLE001 - any parse failure of foreign bytes is a bad shard, never a crash
+        return f"unreadable .npy header ({_one_line(exc)})"
+    reason = _check_header(header, st.st_size)
+    if reason is not None:
+        return reason
+    entry = FileEntry(rel, st.st_size, st.st_mtime_ns, header.data_offset)
+    return _FileInfo(entry, header.dtype, header.shape)
+
+
+def _previous_files(root: Path) -> dict[str, _FileInfo]:
+    """File entries of the existing manifest, for an incremental rebuild (empty if there is none or it is bad)."""
+    path = manifest_path(root)
+    if not path.exists():
+        return {}
+    try:
+        old = Manifest.from_json(path.read_text(), str(path))
+    except (ManifestError, OSError, UnicodeDecodeError) as exc:
+        log.warning("ignoring the existing manifest (%s); every shard is read again", exc)
+        return {}
+    out = {}
+    for shard in old.shards:
+        for name, f in shard.files.items():
+            spec = old.fields[name]
+            out[f.path] = _FileInfo(f, spec.dtype, (shard.num_samples, *spec.shape))
+    return out
+
+
+def _majority_specs(shards: dict[int, dict[str, _FileInfo]]) -> tuple[dict[str, FieldSpec], dict[str, int]]:
+    """Fields present in at least half of the shards, each with its most common dtype and per-sample shape."""
+    presence = Counter(name for files in shards.values() for name in files)
+    required = {n for n, c in presence.items() if 2 * c >= len(shards)}
+    ignored = {n: c for n, c in presence.items() if n not in required}
+    specs = {}
+    for name in sorted(required):
+        votes = Counter((info.dtype.str, info.shape[1:]) for files in shards.values() if (info := files.get(name)))
+        (dtype, shape), _ = votes.most_common(1)[0]
+        specs[name] = FieldSpec(np.dtype(dtype), shape)
+    return specs, ignored
+
+
+def _missing_name(cand: Candidate, name: str) -> str:
+    return f"{cand.where}/{name}.npy" if cand.layout == "native" else f"{name}_{cand.id:06d}.npy"
+
+
+def build_manifest(
+    root: str | os.PathLike[str],
+    *,
+    checksum: bool = False,
+    incremental: bool = True,
+    write: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> BuildReport:
+    """Discover and validate the shards under ``root`` and write ``root/manifest.json`` atomically.
+
+    Only ``.npy`` headers are read, and only for files whose size or mtime changed since
+    the previous manifest (all of them with ``incremental=False``). Bad shards are left
+    out and listed in ``report.problems``; a cache that is still growing is normal.
+    With ``checksum`` every file without a checksum is hashed (``progress`` gets bytes).
+    """
+    root = Path(root)
+    if not root.exists():
+        raise ManifestError(f"{root} does not exist; pass the directory that holds the shards")
+    if not root.is_dir():
+        raise ManifestError(f"{root} is not a directory; pass the directory that holds the shards")
+    previous = _previous_files(root) if incremental else {}
+    candidates, problems = discover_shards(root)
+    if not candidates and not problems:
+        raise ManifestError(
+            f"no shards in {root}; expected shard_<id>/<field>.npy directories or <field>_<id>.npy files"
+        )
+
+    report = BuildReport(Manifest({}, []), None)
+    good: dict[int, dict[str, _FileInfo]] = {}
+    for shard_id, cand in candidates.items():
+        files: dict[str, _FileInfo] = {}
+        bad: Problem | None = None
+        for name, rel in sorted(cand.files.items()):
+            result = _read_file(root, rel, previous)
+            if result is None:  # deleted between listing and reading: the cache is changing, not corrupt
+                bad = Problem(rel, f"vanished while the manifest was built; {LEFT_OUT}", shard_id)
+                break
+            if isinstance(result, str):
+                bad = Problem(rel, f"{result}; {LEFT_OUT}", shard_id)
+                break
+            if result is previous.get(rel):
+                report.files_reused += 1
+            else:
+                report.headers_read += 1
+            files[name] = result
+        if bad is None:
+            lengths = {name: info.shape[0] for name, info in files.items()}
+            if len(set(lengths.values())) > 1:
+                short = min(lengths, key=lengths.__getitem__)
+                long = max(lengths, key=lengths.__getitem__)
+                bad = Problem(
+                    files[short].entry.path,
+                    f"{lengths[short]:,} samples, but {files[long].entry.path} has {lengths[long]:,} "
+                    f"(fields of unequal length); {LEFT_OUT}",
+                    shard_id,
+                )
+        if bad is not None:
+            problems.append(bad)
+        else:
+            good[shard_id] = files
+
+    specs, report.ignored_fields = _majority_specs(good) if good else ({}, {})
+    shards: list[ShardEntry] = []
+    for shard_id, files in good.items():
+        cand = candidates[shard_id]
+        bad = None
+        for name, spec in specs.items():
+            info = files.get(name)
+            if info is None:
+                bad = Problem(_missing_name(cand, name), f"field {name!r} is missing (the other shards have it); {LEFT_OUT}", shard_id)
+            elif info.dtype != spec.dtype:
+                bad = Problem(info.entry.path, f"dtype {info.dtype}, but the other shards' {name!r} is {spec.dtype}; {LEFT_OUT}", shard_id)
+            elif info.shape[1:] != spec.shape:
+                bad = Problem(
+                    info.entry.path,
+                    f"per-sample shape {list(info.shape[1:])}, but the other shards' {name!r} is {list(spec.shape)}; {LEFT_OUT}",
+                    shard_id,
+                )
+            if bad is not None:
+                break
+        if bad is not None:
+            problems.append(bad)
+            continue
+        num_samples = files[next(iter(specs))].shape[0]
+        shards.append(ShardEntry(shard_id, num_samples, cand.layout, {n: files[n].entry for n in specs}))
+
+    if checksum:
+        shards, failed = _add_checksums(root, shards, progress, report)
+        problems.extend(failed)
+    problems.sort(key=lambda p: (p.shard_id if p.shard_id is not None else -1, p.path))
+    report.manifest = Manifest(specs, shards, problems)
+    if write and shards:
+        path = manifest_path(root)
+        write_bytes_atomic(path, report.manifest.to_json().encode())
+        report.path = path
+    return report
+
+
+def _add_checksums(
+    root: Path, shards: list[ShardEntry], progress: Callable[[int], None] | None, report: BuildReport
+) -> tuple[list[ShardEntry], list[Problem]]:
+    todo = [root / f.path for s in shards for f in s.files.values() if f.checksum is None]
+    digests = checksum_files(todo, progress=progress)
+    report.files_checksummed = len(todo)
+    out, failed = [], []
+    for s in shards:
+        files = {}
+        for name, f in s.files.items():
+            digest = f.checksum or digests[root / f.path]
+            if isinstance(digest, OSError):
+                failed.append(Problem(f.path, f"cannot be read ({_one_line(digest)}); {LEFT_OUT}", s.id))
+                break
+            files[name] = FileEntry(f.path, f.bytes, f.mtime_ns, f.data_offset, digest)
+        else:
+            out.append(ShardEntry(s.id, s.num_samples, s.layout, files))
+    return out, failed

@@ -1,0 +1,146 @@
+"""``ShardStore``: a cache opened through its manifest, each shard field a read-only memory map on demand."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from shardstore import kernels
+from shardstore.errors import ManifestError
+from shardstore.manifest.model import FieldSpec, Manifest, ShardEntry, manifest_path
+from shardstore.store.layout import is_within
+from shardstore.store.mmaps import MapCache
+
+log = logging.getLogger(__name__)
+
+
+def load_manifest(root: str | os.PathLike[str]) -> Manifest:
+    """Read and validate ``root/manifest.json``; ``ManifestError`` with the fix when it is missing or bad."""
+    root = Path(root)
+    if not root.is_dir():
+        what = "does not exist" if not root.exists() else "is not a directory"
+        raise ManifestError(f"{root} {what}; pass the cache directory that holds manifest.json")
+    path = manifest_path(root)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ManifestError(f"{path} does not exist; run `shardstore build-manifest {root}` first") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: cannot be read ({exc}); rebuild it with `shardstore build-manifest {root}`") from None
+    return Manifest.from_json(text, str(path))
+
+
+class ShardStore:
+    """Read access to a cache: global sample ids in shard-id order, fields as zero-copy read-only arrays."""
+
+    def __init__(self, root: Path, manifest: Manifest, *, max_open_maps: int = 64) -> None:
+        self.root = root
+        self.manifest = manifest
+        self._maps = MapCache(max_open_maps)
+        counts = np.array([s.num_samples for s in manifest.shards], dtype=np.int64)
+        #: ``offsets[p]`` is the global id of shard position ``p``'s first sample; ``offsets[-1]`` the total.
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.shard_ids = np.array([s.id for s in manifest.shards], dtype=np.int64)
+
+    @classmethod
+    def open(cls, root: str | os.PathLike[str], *, max_open_maps: int = 64, check_files: bool = True) -> ShardStore:
+        """Open the cache at ``root`` through its manifest.
+
+        With ``check_files`` (the default) every listed file must still exist with the
+        size it had when the manifest was built; a file that merely has a new mtime is
+        reported with a warning.
+        """
+        root = Path(root)
+        manifest = load_manifest(root)
+        if not manifest.shards:
+            raise ManifestError(f"{manifest_path(root)} lists no shards; write some and rebuild the manifest")
+        touched = 0
+        for shard in manifest.shards:
+            for f in shard.files.values():
+                path = root / f.path
+                if not is_within(root, path):
+                    raise ManifestError(f"{manifest_path(root)}: {f.path} points outside the cache root; rebuild it")
+                if not check_files:
+                    continue
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    raise ManifestError(
+                        f"{path}: listed in the manifest but missing; run `shardstore build-manifest {root}`"
+                    ) from None
+                if st.st_size != f.bytes:
+                    raise ManifestError(
+                        f"{path}: changed size since the manifest was built ({f.bytes:,} -> {st.st_size:,} bytes); "
+                        f"run `shardstore build-manifest {root}`"
+                    )
+                touched += st.st_mtime_ns != f.mtime_ns
+        if touched:
+            log.warning("%d shard files in %s have a new mtime but the same size; rebuild the manifest if they changed",
+                        touched, root)
+        return cls(root, manifest, max_open_maps=max_open_maps)
+
+    # -- shape of the cache --------------------------------------------------------------
+
+    @property
+    def fields(self) -> dict[str, FieldSpec]:
+        """Field name to dtype and per-sample shape."""
+        return self.manifest.fields
+
+    @property
+    def shards(self) -> list[ShardEntry]:
+        """Shards in id order; a shard's *position* is its index in this list."""
+        return self.manifest.shards
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.manifest.shards)
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.offsets[-1])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    @property
+    def snapshot_id(self) -> str:
+        """Id of the manifest's shard list; a sampler's saved state names the snapshot it was taken on."""
+        return self.manifest.snapshot_id
+
+    # -- reading -------------------------------------------------------------------------
+
+    def path(self, position: int, field: str) -> Path:
+        """The file of ``field`` in the shard at ``position``."""
+        return self.root / self.manifest.shards[position].files[field].path
+
+    def field(self, position: int, field: str) -> np.ndarray:
+        """The whole ``field`` of the shard at ``position`` as a read-only memory-mapped array."""
+        shard = self.manifest.shards[position]
+        try:
+            spec = self.manifest.fields[field]
+        except KeyError:
+            raise KeyError(f"no field {field!r}; the cache has {sorted(self.manifest.fields)}") from None
+        entry = shard.files[field]
+        return self._maps.get(self.root / entry.path, spec.dtype, (shard.num_samples, *spec.shape), entry.data_offset)
+
+    def shard(self, position: int) -> dict[str, np.ndarray]:
+        """Every field of the shard at ``position``, memory-mapped."""
+        return {name: self.field(position, name) for name in self.manifest.fields}
+
+    def locate(self, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(shard_position, row)`` of each global sample id (compiled kernel)."""
+        return kernels.locate_rows(np.ascontiguousarray(sample_ids, dtype=np.int64), self.offsets)
+
+    def sample(self, sample_id: int) -> dict[str, np.ndarray]:
+        """One sample as zero-copy read-only views, by global id."""
+        if not 0 <= sample_id < self.num_samples:
+            raise IndexError(f"sample id {sample_id} is out of range [0, {self.num_samples})")
+        position = int(np.searchsorted(self.offsets, sample_id, side="right")) - 1
+        row = sample_id - int(self.offsets[position])
+        return {name: self.field(position, name)[row] for name in self.manifest.fields}
+
+    def __repr__(self) -> str:
+        return f"ShardStore({str(self.root)!r}, shards={self.num_shards}, samples={self.num_samples})"

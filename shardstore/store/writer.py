@@ -1,0 +1,302 @@
+"""``ShardWriter``: fills fixed-size native shards, each made visible only when complete (crash-safe, resumable)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shardstore.errors import WriterError
+from shardstore.store.atomic import fsync_dir
+from shardstore.store.npy import read_header_at
+from shardstore.store.layout import (
+    NATIVE_DIR,
+    NATIVE_FILE,
+    TEMP_DIR,
+    check_field_name,
+    field_file_name,
+    shard_dir_name,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _existing_shard_rows(shard_dir: Path) -> int:
+    """Sample count of a complete native shard, from the header of its first field file."""
+    files = sorted(p for p in shard_dir.iterdir() if NATIVE_FILE.match(p.name))
+    if not files:
+        raise WriterError(f"{shard_dir} holds no field files; delete it so the writer can rewrite it")
+    try:
+        header = read_header_at(str(files[0]))
+    except (OSError, ValueError) as exc:
+        raise WriterError(f"{files[0]}: unreadable header ({exc}); delete {shard_dir} so it is rewritten") from exc
+    return header.shape[0] if header.shape else 0
+
+
+class ShardWriter:
+    """Write samples into native shards ``ROOT/shard_<id>/<field>.npy`` of ``shard_size`` rows each.
+
+    The writer owns the shard ids ``start_shard + k * stride`` for ``k < num_shards``
+    (unbounded when ``num_shards`` is None), so several processes can fill disjoint
+    ids of one cache at once. Sample ``p`` of this writer's input goes to its shard
+    ``p // shard_size``. Each shard is written to a hidden temporary directory,
+    fsynced, then renamed into place: a reader sees a whole shard or none.
+
+    Restarted after a crash with the same input, the writer discards the samples of
+    shards that already exist (``samples_to_skip`` tells a producer how many leading
+    samples it may skip without decoding) and writes only the missing shards.
+    Only the last shard of a writer may be short; it is written by ``close()``, and
+    never when the ``with`` block exits on an exception.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        shard_size: int = 2048,
+        *,
+        start_shard: int = 0,
+        num_shards: int | None = None,
+        stride: int = 1,
+        fsync: bool = True,
+    ) -> None:
+        if shard_size < 1:
+            raise WriterError(f"shard_size must be at least 1, got {shard_size}")
+        if start_shard < 0 or stride < 1 or (num_shards is not None and num_shards < 1):
+            raise WriterError(
+                f"invalid shard range start_shard={start_shard}, num_shards={num_shards}, stride={stride}; "
+                "use start_shard >= 0, num_shards >= 1 (or None) and stride >= 1"
+            )
+        self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise WriterError(f"{self.root} exists and is not a directory; choose a directory for the cache")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.shard_size = int(shard_size)
+        self.start_shard = int(start_shard)
+        self.num_shards = num_shards
+        self.stride = int(stride)
+        self.fsync = fsync
+
+        self._schema: dict[str, tuple[np.dtype, tuple[int, ...]]] | None = None
+        self._buffers: dict[str, np.ndarray] = {}
+        self._fill = 0  # rows buffered for the current shard
+        self._position = 0  # samples of this writer's input seen so far
+        self._closed = False
+        self.samples_written = 0
+        self.samples_skipped = 0
+        self.shards_written: list[int] = []
+
+        self._remove_stale_temporaries()
+        self._existing = self._find_existing_shards()
+        self.samples_to_skip = self._count_leading_complete()
+
+    # -- the shard range ---------------------------------------------------------------
+
+    def shard_id(self, k: int) -> int:
+        """Id of this writer's ``k``-th shard."""
+        return self.start_shard + k * self.stride
+
+    def _owns(self, shard_id: int) -> int | None:
+        offset = shard_id - self.start_shard
+        if offset < 0 or offset % self.stride:
+            return None
+        k = offset // self.stride
+        if self.num_shards is not None and k >= self.num_shards:
+            return None
+        return k
+
+    def _remove_stale_temporaries(self) -> None:
+        for entry in self.root.iterdir():
+            m = TEMP_DIR.match(entry.name)
+            if m and self._owns(int(m.group(1))) is not None and not _pid_alive(int(m.group(2))):
+                log.info("removing %s left by a writer that stopped", entry)
+                shutil.rmtree(entry, ignore_errors=True)
+
+    def _find_existing_shards(self) -> dict[int, int]:
+        """``{k: rows}`` for the complete shards of this writer's range already on disk."""
+        found: dict[int, int] = {}
+        for entry in self.root.iterdir():
+            m = NATIVE_DIR.match(entry.name)
+            if m and entry.is_dir():
+                k = self._owns(int(m.group(1)))
+                if k is not None:
+                    found[k] = _existing_shard_rows(entry)
+        last = max(found, default=-1)
+        for k, rows in found.items():
+            if rows > self.shard_size or (rows < self.shard_size and k != last):
+                raise WriterError(
+                    f"{self.root / shard_dir_name(self.shard_id(k))} has {rows} rows but shards of this writer "
+                    f"hold {self.shard_size}; pass the shard_size it was written with, or delete that shard"
+                )
+        return found
+
+    def _count_leading_complete(self) -> int:
+        k = 0
+        skip = 0
+        while k in self._existing:
+            skip += self._existing[k]
+            if self._existing[k] < self.shard_size:
+                break
+            k += 1
+        return skip
+
+    @property
+    def existing_shards(self) -> list[int]:
+        """Ids of this writer's shards that were complete on disk when it started."""
+        return sorted(self.shard_id(k) for k in self._existing)
+
+    # -- taking samples ----------------------------------------------------------------
+
+    def _set_schema(self, sample: Mapping[str, Any], batched: bool) -> None:
+        schema = {}
+        for name, value in sample.items():
+            check_field_name(name)
+            arr = np.asarray(value)
+            if arr.dtype.hasobject or arr.dtype.fields is not None:
+                raise WriterError(f"field {name!r} has dtype {arr.dtype}; store plain numeric arrays (no objects)")
+            shape = arr.shape[1:] if batched else arr.shape
+            schema[name] = (arr.dtype, tuple(int(d) for d in shape))
+        if not schema:
+            raise WriterError("a sample must have at least one field, e.g. {'images': array}")
+        self._schema = schema
+        self._buffers = {n: np.empty((self.shard_size, *s), dtype=d) for n, (d, s) in schema.items()}
+
+    def _checked(self, batch: Mapping[str, Any], batched: bool) -> tuple[dict[str, np.ndarray], int]:
+        if self._closed:
+            raise WriterError("this ShardWriter is closed; create a new one to add samples")
+        if self._schema is None:
+            self._set_schema(batch, batched)
+        assert self._schema is not None
+        if set(batch) != set(self._schema):
+            raise WriterError(f"sample has fields {sorted(batch)} but the writer expects {sorted(self._schema)}")
+        arrays: dict[str, np.ndarray] = {}
+        count = None
+        for name, (dtype, shape) in self._schema.items():
+            value = batch[name]
+            arr = np.asarray(value) if isinstance(value, (np.ndarray, np.generic)) else np.asarray(value, dtype=dtype)
+            if arr.dtype != dtype and not np.can_cast(arr.dtype, dtype, casting="safe"):
+                raise WriterError(f"field {name!r} has dtype {arr.dtype}, expected {dtype} like the first sample")
+            got = arr.shape[1:] if batched else arr.shape
+            if got != shape:
+                raise WriterError(f"field {name!r} has per-sample shape {got}, expected {shape} like the first sample")
+            n = arr.shape[0] if batched else 1
+            if count is not None and n != count:
+                raise WriterError(f"batch fields have different lengths ({count} and {n} for {name!r})")
+            count = n
+            arrays[name] = arr if batched else arr[None]
+        return arrays, int(count or 0)
+
+    def add(self, sample: Mapping[str, Any]) -> None:
+        """Add one sample: a mapping of field name to array (or scalar)."""
+        arrays, _ = self._checked(sample, batched=False)
+        self._take(arrays, 1)
+
+    def add_batch(self, batch: Mapping[str, Any]) -> None:
+        """Add ``n`` samples at once: every field is an array whose first dimension is ``n``."""
+        arrays, n = self._checked(batch, batched=True)
+        self._take(arrays, n)
+
+    def extend(self, samples: Iterable[Mapping[str, Any]]) -> None:
+        """Add every sample of an iterable."""
+        for sample in samples:
+            self.add(sample)
+
+    def _take(self, arrays: dict[str, np.ndarray], n: int) -> None:
+        done = 0
+        while done < n:
+            k, row = divmod(self._position, self.shard_size)
+            if self.num_shards is not None and k >= self.num_shards:
+                raise WriterError(
+                    f"the writer's range of {self.num_shards} shards x {self.shard_size} samples is full; "
+                    "give it a larger num_shards or start another writer at the next free shard id"
+                )
+            take = min(n - done, self.shard_size - row)
+            if k in self._existing:
+                rows = self._existing[k]
+                if row + take > rows:
+                    raise WriterError(
+                        f"{shard_dir_name(self.shard_id(k))} already exists with {rows} samples, fewer than "
+                        "this input gives it; its writer had finished. Write the new samples to a new shard range"
+                    )
+                self.samples_skipped += take
+            else:
+                for name, arr in arrays.items():
+                    self._buffers[name][self._fill : self._fill + take] = arr[done : done + take]
+                self._fill += take
+            done += take
+            self._position += take
+            if self._position % self.shard_size == 0 and self._fill:
+                self._write_shard(k, self._fill)
+
+    # -- writing -----------------------------------------------------------------------
+
+    def _write_shard(self, k: int, rows: int) -> None:
+        shard_id = self.shard_id(k)
+        final = self.root / shard_dir_name(shard_id)
+        tmp = self.root / f".{shard_dir_name(shard_id)}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        try:
+            for name, buf in self._buffers.items():
+                with open(tmp / field_file_name(name), "wb") as f:
+                    np.lib.format.write_array(f, buf[:rows], allow_pickle=False)
+                    f.flush()
+                    if self.fsync:
+                        os.fsync(f.fileno())
+            if self.fsync:
+                fsync_dir(tmp)
+            try:
+                os.rename(tmp, final)
+            except OSError as exc:
+                raise WriterError(
+                    f"{final} appeared while this writer was writing it; two writers share shard ids "
+                    "(give each writer its own start_shard/num_shards)"
+                ) from exc
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if self.fsync:
+            fsync_dir(self.root)
+        self._fill = 0
+        self.samples_written += rows
+        self.shards_written.append(shard_id)
+
+    def close(self) -> None:
+        """Write the buffered samples as the writer's last (possibly short) shard."""
+        if self._closed:
+            return
+        if self._fill:
+            k = (self._position - 1) // self.shard_size
+            self._write_shard(k, self._fill)
+        self._closed = True
+        self._buffers = {}
+
+    def abort(self) -> None:
+        """Drop buffered samples without writing them; complete shards stay as they are."""
+        self._closed = True
+        self._fill = 0
+        self._buffers = {}
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        # A failure upstream must not leave a short shard in the middle of the range.
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
