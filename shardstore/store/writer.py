@@ -155,6 +155,18 @@ class ShardWriter:
             k += 1
         return skip
 
+    def skip_existing(self) -> int:
+        """Advance past the leading shards already on disk without being given their samples.
+
+        Call it before the first ``add`` when the producer can skip its first
+        ``samples_to_skip`` inputs cheaply (e.g. without decoding them). Returns that count.
+        """
+        if self._position:
+            raise WriterError("skip_existing() must be called before any sample is added")
+        self._position = self.samples_to_skip
+        self.samples_skipped += self.samples_to_skip
+        return self.samples_to_skip
+
     @property
     def existing_shards(self) -> list[int]:
         """Ids of this writer's shards that were complete on disk when it started."""

@@ -1,0 +1,7 @@
+"""``python -m shardstore`` runs the command line."""
+
+import sys
+
+from shardstore.cli import main
+
+sys.exit(main())

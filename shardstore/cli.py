@@ -1,0 +1,247 @@
+"""``shardstore ...``: a thin typer front end over the library; user errors end in one line and exit code 2."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from shardstore.errors import ManifestError, ShardstoreError
+from shardstore.manifest.build import build_manifest
+from shardstore.manifest.model import Manifest, manifest_path
+from shardstore.manifest.reader import load_manifest
+from shardstore.manifest.verify import verify_checksums
+
+app = typer.Typer(
+    name="shardstore",
+    help="Shard-level random epochs over a memory-mapped tensor cache.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+out = Console(soft_wrap=True, highlight=False)
+err = Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+@contextmanager
+def _progress(description: str, total: int | None, *, bytes_: bool = False) -> Iterator[callable]:
+    """A rich progress bar on stderr; yields ``advance(n)``. Hidden when stderr is not a terminal."""
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn() if not bytes_ else
+               TransferSpeedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def print_summary(root: Path, manifest: Manifest) -> None:
+    """The manifest summary: shards, samples, bytes, and each field's dtype, shape and bytes per sample."""
+    table = Table(title=f"cache {root}", show_header=False, title_justify="left")
+    table.add_row("shards", f"{len(manifest.shards):,}")
+    table.add_row("samples", f"{manifest.num_samples:,}")
+    table.add_row("bytes", _fmt_bytes(manifest.total_bytes))
+    table.add_row("left out", f"{len(manifest.left_out):,} shard(s)")
+    checksummed = sum(f.checksum is not None for s in manifest.shards for f in s.files.values())
+    files = sum(len(s.files) for s in manifest.shards)
+    table.add_row("checksums", f"{checksummed:,} of {files:,} files")
+    if manifest.shards:
+        table.add_row("shard ids", f"{manifest.shards[0].id} .. {manifest.shards[-1].id}")
+    out.print(table)
+    fields = Table("field", "dtype", "shape", "bytes/sample", title_justify="left")
+    for name, spec in manifest.fields.items():
+        fields.add_row(name, spec.dtype.name, str(list(spec.shape)), f"{spec.sample_bytes:,}")
+    out.print(fields)
+
+
+def _root(root: str) -> Path:
+    path = Path(root)
+    if not path.exists():
+        raise ShardstoreError(f"{path} does not exist; pass the cache directory")
+    if not path.is_dir():
+        raise ShardstoreError(f"{path} is not a directory; pass the cache directory")
+    return path
+
+
+@app.command("build-manifest")
+def build_manifest_cmd(
+    root: Annotated[str, typer.Argument(help="Cache directory (native shard_<id>/ dirs or flat <field>_<id>.npy files).")],
+    checksum: Annotated[bool, typer.Option("--checksum", help="Also hash every new file (SHA-256).")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any shard is left out.")] = False,
+    full: Annotated[bool, typer.Option("--full", help="Read every header again instead of reusing unchanged entries.")] = False,
+) -> None:
+    """Discover and validate shards, then write ROOT/manifest.json atomically."""
+    path = _root(root)
+    with _progress("checksums", None, bytes_=True) as advance:
+        report = build_manifest(path, checksum=checksum, incremental=not full, progress=advance if checksum else None)
+    for problem in report.problems:
+        err.print(f"left out: {problem}", markup=False)
+    for name, count in report.ignored_fields.items():
+        err.print(f"ignored field {name!r}: only {count} of the shards have it", markup=False)
+    if not report.manifest.shards:
+        raise ShardstoreError(f"no usable shards in {path} (every shard was left out, see above); fix them and rebuild")
+    print_summary(path, report.manifest)
+    out.print(
+        f"wrote {report.path} (headers read: {report.headers_read:,}, unchanged files reused: {report.files_reused:,}"
+        + (f", checksummed: {report.files_checksummed:,}" if checksum else "") + ")",
+        markup=False,
+    )
+    if strict and report.problems:
+        raise typer.Exit(1)
+
+
+@app.command()
+def info(root: Annotated[str, typer.Argument(help="Cache directory holding manifest.json.")]) -> None:
+    """Print the manifest summary of a cache."""
+    path = _root(root)
+    manifest = load_manifest(path)
+    print_summary(path, manifest)
+    for problem in manifest.left_out:
+        out.print(f"left out: {problem}", markup=False)
+
+
+@app.command()
+def verify(root: Annotated[str, typer.Argument(help="Cache directory holding manifest.json.")]) -> None:
+    """Recompute every file's checksum and report the files that no longer match (exit 1)."""
+    path = _root(root)
+    manifest = load_manifest(path)
+    total = sum(f.bytes for s in manifest.shards for f in s.files.values() if f.checksum)
+    if total == 0 and manifest.shards:
+        raise ManifestError(f"{manifest_path(path)} has no checksums; run `shardstore build-manifest --checksum {path}`")
+    with _progress("verifying", total, bytes_=True) as advance:
+        report = verify_checksums(path, manifest, progress=advance)
+    for problem in report.mismatches:
+        err.print(f"mismatch: {problem}", markup=False)
+    note = f", {report.without_checksum:,} files without a checksum" if report.without_checksum else ""
+    out.print(f"checked {report.checked:,} files ({_fmt_bytes(report.bytes)}): {len(report.mismatches)} bad{note}")
+    if report.mismatches:
+        raise typer.Exit(1)
+
+
+def _parse_npy_specs(specs: list[str]) -> dict[str, str]:
+    parsed = {}
+    for spec in specs:
+        name, sep, file = spec.partition("=")
+        if not sep or not name or not file:
+            raise ShardstoreError(f"--from-npy {spec!r} is not FIELD=PATH; write e.g. --from-npy images=/data/x.npy")
+        parsed[name] = file
+    return parsed
+
+
+@app.command()
+def write(
+    root: Annotated[str, typer.Argument(help="Cache directory to fill (created if needed).")],
+    from_npy: Annotated[Optional[list[str]], typer.Option("--from-npy", help="FIELD=PATH of a .npy holding the whole dataset; repeat per field.")] = None,
+    from_folder: Annotated[Optional[str], typer.Option("--from-folder", help="Image folder with one subfolder per class.")] = None,
+    image_size: Annotated[int, typer.Option("--image-size", help="Square side the images are resized and center-cropped to.")] = 64,
+    shard_size: Annotated[int, typer.Option("--shard-size", help="Samples per shard (cache_shard_size).")] = 2048,
+    start_shard: Annotated[int, typer.Option("--start-shard", help="First shard id this job writes.")] = 0,
+    num_shards: Annotated[Optional[int], typer.Option("--num-shards", help="Shards this job writes (default: to the end).")] = None,
+    on_error: Annotated[str, typer.Option("--on-error", help="Unreadable image: 'skip' (count it) or 'stop'.")] = "skip",
+    build: Annotated[bool, typer.Option("--build-manifest/--no-build-manifest", help="Build the manifest afterwards (leave it to the last of several parallel jobs).")] = True,
+) -> None:
+    """Fill a cache from whole-dataset .npy files or an image folder; parallel jobs take disjoint shard ranges."""
+    from shardstore.store.ingest import list_image_folder, open_npy_inputs, write_arrays, write_image_folder
+
+    if bool(from_npy) == bool(from_folder):
+        raise ShardstoreError("give either --from-npy FIELD=PATH (repeatable) or --from-folder DIR, not both or neither")
+    if on_error not in ("skip", "stop"):
+        raise ShardstoreError(f"--on-error must be 'skip' or 'stop', got {on_error!r}")
+    if shard_size < 1 or start_shard < 0 or (num_shards is not None and num_shards < 1):
+        raise ShardstoreError("--shard-size and --num-shards must be at least 1 and --start-shard at least 0")
+    if from_npy:
+        arrays = open_npy_inputs(_parse_npy_specs(from_npy))
+        total = next(iter(arrays.values())).shape[0]
+        with _progress("writing", total) as advance:
+            report = write_arrays(root, arrays, shard_size=shard_size, start_shard=start_shard,
+                                  num_shards=num_shards, progress=advance)
+    else:
+        _, paths, _ = list_image_folder(from_folder)
+        with _progress("images", len(paths)) as advance:
+            report = write_image_folder(root, from_folder, image_size=image_size, shard_size=shard_size,
+                                        start_shard=start_shard, num_shards=num_shards, on_error=on_error,
+                                        progress=advance)
+    out.print(
+        f"wrote {len(report.shards_written)} shard(s), {report.samples_written:,} samples"
+        f" ({report.samples_already_written:,} already on disk, {len(report.bad_inputs):,} unreadable inputs skipped)",
+        markup=False,
+    )
+    if build:
+        build_manifest_cmd(root)
+
+
+@app.command()
+def demo(
+    directory: Annotated[str, typer.Argument(help="Where to put the demo's image folder and cache.")] = "shardstore-demo",
+    num_classes: Annotated[int, typer.Option(help="Classes in the synthetic dataset.")] = 10,
+    per_class: Annotated[int, typer.Option(help="Images per class.")] = 200,
+    shard_size: Annotated[int, typer.Option(help="Samples per shard.")] = 256,
+) -> None:
+    """Make a small synthetic image folder, write it as a cache, and build its manifest."""
+    from shardstore.demo import make_image_folder
+
+    base = Path(directory)
+    with _progress("making images", None):
+        n = make_image_folder(base / "images", num_classes=num_classes, per_class=per_class)
+    out.print(f"synthetic image folder: {base / 'images'} ({n:,} PNG images, {num_classes} classes)", markup=False)
+    write(str(base / "cache"), from_folder=str(base / "images"), image_size=32, shard_size=shard_size,
+          start_shard=0, num_shards=None, on_error="stop", build=True, from_npy=None)
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what the library does.")] = False,
+) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"shardstore: error: {' '.join(message.split())}\n")
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the command, turning user errors into one line on stderr and exit code 2."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=args, prog_name="shardstore", standalone_mode=False)
+    except typer.Exit as exc:
+        return exc.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        return _fail("interrupted")
+    except ShardstoreError as exc:
+        if debug:
+            raise
+        return _fail(str(exc))
+    except Exception as exc:
+        if not _is_usage_error(exc):
+            raise
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else "shardstore"
+        return _fail(f"{exc.format_message()} (see `{where} --help`)")
+    return 0
+
+
+def _is_usage_error(exc: Exception) -> bool:
+    """Click's usage errors (bad flag, missing argument), whether typer vendors click or not."""
+    return callable(getattr(exc, "format_message", None)) and isinstance(getattr(exc, "exit_code", None), int)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
