@@ -1,0 +1,127 @@
+"""ShardStore: opening through the manifest, its errors, and read-only zero-copy bounded maps."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shardstore import CorruptShardError, ManifestError, ShardStore, build_manifest
+from tests.conftest import sample_arrays, write_native
+
+
+def test_missing_manifest(native_cache: Path) -> None:
+    with pytest.raises(ManifestError, match=r"manifest.json does not exist; run `shardstore build-manifest .*` first"):
+        ShardStore.open(native_cache)
+
+
+def test_root_not_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="does not exist; pass the cache directory"):
+        ShardStore.open(tmp_path / "nope")
+
+
+def test_vanished_file(native_cache: Path) -> None:
+    build_manifest(native_cache)
+    (native_cache / "shard_000001" / "labels.npy").unlink()
+    with pytest.raises(ManifestError, match=r"shard_000001/labels.npy: listed in the manifest but missing; run"):
+        ShardStore.open(native_cache)
+
+
+def test_changed_size(native_cache: Path) -> None:
+    build_manifest(native_cache)
+    np.save(native_cache / "shard_000000" / "labels.npy", np.zeros(5, np.int64))
+    with pytest.raises(ManifestError, match=r"changed size since the manifest was built \(160 -> 168 bytes\)"):
+        ShardStore.open(native_cache)
+
+
+def test_new_mtime_same_size_warns(native_cache: Path, caplog: pytest.LogCaptureFixture) -> None:
+    build_manifest(native_cache)
+    os.utime(native_cache / "shard_000000" / "labels.npy", ns=(5, 5))
+    ShardStore.open(native_cache)
+    assert "1 shard files" in caplog.text and "new mtime" in caplog.text
+
+
+@pytest.mark.parametrize("bad_path", ["/etc/passwd", "../outside.npy", "shard_000000/../../x.npy"])
+def test_paths_outside_root_are_refused(native_cache: Path, bad_path: str) -> None:
+    build_manifest(native_cache)
+    doc = json.loads((native_cache / "manifest.json").read_text())
+    doc["shards"][0]["files"]["labels"]["path"] = bad_path
+    (native_cache / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(ManifestError, match="points outside the cache root"):
+        ShardStore.open(native_cache)
+
+
+def test_symlink_escaping_root_is_refused(native_cache: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (native_cache / "shard_000002").rename(outside / "shard_000002")
+    (native_cache / "shard_000002").symlink_to(outside / "shard_000002")
+    build_manifest(native_cache)
+    with pytest.raises(ManifestError, match="points outside the cache root"):
+        ShardStore.open(native_cache)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda d: d.update(format="other"), "not a shardstore manifest"),
+        (lambda d: d.update(version=99), "version 99 is newer"),
+        (lambda d: d["fields"].update(labels={"dtype": "O", "shape": []}), "not allowed"),
+        (lambda d: d["shards"][0].pop("num_samples"), "malformed entry"),
+    ],
+)
+def test_malformed_manifest(native_cache: Path, edit, match: str) -> None:
+    build_manifest(native_cache)
+    doc = json.loads((native_cache / "manifest.json").read_text())
+    edit(doc)
+    (native_cache / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(ManifestError, match=match):
+        ShardStore.open(native_cache)
+
+
+def test_fields_are_read_only_zero_copy_maps(native_cache: Path) -> None:
+    build_manifest(native_cache)
+    store = ShardStore.open(native_cache)
+    images = store.field(1, "images")
+    assert not images.flags.writeable and not images.flags.owndata
+    with pytest.raises(ValueError):
+        images[0, 0, 0, 0] = 1
+    assert store.field(1, "images") is images  # cached map, not a copy
+    view = store.sample(5)["images"]
+    assert np.shares_memory(view, images)
+    np.testing.assert_array_equal(view, sample_arrays(10)["images"][5])
+
+
+def test_open_maps_are_bounded_and_evicted_arrays_stay_valid(tmp_path: Path) -> None:
+    root = write_native(tmp_path / "c", 40, 4)
+    build_manifest(root)
+    store = ShardStore.open(root, max_open_maps=3)
+    first = store.field(0, "images")
+    for p in range(store.num_shards):
+        store.field(p, "images")
+        assert len(store._maps) <= 3
+    np.testing.assert_array_equal(first, sample_arrays(4)["images"])  # still readable after eviction
+
+
+def test_locate_and_sample_bounds(native_cache: Path) -> None:
+    build_manifest(native_cache)
+    store = ShardStore.open(native_cache)
+    pos, row = store.locate(np.array([0, 3, 4, 9]))
+    assert pos.tolist() == [0, 0, 1, 2] and row.tolist() == [0, 3, 0, 1]
+    with pytest.raises(IndexError, match=r"sample id 10 is out of range \[0, 10\)"):
+        store.sample(10)
+    with pytest.raises(IndexError, match="out of range"):
+        store.locate(np.array([10]))
+    with pytest.raises(KeyError, match="no field 'nope'"):
+        store.field(0, "nope")
+
+
+def test_file_truncated_after_open_is_a_clear_error(native_cache: Path) -> None:
+    build_manifest(native_cache)
+    store = ShardStore.open(native_cache)
+    os.truncate(native_cache / "shard_000001" / "images.npy", 100)
+    with pytest.raises(CorruptShardError, match=r"images.npy: file has 100 bytes, the manifest promises"):
+        store.field(1, "images")
