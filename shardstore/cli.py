@@ -58,6 +58,10 @@ def print_summary(root: Path, manifest: Manifest) -> None:
     checksummed = sum(f.checksum is not None for s in manifest.shards for f in s.files.values())
     files = sum(len(s.files) for s in manifest.shards)
     table.add_row("checksums", f"{checksummed:,} of {files:,} files")
+    layouts = {}
+    for s in manifest.shards:
+        layouts[s.layout] = layouts.get(s.layout, 0) + 1
+    table.add_row("layout", ", ".join(f"{name} ({count:,})" for name, count in sorted(layouts.items())))
     if manifest.shards:
         table.add_row("shard ids", f"{manifest.shards[0].id} .. {manifest.shards[-1].id}")
     out.print(table)

@@ -55,3 +55,15 @@ def test_non_contiguous_input_is_handled() -> None:
     ids = np.arange(10, dtype=np.int64)[::2]
     pos, row = kernels.locate_rows(ids, np.array([0, 5, 10], dtype=np.int64))
     assert pos.tolist() == [0, 0, 0, 1, 1] and row.tolist() == [0, 2, 4, 1, 3]
+
+
+def test_missing_extension_fails_loudly_on_import() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['cshard._kernels'] = None\n"
+        "try:\n    import shardstore\nexcept ImportError as e:\n    print(e)\nelse:\n    print('imported')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "shardstore's compiled extension is not built; run `pip install -e .`" in out
