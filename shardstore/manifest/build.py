@@ -16,7 +16,7 @@ from shardstore.manifest.checksum import checksum_files
 from shardstore.manifest.discover import Candidate, discover_shards
 from shardstore.manifest.model import FieldSpec, FileEntry, Manifest, Problem, ShardEntry, manifest_path
 from shardstore.store.atomic import write_bytes_atomic
-from shardstore.store.npy import NpyHeader, read_header
+from shardstore.store.npy import NpyHeader, read_head, read_header_bytes
 
 log = logging.getLogger(__name__)
 
@@ -70,23 +70,23 @@ def _check_header(header: NpyHeader, size: int) -> str | None:
     return None
 
 
-def _read_file(root: Path, rel: str, previous: dict[str, _FileInfo]) -> _FileInfo | str | None:
+def _read_file(root: str, rel: str, previous: dict[str, _FileInfo]) -> _FileInfo | str | None:
     """Per-file checks. ``_FileInfo`` if good, a reason if bad, None if the file vanished meanwhile."""
-    path = root / rel
+    path = os.path.join(root, rel)
+    old = previous.get(rel)
     try:
-        st = os.stat(path)
+        if old is not None:
+            st = os.stat(path)
+            if old.entry.bytes == st.st_size and old.entry.mtime_ns == st.st_mtime_ns:
+                return old
+        head, _ = read_head(path)
+        st = os.stat(path)  # after the read: a file replaced meanwhile is seen with its new size
     except FileNotFoundError:
         return None
     except OSError as exc:
         return f"cannot be read ({_one_line(exc)})"
-    old = previous.get(rel)
-    if old is not None and old.entry.bytes == st.st_size and old.entry.mtime_ns == st.st_mtime_ns:
-        return old
     try:
-        with open(path, "rb") as f:
-            header = read_header(f)
-    except OSError as exc:
-        return f"cannot be read ({_one_line(exc)})"
+        header = read_header_bytes(head)
     except Exception as exc:  # noqa: BLE001 - any parse failure of foreign bytes is a bad shard, never a crash
         return f"unreadable .npy header ({_one_line(exc)})"
     reason = _check_header(header, st.st_size)
@@ -159,12 +159,13 @@ def build_manifest(
         )
 
     report = BuildReport(Manifest({}, []), None)
+    root_str = str(root)
     good: dict[int, dict[str, _FileInfo]] = {}
     for shard_id, cand in candidates.items():
         files: dict[str, _FileInfo] = {}
         bad: Problem | None = None
         for name, rel in sorted(cand.files.items()):
-            result = _read_file(root, rel, previous)
+            result = _read_file(root_str, rel, previous)
             if result is None:  # deleted between listing and reading: the cache is changing, not corrupt
                 bad = Problem(rel, f"vanished while the manifest was built; {LEFT_OUT}", shard_id)
                 break
