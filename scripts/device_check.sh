@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Build and test shardstore on a lent GPU machine (Python 3.12, its own NumPy/torch, no registry),
+# then run the manifest benchmarks there; prints a short table at the end.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/shardstore-device}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v "WARNING: Running pip as" || true
+python3 - <<'PY'
+import platform, numpy, torch, os
+print(f"python {platform.python_version()}  numpy {numpy.__version__}  torch {torch.__version__}"
+      f"  cuda {torch.cuda.is_available()} {torch.cuda.get_device_name(0) if torch.cuda.is_available() else ''}"
+      f"  cpus {os.cpu_count()}")
+PY
+python3 -m pytest tests -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -3
+python3 -m pytest bench -q -p no:cacheprovider --benchmark-only --benchmark-columns=median,min,max \
+    --benchmark-json="$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | grep -E "GB/s|shards/s|passed|failed|error"
