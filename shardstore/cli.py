@@ -6,7 +6,8 @@ import logging
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -39,7 +40,7 @@ def _fmt_bytes(n: float) -> str:
 
 
 @contextmanager
-def _progress(description: str, total: int | None, *, bytes_: bool = False) -> Iterator[callable]:
+def _progress(description: str, total: int | None, *, bytes_: bool = False) -> Iterator[Callable[[int], None]]:
     """A rich progress bar on stderr; yields ``advance(n)``. Hidden when stderr is not a terminal."""
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn() if not bytes_ else
                TransferSpeedColumn(), TimeRemainingColumn()]
