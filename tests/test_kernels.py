@@ -67,3 +67,50 @@ def test_missing_extension_fails_loudly_on_import() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "shardstore's compiled extension is not built; run `pip install -e .`" in out
+
+
+@given(
+    counts=st.lists(st.integers(0, 40), min_size=1, max_size=12),
+    mixed=st.booleans(),
+    seed=st.integers(0, 2**32),
+)
+def test_expand_epoch_matches_reference(counts: list[int], mixed: bool, seed: int) -> None:
+    # Shards visited in a random order: (start, count) pairs of a real cache, shuffled together.
+    base = np.array(counts, dtype=np.int64)
+    perm = np.random.default_rng(seed).permutation(base.size)
+    starts = np.concatenate([[0], np.cumsum(base)[:-1]])[perm].astype(np.int64)
+    counts_arr = base[perm]
+    source = None
+    if mixed:
+        source = np.repeat(np.arange(counts_arr.size, dtype=np.int64), counts_arr)
+        np.random.default_rng(seed).shuffle(source)
+    got = kernels.expand_epoch(starts.astype(np.int64), counts_arr, source)
+    np.testing.assert_array_equal(got, reference.expand_epoch(starts, counts_arr, source))
+    # Each shard is read front to back: its ids appear in increasing order.
+    for s, c in zip(starts, counts_arr):
+        mine = got[(got >= s) & (got < s + c)]
+        assert mine.tolist() == list(range(s, s + c))
+
+
+@given(
+    world_size=st.integers(1, 8),
+    batch_size=st.integers(1, 16),
+    total=st.integers(0, 600),
+    data=st.data(),
+)
+def test_split_rank_matches_reference(world_size: int, batch_size: int, total: int, data: st.DataObject) -> None:
+    order = np.random.default_rng(total).permutation(total).astype(np.int64)
+    steps = total // (world_size * batch_size)
+    start = data.draw(st.integers(0, steps))
+    rank = data.draw(st.integers(0, world_size - 1))
+    got = kernels.split_rank(order, rank, world_size, batch_size, start, steps - start)
+    np.testing.assert_array_equal(got, reference.split_rank(order, rank, world_size, batch_size, start, steps - start))
+
+
+def test_expand_and_split_check_arguments() -> None:
+    with pytest.raises(ValueError, match="source must name each visited shard exactly as often"):
+        kernels.expand_epoch(np.array([0, 5], np.int64), np.array([2, 2], np.int64), np.array([0, 0, 0, 1], np.int64))
+    with pytest.raises(ValueError, match="exceed the epoch's 10 samples"):
+        kernels.split_rank(np.arange(10, dtype=np.int64), 0, 2, 3, 0, 2)
+    with pytest.raises(ValueError, match=r"rank 2 is outside \[0, 2\)"):
+        kernels.split_rank(np.arange(10, dtype=np.int64), 2, 2, 3, 0, 1)

@@ -15,7 +15,8 @@ RANKS = {
     "manifest": 2,
     "sampling": 3, "dataset": 3,
     "loader": 4,
-    "kd": 5, "config": 5,
+    "kd": 5,
+    "config": 0,
     "demo": 6,
     "cli": 7, "__main__": 7, "__init__": 7,
 }

@@ -69,6 +69,13 @@ class MapCache:
     def __len__(self) -> int:
         return len(self._maps)
 
+    def __getstate__(self) -> dict:
+        # Sent to a spawned DataLoader worker: it maps the files again on its own.
+        return {"max_open": self.max_open}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["max_open"])
+
     def clear(self) -> None:
         """Forget every map."""
         with self._lock:

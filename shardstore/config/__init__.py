@@ -1,0 +1,1 @@
+"""The YAML configuration files as typed, validated objects."""

@@ -1,0 +1,79 @@
+"""``data_config.yaml`` as a typed object: unknown keys get a suggestion, bad values name the key and the fix."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from shardstore.errors import ConfigError
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the cache is and how epochs are drawn from it (keys keep the original project's names)."""
+
+    cache_root: str
+    """Directory of the cache (holding manifest.json)."""
+    cache_shard_size: int = 2048
+    """Samples per shard the cache was written with."""
+    shards_per_epoch: int | None = 15
+    """Whole shards per epoch; null means the whole cache."""
+    random_subset_seed: int = 42
+    """Seed of the per-epoch shard draw (with the epoch, the only randomness)."""
+    shard_policy: str = "random"
+    """``random`` (independent draws each epoch) or ``permutation`` (every shard before any repeats)."""
+    sample_order: str = "sequential"
+    """``sequential`` (file order) or ``interleave`` (mix ``active_shards`` shards, each read front to back)."""
+    active_shards: int = 4
+    """Shards read at once by ``interleave``."""
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "cache_root": (str,), "cache_shard_size": (int,), "shards_per_epoch": (int, type(None)),
+    "random_subset_seed": (int,), "shard_policy": (str,), "sample_order": (str,), "active_shards": (int,),
+}
+
+
+def data_config_from_dict(values: dict[str, Any], source: str = "data_config.yaml") -> DataConfig:
+    """Check keys and types of a data config mapping; ``ConfigError`` naming ``source``, the key and the fix."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys to values, got {type(values).__name__}")
+    known = [f.name for f in fields(DataConfig)]
+    for key, value in values.items():
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean `{close[0]}`?" if close else f"; valid keys: {', '.join(known)}"
+            raise ConfigError(f"unknown key `{key}` in {source}{hint}")
+        types = _TYPES[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise ConfigError(f"{source}: `{key}` must be {want}, got {value!r}")
+    if "cache_root" not in values:
+        raise ConfigError(f"{source}: `cache_root` is missing; set it to the cache directory")
+    for key in ("cache_shard_size", "shards_per_epoch", "active_shards"):
+        if values.get(key) is not None and values[key] < 1:
+            raise ConfigError(f"{source}: `{key}` must be at least 1, got {values[key]}")
+    if values.get("random_subset_seed", 0) < 0:
+        raise ConfigError(f"{source}: `random_subset_seed` must be non-negative, got {values['random_subset_seed']}")
+    return DataConfig(**values)
+
+
+def load_data_config(path: str | os.PathLike[str]) -> DataConfig:
+    """Read ``data_config.yaml`` with ``yaml.safe_load``; a relative ``cache_root`` is taken from the file's folder."""
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file; pass --data-config PATH") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    config = data_config_from_dict(values, str(path))
+    root = Path(config.cache_root).expanduser()
+    if not root.is_absolute():
+        root = path.parent / root
+    return DataConfig(**{**values, "cache_root": str(root)})

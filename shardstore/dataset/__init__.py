@@ -1,0 +1,1 @@
+"""PyTorch datasets over a cache: the whole manifest, and random shard-level epochs of it."""

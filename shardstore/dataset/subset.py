@@ -1,0 +1,193 @@
+"""``RandomShardSubsetCachedDataset``: each epoch a seeded subset of whole shards, read in order, split over ranks."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from shardstore.config.data import DataConfig, load_data_config
+from shardstore.dataset.cached import CachedTensorDataset
+from shardstore.errors import ConfigError, ShardstoreError
+from shardstore.manifest.reader import ShardStore
+from shardstore.sampling.plan import EpochPlan, EpochSpec, plan_epoch, rank_indices, steps_per_epoch
+from shardstore.sampling.state import SamplerState
+from shardstore.sampling.world import World
+
+
+def resolve_world(rank: int | None, world_size: int | None) -> World:
+    """Explicit ``rank``/``world_size``, else torch.distributed's when it is initialized, else a single rank."""
+    if rank is not None or world_size is not None:
+        if rank is None or world_size is None:
+            raise ValueError("give both rank and world_size, or neither (to use torch.distributed)")
+        return World(rank, world_size)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return World(torch.distributed.get_rank(), torch.distributed.get_world_size())
+    return World()
+
+
+class RandomShardSubsetCachedDataset(Dataset):
+    """Map-style dataset whose item ``i`` is this rank's ``i``-th sample of the current epoch.
+
+    ``set_epoch(e)`` draws the epoch's shards from ``(seed, e)`` alone. The epoch's global
+    read order does not depend on the world size: global batch ``b`` (``world_size *
+    batch_size`` samples) is split so each rank reads a contiguous run of it, and every rank
+    gets ``min(samples // global_batch, max_steps_per_epoch)`` batches — the remainder of the
+    epoch (fewer than one global batch) is dropped, so no rank waits on another.
+
+    Use it with a sequential sampler (``DataLoader(ds, batch_size=batch_size)``; no
+    ``shuffle``): the order is the dataset's. The epoch lives in shared memory, so
+    ``set_epoch`` reaches ``DataLoader`` workers, persistent ones included.
+    """
+
+    def __init__(
+        self,
+        base: CachedTensorDataset | ShardStore,
+        shards_per_epoch: int | None = 15,
+        seed: int = 42,
+        policy: str = "random",
+        *,
+        order: str = "sequential",
+        active_shards: int = 4,
+        batch_size: int = 64,
+        max_steps_per_epoch: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        self.base = base if isinstance(base, CachedTensorDataset) else CachedTensorDataset(base)
+        self.store = self.base.store
+        try:
+            self.spec = EpochSpec(shards_per_epoch, seed, policy, order, active_shards)
+            if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+                raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+            if max_steps_per_epoch is not None and (not isinstance(max_steps_per_epoch, int) or max_steps_per_epoch < 1):
+                raise ValueError(f"max_steps_per_epoch must be a positive integer or None, got {max_steps_per_epoch!r}")
+            self.world = resolve_world(rank, world_size)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self.batch_size = batch_size
+        self.max_steps_per_epoch = max_steps_per_epoch
+        self._counts = np.diff(self.store.offsets)
+        # (epoch, start_batch) in shared memory: DataLoader workers read it at every item,
+        # so a set_epoch in the main process reaches persistent workers too.
+        self._shared = torch.zeros(2, dtype=torch.int64).share_memory_()
+        self._key: tuple[int, int] | None = None
+        self._plan: EpochPlan | None = None
+        self._indices = np.empty(0, np.int64)
+        self.set_epoch(0)
+
+    @classmethod
+    def from_data_config(cls, config: DataConfig | str | os.PathLike[str], **kwargs: Any) -> RandomShardSubsetCachedDataset:
+        """Build from ``data_config.yaml`` (a path or a loaded ``DataConfig``); ``kwargs`` as for the constructor."""
+        if not isinstance(config, DataConfig):
+            config = load_data_config(config)
+        store = ShardStore.open(config.cache_root)
+        return cls(store, config.shards_per_epoch, config.random_subset_seed, config.shard_policy,
+                   order=config.sample_order, active_shards=config.active_shards, **kwargs)
+
+    # -- epochs ----------------------------------------------------------------------------
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per step over all ranks."""
+        return self.world.world_size * self.batch_size
+
+    @property
+    def epoch(self) -> int:
+        return int(self._shared[0])
+
+    def set_epoch(self, epoch: int, *, start_batch: int = 0) -> None:
+        """Make ``epoch`` current, from global batch ``start_batch`` (0 unless resuming)."""
+        self._shared[0] = epoch
+        self._shared[1] = start_batch
+        self._sync()
+
+    def _sync(self) -> None:
+        key = (int(self._shared[0]), int(self._shared[1]))
+        if key == self._key:
+            return
+        try:
+            plan = plan_epoch(self._counts, self.store.offsets, self.spec, key[0])
+            indices = rank_indices(plan, self.world, self.batch_size, self.max_steps_per_epoch, key[1])
+        except ValueError as exc:
+            raise ShardstoreError(str(exc)) from None
+        self._plan, self._indices, self._key = plan, indices, key
+
+    @property
+    def selected_shards(self) -> list[int]:
+        """Ids of this epoch's shards, in visit order."""
+        self._sync()
+        assert self._plan is not None
+        return [int(self.store.shard_ids[p]) for p in self._plan.shard_positions]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches each rank takes in a full epoch (whole global batches, capped)."""
+        self._sync()
+        assert self._plan is not None
+        return steps_per_epoch(self._plan.order.size, self.world.world_size, self.batch_size, self.max_steps_per_epoch)
+
+    def indices(self) -> np.ndarray:
+        """This rank's global sample ids for the rest of the epoch (read-only)."""
+        self._sync()
+        view = self._indices.view()
+        view.flags.writeable = False
+        return view
+
+    def __len__(self) -> int:
+        self._sync()
+        return int(self._indices.size)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        self._sync()
+        return self.base[int(self._indices[i])]
+
+    # -- resume ----------------------------------------------------------------------------
+
+    def state_dict(self, steps_done: int = 0) -> dict[str, Any]:
+        """State after this rank took ``steps_done`` batches of the current epoch since it (re)started.
+
+        Every rank takes the same steps, so the global position is the same on all of them.
+        """
+        start_batch = int(self._shared[1])
+        if not 0 <= steps_done <= self.steps_per_epoch - start_batch:
+            raise ValueError(f"steps_done must be in [0, {self.steps_per_epoch - start_batch}], got {steps_done}")
+        return SamplerState(
+            epoch=self.epoch,
+            samples_consumed=(start_batch + steps_done) * self.global_batch,
+            global_batch=self.global_batch,
+            seed=self.spec.seed,
+            shards_per_epoch=self.spec.shards_per_epoch,
+            shard_policy=self.spec.shard_policy,
+            order=self.spec.order,
+            active_shards=self.spec.active_shards,
+            snapshot_id=self.store.snapshot_id,
+        ).to_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where ``state`` was taken: the same epoch, from the next global batch, in O(1).
+
+        The world size may differ from the run that saved it, as long as the global batch
+        (``world_size * batch_size``) is the same.
+        """
+        saved = SamplerState.from_dict(state)
+        mine = {"seed": self.spec.seed, "shards_per_epoch": self.spec.shards_per_epoch,
+                "shard_policy": self.spec.shard_policy, "order": self.spec.order,
+                "active_shards": self.spec.active_shards, "global_batch": self.global_batch}
+        for key, value in mine.items():
+            if getattr(saved, key) != value:
+                raise ConfigError(
+                    f"the saved sampler state has {key}={getattr(saved, key)!r} but this dataset has {value!r}; "
+                    "resume with the same settings (global batch = world_size x batch_size)"
+                )
+        if saved.snapshot_id != self.store.snapshot_id:
+            raise ConfigError(
+                f"the saved sampler state was taken on manifest snapshot {saved.snapshot_id}, this cache is "
+                f"{self.store.snapshot_id}; the epoch order would differ. Resume on the same manifest"
+            )
+        if saved.samples_consumed % saved.global_batch:
+            raise ConfigError(f"samples_consumed {saved.samples_consumed} is not a whole number of global batches")
+        self.set_epoch(saved.epoch, start_batch=saved.samples_consumed // saved.global_batch)

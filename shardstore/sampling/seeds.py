@@ -1,0 +1,23 @@
+"""Random generators derived from ``(seed, epoch, stream)`` alone: no global state, no ``seed + epoch`` collisions."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# One stream per random decision, so changing one policy never shifts another's draws.
+CHOOSE_SHARDS = 1
+PERMUTATION = 2
+VISIT_ORDER = 3
+MIX = 4
+
+
+def check_seed(seed: object) -> int:
+    """Return ``seed`` if it is a non-negative integer, else raise ``ValueError`` with the rule."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"random_subset_seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
+def rng_for(seed: int, *key: int) -> np.random.Generator:
+    """A generator for ``(seed, *key)``: a SeedSequence of the whole tuple, so (1, 0) and (0, 1) differ."""
+    return np.random.default_rng([seed, *key])
