@@ -125,3 +125,12 @@ def test_file_truncated_after_open_is_a_clear_error(native_cache: Path) -> None:
     os.truncate(native_cache / "shard_000001" / "images.npy", 100)
     with pytest.raises(CorruptShardError, match=r"images.npy: file has 100 bytes, the manifest promises"):
         store.field(1, "images")
+
+
+def test_manifest_without_shards_is_a_clear_error(native_cache: Path) -> None:
+    build_manifest(native_cache)
+    doc = json.loads((native_cache / "manifest.json").read_text())
+    doc["shards"] = []
+    (native_cache / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(ManifestError, match="lists no shards; write some and rebuild the manifest"):
+        ShardStore.open(native_cache)
