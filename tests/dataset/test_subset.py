@@ -170,3 +170,23 @@ def _write_cfg(tmp_path: Path, root: Path) -> Path:
     cfg = tmp_path / "data_config.yaml"
     cfg.write_text(f"cache_root: {root}\n")
     return cfg
+
+
+@pytest.mark.slow
+def test_spawned_persistent_workers_see_set_epoch(store: ShardStore) -> None:
+    ds = make(store, k=2)
+    loader = DataLoader(ds, batch_size=4, num_workers=2, persistent_workers=True, multiprocessing_context="spawn")
+    for epoch in (0, 7):
+        ds.set_epoch(epoch)
+        assert torch.cat([b["gid"] for b in loader]).tolist() == ds.indices().tolist()
+
+
+def test_world_comes_from_torch_distributed(store: ShardStore, tmp_path: Path) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        ds = make(store)
+        assert (ds.world.rank, ds.world.world_size) == (0, 1)
+    finally:
+        dist.destroy_process_group()
