@@ -165,8 +165,6 @@ def write(
         raise ShardstoreError("give either --from-npy FIELD=PATH (repeatable) or --from-folder DIR, not both or neither")
     if on_error not in ("skip", "stop"):
         raise ShardstoreError(f"--on-error must be 'skip' or 'stop', got {on_error!r}")
-    if shard_size < 1 or start_shard < 0 or (num_shards is not None and num_shards < 1):
-        raise ShardstoreError("--shard-size and --num-shards must be at least 1 and --start-shard at least 0")
     if from_npy:
         arrays = open_npy_inputs(_parse_npy_specs(from_npy))
         total = next(iter(arrays.values())).shape[0]
@@ -174,9 +172,9 @@ def write(
             report = write_arrays(root, arrays, shard_size=shard_size, start_shard=start_shard,
                                   num_shards=num_shards, progress=advance)
     else:
-        _, paths, _ = list_image_folder(from_folder)
-        with _progress("images", len(paths)) as advance:
-            report = write_image_folder(root, from_folder, image_size=image_size, shard_size=shard_size,
+        listing = list_image_folder(from_folder)
+        with _progress("images", len(listing.paths)) as advance:
+            report = write_image_folder(root, listing, image_size=image_size, shard_size=shard_size,
                                         start_shard=start_shard, num_shards=num_shards, on_error=on_error,
                                         progress=advance)
     out.print(

@@ -74,6 +74,7 @@ class RandomShardSubsetCachedDataset(Dataset):
         # (epoch, start_batch) in shared memory: DataLoader workers read it at every item,
         # so a set_epoch in the main process reaches persistent workers too.
         self._shared = torch.zeros(2, dtype=torch.int64).share_memory_()
+        self._cell = self._shared.numpy()  # a NumPy view of it: cheap to read on every item
         self._key: tuple[int, int] | None = None
         self._plan: EpochPlan | None = None
         self._indices = np.empty(0, np.int64)
@@ -97,16 +98,26 @@ class RandomShardSubsetCachedDataset(Dataset):
 
     @property
     def epoch(self) -> int:
-        return int(self._shared[0])
+        return int(self._cell[0])
 
     def set_epoch(self, epoch: int, *, start_batch: int = 0) -> None:
         """Make ``epoch`` current, from global batch ``start_batch`` (0 unless resuming)."""
-        self._shared[0] = epoch
-        self._shared[1] = start_batch
+        self._cell[0] = epoch
+        self._cell[1] = start_batch
         self._sync()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A spawned worker gets the shared tensor by handle; a pickled NumPy view would be a private copy.
+        state = self.__dict__.copy()
+        del state["_cell"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._cell = self._shared.numpy()
+
     def _sync(self) -> None:
-        key = (int(self._shared[0]), int(self._shared[1]))
+        key = (int(self._cell[0]), int(self._cell[1]))
         if key == self._key:
             return
         try:
@@ -152,7 +163,7 @@ class RandomShardSubsetCachedDataset(Dataset):
 
         Every rank takes the same steps, so the global position is the same on all of them.
         """
-        start_batch = int(self._shared[1])
+        start_batch = int(self._cell[1])
         if not 0 <= steps_done <= self.steps_per_epoch - start_batch:
             raise ValueError(f"steps_done must be in [0, {self.steps_per_epoch - start_batch}], got {steps_done}")
         return SamplerState(

@@ -79,8 +79,7 @@ def _read_file(root: str, rel: str, previous: dict[str, _FileInfo]) -> _FileInfo
             st = os.stat(path)
             if old.entry.bytes == st.st_size and old.entry.mtime_ns == st.st_mtime_ns:
                 return old
-        head, _ = read_head(path)
-        st = os.stat(path)  # after the read: a file replaced meanwhile is seen with its new size
+        head, st = read_head(path)  # st describes the file that was read, even if it is replaced meanwhile
     except FileNotFoundError:
         return None
     except OSError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,11 +13,22 @@ from shardstore.manifest.model import CHECKSUM_ALGORITHM
 
 CHUNK_BYTES = 8 << 20  # matches the disk's read-ahead; large enough that hashing dominates
 
+# One chunk buffer per thread, reused across files: allocating (and zeroing) 8 MiB per file
+# would dominate a cache of many small shards.
+_local = threading.local()
+
+
+def _chunk_buffer() -> bytearray:
+    buf = getattr(_local, "buf", None)
+    if buf is None:
+        buf = _local.buf = bytearray(CHUNK_BYTES)
+    return buf
+
 
 def file_checksum(path: Path, progress: Callable[[int], None] | None = None) -> str:
     """``"sha256:<hex>"`` of the file at ``path``; ``progress`` is called with each chunk's byte count."""
     h = hashlib.new(CHECKSUM_ALGORITHM)
-    buf = bytearray(CHUNK_BYTES)
+    buf = _chunk_buffer()
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buf):

@@ -58,10 +58,11 @@ class ShardStore:
         if not manifest.shards:
             raise ManifestError(f"{manifest_path(root)} lists no shards; write some and rebuild the manifest")
         touched = 0
+        resolved_root = os.path.realpath(root)
         for shard in manifest.shards:
             for f in shard.files.values():
                 path = root / f.path
-                if not is_within(root, path):
+                if not is_within(resolved_root, path):
                     raise ManifestError(f"{manifest_path(root)}: {f.path} points outside the cache root; rebuild it")
                 if not check_files:
                     continue

@@ -96,9 +96,7 @@ def write_arrays(
     start, stop = job_range(total, shard_size, start_shard, num_shards)
     report = IngestReport(inputs_in_range=stop - start)
     with ShardWriter(root, shard_size, start_shard=start_shard, num_shards=num_shards, fsync=fsync) as writer:
-        skip = writer.samples_to_skip
-        writer.skip_existing()
-        report.samples_already_written = skip
+        skip = report.samples_already_written = writer.skip_existing()
         if progress is not None and skip:
             progress(skip)
         for lo in range(start + skip, stop, shard_size):
@@ -117,8 +115,17 @@ def write_arrays(
 # -- image folders -------------------------------------------------------------------------
 
 
-def list_image_folder(folder: str | os.PathLike[str]) -> tuple[list[str], list[Path], np.ndarray]:
-    """Class names (sorted subfolder names), image paths (sorted within each class) and labels."""
+@dataclass(frozen=True)
+class ImageFolder:
+    """A listed image folder: class names (sorted subfolders), image paths (sorted per class) and labels."""
+
+    classes: list[str]
+    paths: list[Path]
+    labels: np.ndarray
+
+
+def list_image_folder(folder: str | os.PathLike[str]) -> ImageFolder:
+    """List an image folder with one subfolder per class."""
     folder = Path(folder)
     if not folder.is_dir():
         what = "does not exist" if not folder.exists() else "is not a directory"
@@ -136,7 +143,7 @@ def list_image_folder(folder: str | os.PathLike[str]) -> tuple[list[str], list[P
         labels.extend([label] * len(files))
     if not paths:
         raise ShardstoreError(f"{folder} has class subfolders but no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return classes, paths, np.asarray(labels, dtype=np.int64)
+    return ImageFolder(classes, paths, np.asarray(labels, dtype=np.int64))
 
 
 def load_image(path: Path, size: int) -> np.ndarray:
@@ -183,7 +190,7 @@ def write_classes(root: Path, classes: list[str]) -> None:
 
 def write_image_folder(
     root: str | os.PathLike[str],
-    folder: str | os.PathLike[str],
+    folder: str | os.PathLike[str] | ImageFolder,
     *,
     image_size: int,
     shard_size: int = 2048,
@@ -196,6 +203,7 @@ def write_image_folder(
 ) -> IngestReport:
     """Write an image folder as shards of ``images`` (uint8 CHW), ``labels`` (int64) and ``ids`` (input index).
 
+    ``folder`` is a path or what ``list_image_folder`` returned for it.
     Image ``i`` of the sorted listing belongs to the job owning shard ``i // shard_size``.
     Unreadable images are skipped and counted (``on_error="skip"``) or stop the job with
     the file named (``"stop"``); skipped images make the job's last shard short.
@@ -205,15 +213,15 @@ def write_image_folder(
     if image_size < 1:
         raise ShardstoreError(f"image size must be at least 1 pixel, got {image_size}")
     root = Path(root)
-    classes, paths, labels = list_image_folder(folder)
+    listing = folder if isinstance(folder, ImageFolder) else list_image_folder(folder)
+    classes, paths, labels = listing.classes, listing.paths, listing.labels
     start, stop = job_range(len(paths), shard_size, start_shard, num_shards)
     report = IngestReport(inputs_in_range=stop - start)
     workers = workers or min(4, (os.cpu_count() or 1) + 1)
     with ShardWriter(root, shard_size, start_shard=start_shard, num_shards=num_shards, fsync=fsync) as writer:
         write_classes(root, classes)
         resume = _resume_input_position(writer, start)
-        report.samples_already_written = writer.samples_to_skip
-        writer.skip_existing()
+        report.samples_already_written = writer.skip_existing()
         if progress is not None and resume > start:
             progress(resume - start)
         for i, image in zip(range(resume, stop), _decoded(paths[resume:stop], image_size, workers)):

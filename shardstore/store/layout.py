@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -40,10 +41,7 @@ def check_field_name(field: str) -> str:
     return field
 
 
-def is_within(root: Path, path: Path) -> bool:
-    """True if ``path`` (after resolving links and ``..``) lies inside ``root``."""
-    try:
-        path.resolve().relative_to(root.resolve())
-    except ValueError:
-        return False
-    return True
+def is_within(resolved_root: str, path: str | Path) -> bool:
+    """True if ``path`` (after resolving links and ``..``) lies inside ``resolved_root`` (already resolved)."""
+    real = os.path.realpath(path)
+    return real == resolved_root or real.startswith(resolved_root.rstrip(os.sep) + os.sep)
