@@ -93,3 +93,69 @@ def split_rank(const int64_t[::1] order, Py_ssize_t rank, Py_ssize_t world_size,
             src = (start_batch + b) * G + rank * batch_size
             for t in range(batch_size):
                 out[b * batch_size + t] = order[src + t]
+
+
+cdef extern from "string.h" nogil:
+    void *memcpy(void *dest, const void *src, size_t n)
+
+from libc.stdint cimport uint64_t, uintptr_t
+
+
+def gather_rows(const uint64_t[::1] bases, const int64_t[::1] num_rows,
+                const int64_t[::1] source, const int64_t[::1] rows,
+                Py_ssize_t row_bytes, unsigned char[:, ::1] out):
+    """Copy row ``rows[i]`` of source ``source[i]`` into ``out[i]``, for every ``i``.
+
+    ``bases[j]`` is the address of source ``j``'s first row (0: not mapped yet) and
+    ``num_rows[j]`` its row count; rows are ``row_bytes`` long and C-contiguous.
+    Runs of consecutive rows of one source become one ``memcpy``.
+
+    Returns -1 when every row was copied; ``j`` >= 0 when source ``j`` is not mapped
+    (the caller maps it and calls again); ``-2 - i`` when row ``i`` is out of range.
+    Rows before the stopping point may already have been copied.
+    """
+    cdef Py_ssize_t n = source.shape[0]
+    cdef Py_ssize_t num_sources = bases.shape[0]
+    cdef Py_ssize_t i = 0, end
+    cdef int64_t j, r
+    cdef Py_ssize_t status = -1
+    cdef unsigned char *dst
+    if n == 0:
+        return -1
+    dst = &out[0, 0]
+    with nogil:
+        while i < n:
+            j = source[i]
+            r = rows[i]
+            if j < 0 or j >= num_sources or r < 0 or r >= num_rows[j]:
+                status = -2 - i
+                break
+            if bases[j] == 0:
+                status = j
+                break
+            end = i + 1
+            while end < n and source[end] == j and rows[end] == r + (end - i) and rows[end] < num_rows[j]:
+                end += 1
+            memcpy(dst + i * row_bytes, <const unsigned char *> <uintptr_t> (bases[j] + <uint64_t> (r * row_bytes)),
+                   (end - i) * row_bytes)
+            i = end
+    return status
+
+
+from posix.mman cimport mincore
+
+
+def resident_pages(const unsigned char[::1] mapped, Py_ssize_t page_size):
+    """How many pages of a page-aligned memory map are resident in the page cache (``mincore``)."""
+    cdef Py_ssize_t n = mapped.shape[0]
+    cdef Py_ssize_t num_pages = (n + page_size - 1) // page_size
+    cdef Py_ssize_t k, count = 0
+    cdef unsigned char[::1] vec
+    if n == 0:
+        return 0
+    vec = np.zeros(num_pages, dtype=np.uint8)
+    if mincore(<void *> &mapped[0], n, &vec[0]) != 0:
+        raise OSError("mincore failed")
+    for k in range(num_pages):
+        count += vec[k] & 1
+    return count

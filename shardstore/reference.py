@@ -37,3 +37,9 @@ def split_rank(order: np.ndarray, rank: int, world_size: int, batch_size: int,
     g = world_size * batch_size
     batches = np.asarray(order, dtype=np.int64)[start_batch * g : (start_batch + num_batches) * g]
     return batches.reshape(num_batches, world_size, batch_size)[:, rank].reshape(-1).copy()
+
+
+def gather_rows(sources: list[np.ndarray], source_index: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+    """``out[i] = sources[source_index[i]][rows[i]]``, one row at a time (see ``shardstore.kernels``)."""
+    for i, (j, r) in enumerate(zip(np.asarray(source_index), np.asarray(rows))):
+        out[i] = sources[int(j)][int(r)]

@@ -101,10 +101,16 @@ class RandomShardSubsetCachedDataset(Dataset):
         return int(self._cell[0])
 
     def set_epoch(self, epoch: int, *, start_batch: int = 0) -> None:
-        """Make ``epoch`` current, from global batch ``start_batch`` (0 unless resuming)."""
+        """Make ``epoch`` current, from global batch ``start_batch`` (0 unless resuming).
+
+        Cheap: the epoch is planned when first read (a ``ShardLoader`` has usually planned it
+        already, in a background thread, while the previous epoch drained).
+        """
+        for name, value in (("epoch", epoch), ("start_batch", start_batch)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ShardstoreError(f"{name} must be a non-negative integer, got {value!r}")
         self._cell[0] = epoch
         self._cell[1] = start_batch
-        self._sync()
 
     def __getstate__(self) -> dict[str, Any]:
         # A spawned worker gets the shared tensor by handle; a pickled NumPy view would be a private copy.
@@ -116,15 +122,30 @@ class RandomShardSubsetCachedDataset(Dataset):
         self.__dict__.update(state)
         self._cell = self._shared.numpy()
 
+    @property
+    def start_batch(self) -> int:
+        """Global batch the current epoch (re)started from: 0, or the resume point."""
+        return int(self._cell[1])
+
+    def _plan_for(self, epoch: int, start_batch: int) -> tuple[EpochPlan, np.ndarray]:
+        try:
+            plan = plan_epoch(self._counts, self.store.offsets, self.spec, epoch)
+            return plan, rank_indices(plan, self.world, self.batch_size, self.max_steps_per_epoch, start_batch)
+        except ValueError as exc:
+            raise ShardstoreError(str(exc)) from None
+
+    def epoch_indices(self, epoch: int, start_batch: int = 0) -> np.ndarray:
+        """This rank's sample ids of ``epoch`` from global batch ``start_batch``, without making it current.
+
+        A loader uses it to prepare the next epoch's first batches before ``set_epoch``.
+        """
+        return self._plan_for(epoch, start_batch)[1]
+
     def _sync(self) -> None:
         key = (int(self._cell[0]), int(self._cell[1]))
         if key == self._key:
             return
-        try:
-            plan = plan_epoch(self._counts, self.store.offsets, self.spec, key[0])
-            indices = rank_indices(plan, self.world, self.batch_size, self.max_steps_per_epoch, key[1])
-        except ValueError as exc:
-            raise ShardstoreError(str(exc)) from None
+        plan, indices = self._plan_for(*key)
         self._plan, self._indices, self._key = plan, indices, key
 
     @property
@@ -163,7 +184,7 @@ class RandomShardSubsetCachedDataset(Dataset):
 
         Every rank takes the same steps, so the global position is the same on all of them.
         """
-        start_batch = int(self._cell[1])
+        start_batch = self.start_batch
         if not 0 <= steps_done <= self.steps_per_epoch - start_batch:
             raise ValueError(f"steps_done must be in [0, {self.steps_per_epoch - start_batch}], got {steps_done}")
         return SamplerState(

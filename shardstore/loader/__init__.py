@@ -1,0 +1,6 @@
+"""Batches from the shard maps into reused (pinned) buffers on background threads; async copies to the GPU."""
+
+from shardstore.loader.shard_loader import ShardLoader
+from shardstore.loader.stats import WaitStats
+
+__all__ = ["ShardLoader", "WaitStats"]

@@ -1,0 +1,91 @@
+"""One pass of the loader over an index array: where each row lives, and a gather per field over its shards."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from shardstore.kernels import RowGather
+from shardstore.manifest.reader import ShardStore
+
+
+@dataclass
+class Job:
+    """An epoch (or the rest of one) as the pipeline sees it; planned lazily by a background thread.
+
+    Batch ``b`` of the job is ``indices[b*batch_size : (b+1)*batch_size]`` and is the
+    pipeline's batch number ``first_seq + b``.
+    """
+
+    key: Hashable
+    plan_indices: Callable[[], np.ndarray]
+    batch_size: int
+    drop_last: bool
+    planned: bool = False
+    planning: bool = False
+    error: BaseException | None = None
+    first_seq: int = 0
+    num_batches: int = 0
+    num_samples: int = 0
+    #: shard positions this job reads, in the order it first touches them
+    visited: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    #: for every sample of the job: index into ``visited``, and row within that shard
+    source_index: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    #: per visited shard: the first and last batch that reads it
+    first_batch: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    last_batch: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    gathers: dict[str, RowGather] = field(default_factory=dict)
+    #: pager progress: shards advised ahead of use (a prefix of ``visited``), shards whose pages were dropped
+    advised: int = 0
+    dropped: np.ndarray = field(default_factory=lambda: np.empty(0, bool))
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def plan(self, store: ShardStore) -> None:
+        """Locate every sample and set up the per-field gathers (maps open lazily, on first use)."""
+        indices = np.ascontiguousarray(self.plan_indices(), dtype=np.int64)
+        full, rest = divmod(indices.size, self.batch_size)
+        if self.drop_last and rest:
+            indices = indices[: full * self.batch_size]
+        self.num_samples = int(indices.size)
+        self.num_batches = full if self.drop_last else full + (rest > 0)
+        positions, self.rows = store.locate(indices)
+        visited, first_seen, inverse = np.unique(positions, return_index=True, return_inverse=True)
+        rank = np.argsort(first_seen, kind="stable")  # visit order: by first appearance
+        local_of = np.empty_like(rank)
+        local_of[rank] = np.arange(rank.size)
+        self.visited = visited[rank].astype(np.int64)
+        self.source_index = local_of[inverse.reshape(-1)].astype(np.int64)
+        batch_of = np.arange(self.num_samples, dtype=np.int64) // self.batch_size
+        self.first_batch = np.full(self.visited.size, np.iinfo(np.int64).max, np.int64)
+        self.last_batch = np.full(self.visited.size, -1, np.int64)
+        np.minimum.at(self.first_batch, self.source_index, batch_of)
+        np.maximum.at(self.last_batch, self.source_index, batch_of)
+        self.dropped = np.zeros(self.visited.size, bool)
+        counts = np.diff(store.offsets)[self.visited]
+        for name, spec in store.fields.items():
+            self.gathers[name] = RowGather(counts, spec.dtype, spec.shape, self._opener(store, name))
+
+    def _opener(self, store: ShardStore, name: str) -> Callable[[int], np.ndarray]:
+        visited = self.visited
+        return lambda j: store.field(int(visited[j]), name)
+
+    def batch_bounds(self, batch: int) -> tuple[int, int]:
+        start = batch * self.batch_size
+        return start, min(start + self.batch_size, self.num_samples)
+
+    def take_finished(self, done_batches: int | None = None) -> np.ndarray:
+        """Visited shards no batch before ``done_batches`` (None: any batch) still needs, not dropped before."""
+        finished = ~self.dropped if done_batches is None else (self.last_batch < done_batches) & ~self.dropped
+        which = np.flatnonzero(finished)
+        self.dropped[which] = True
+        return which
+
+    def shards_needed_by(self, batch: int) -> int:
+        """How many of the visited shards (in visit order) batch ``batch`` and those before it touch."""
+        if self.num_batches == 0:
+            return 0
+        return int(np.searchsorted(self.first_batch, batch, side="right"))

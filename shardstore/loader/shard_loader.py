@@ -1,0 +1,221 @@
+"""``ShardLoader``: an epoch's batches gathered from the shard maps into reused buffers ahead of the consumer."""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from shardstore.dataset.cached import CachedTensorDataset
+from shardstore.dataset.subset import RandomShardSubsetCachedDataset
+from shardstore.errors import ConfigError
+from shardstore.loader.pipeline import Pipeline
+from shardstore.loader.slots import make_slots
+from shardstore.loader.stats import WaitStats
+from shardstore.manifest.reader import ShardStore
+
+Plan = Callable[[], np.ndarray]
+
+
+def _positive(name: str, value: object, *, zero: bool = False) -> int:
+    low = 0 if zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device {device!r} is not a torch device ({exc}); use 'cpu' or 'cuda[:N]'") from None
+    if device.type == "cpu":
+        return None
+    if device.type != "cuda":
+        raise ConfigError(f"device {str(device)!r} is not supported; use 'cpu' or 'cuda[:N]'")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {str(device)!r} asked for, but this torch build sees no CUDA device; "
+                          "use device='cpu' or install a CUDA build of torch")
+    return torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+
+
+class ShardLoader:
+    """Batches of a shard-epoch dataset as ``{field: tensor}``, in exactly the dataset's order.
+
+    ``num_threads`` background threads gather each batch from the shard memory maps into one
+    of ``prefetch + 1`` preallocated buffers (page-locked when ``pin_memory``, the default when
+    CUDA is available), with the GIL released; a pager thread reads the next
+    ``read_ahead_shards`` shards into the page cache ahead of use. When the consumer takes
+    the last batch of an epoch, the threads are already gathering the first batches of the
+    next one (``prepare_next_epoch``), so ``set_epoch(e + 1)`` finds them ready.
+
+    On ``device='cuda'``, each batch is copied to the GPU on a side stream as soon as it is
+    gathered; the consumer gets device tensors that are ready on its current stream, and
+    may keep them. On the CPU, the consumer gets views of the reused buffers: valid until
+    it asks for the next batch (``.clone()`` what you keep).
+
+    ``dataset`` is a ``RandomShardSubsetCachedDataset`` (its ``batch_size``, rank split and
+    ``max_steps_per_epoch`` apply), or a ``CachedTensorDataset`` / ``ShardStore``, read
+    whole in sample-id order (``drop_last`` decides about a short final batch).
+    """
+
+    def __init__(
+        self,
+        dataset: RandomShardSubsetCachedDataset | CachedTensorDataset | ShardStore,
+        batch_size: int | None = None,
+        *,
+        device: str | torch.device | None = None,
+        num_threads: int = 2,
+        prefetch: int = 4,
+        drop_last: bool = True,
+        pin_memory: bool | None = None,
+        read_ahead_shards: int = 2,
+        drop_pages: bool = False,
+        prepare_next_epoch: bool = True,
+    ) -> None:
+        if isinstance(dataset, RandomShardSubsetCachedDataset):
+            if batch_size is not None and batch_size != dataset.batch_size:
+                raise ConfigError(f"batch_size {batch_size!r} differs from the dataset's {dataset.batch_size}; "
+                                  "the dataset splits global batches over ranks, so give it the batch size "
+                                  "(or leave ShardLoader's batch_size unset)")
+            batch_size = dataset.batch_size
+            store = dataset.store
+        elif isinstance(dataset, (CachedTensorDataset, ShardStore)):
+            store = dataset.store if isinstance(dataset, CachedTensorDataset) else dataset
+            if batch_size is None:
+                raise ConfigError("batch_size is required when reading a whole CachedTensorDataset or ShardStore")
+        else:
+            raise ConfigError(f"ShardLoader reads a RandomShardSubsetCachedDataset, CachedTensorDataset or "
+                              f"ShardStore, got {type(dataset).__name__}; use torch.utils.data.DataLoader for others")
+        self.dataset = dataset
+        self.store = store
+        self.batch_size = _positive("batch_size", batch_size)
+        _positive("num_threads", num_threads)
+        _positive("prefetch", prefetch)
+        _positive("read_ahead_shards", read_ahead_shards, zero=True)
+        self.drop_last = bool(drop_last)
+        self.prepare_next_epoch = bool(prepare_next_epoch)
+        self.device = _resolve_device(device)
+        if pin_memory is None:
+            pin_memory = torch.cuda.is_available()
+        elif pin_memory and not torch.cuda.is_available():
+            raise ConfigError("pin_memory=True needs CUDA, which this torch build does not see; "
+                              "leave pin_memory unset to decide automatically")
+        self.pin_memory = bool(pin_memory)
+        slots = make_slots(store.fields, self.batch_size, prefetch + 1, pin_memory=self.pin_memory,
+                           cuda=self.device is not None)
+        self._pipeline = Pipeline(store, slots, num_threads=num_threads, device=self.device,
+                                  read_ahead_shards=read_ahead_shards, drop_pages=bool(drop_pages))
+        self._finalizer = weakref.finalize(self, self._pipeline.stop)
+        self.stats = WaitStats()
+        """Consumer wait times (see ``WaitStats``)."""
+        self._steps_key: Hashable = None
+        self._steps_done = 0
+
+    # -- what an iteration reads ----------------------------------------------------------------
+
+    def _current(self) -> tuple[Hashable, Plan, tuple[Hashable, Plan]]:
+        ds = self.dataset
+        if isinstance(ds, RandomShardSubsetCachedDataset):
+            epoch, start = ds.epoch, ds.start_batch
+            return ((epoch, start), lambda: ds.epoch_indices(epoch, start),
+                    ((epoch + 1, 0), lambda: ds.epoch_indices(epoch + 1, 0)))
+        total = self.store.num_samples
+        whole: Plan = lambda: np.arange(total, dtype=np.int64)  # noqa: E731
+        return ("all", whole, ("all", whole))
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        key, plan, following = self._current()
+        pipeline = self._pipeline
+        job, generation = pipeline.begin(key, plan, self.batch_size, self.drop_last,
+                                         following if self.prepare_next_epoch else None)
+        completed = False
+        try:
+            num_batches = pipeline.num_batches(job, generation)
+            self._steps_key, self._steps_done = key, 0
+            self.stats.start_epoch(num_batches)
+            for batch in range(num_batches):
+                start = time.perf_counter()
+                out = pipeline.take(job, batch, generation)
+                self.stats.record(time.perf_counter() - start)
+                self._steps_done += 1
+                yield out
+            completed = True
+        finally:
+            if completed:
+                pipeline.finish(job)
+            elif generation == pipeline.generation:
+                pipeline.stop()  # a break, an error in the loop body, KeyboardInterrupt or garbage collection
+
+    @property
+    def warm_starts(self) -> int:
+        """Iterations whose first batches were already being prepared when they began."""
+        return self._pipeline.warm_starts
+
+    def __len__(self) -> int:
+        """Batches the next iteration yields."""
+        if isinstance(self.dataset, RandomShardSubsetCachedDataset):
+            return len(self.dataset) // self.batch_size
+        full, rest = divmod(self.store.num_samples, self.batch_size)
+        return full + (rest > 0 and not self.drop_last)
+
+    # -- pass-through to the dataset ------------------------------------------------------------
+
+    def _subset(self, what: str) -> RandomShardSubsetCachedDataset:
+        if not isinstance(self.dataset, RandomShardSubsetCachedDataset):
+            raise ConfigError(f"{what} needs a RandomShardSubsetCachedDataset; this loader reads "
+                              f"{type(self.dataset).__name__} whole, in one fixed order")
+        return self.dataset
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make ``epoch`` the dataset's current epoch (its first batches are usually ready already)."""
+        self._subset("set_epoch").set_epoch(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return self._subset("epoch").epoch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches in a full epoch, after the dataset's ``max_steps_per_epoch``."""
+        if isinstance(self.dataset, RandomShardSubsetCachedDataset):
+            return self.dataset.steps_per_epoch
+        return len(self)
+
+    @property
+    def max_steps_per_epoch(self) -> int | None:
+        return self.dataset.max_steps_per_epoch if isinstance(self.dataset, RandomShardSubsetCachedDataset) else None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The dataset's resumable state after the batches this loader handed out in the current epoch."""
+        ds = self._subset("state_dict")
+        steps = self._steps_done if self._steps_key == (ds.epoch, ds.start_batch) else 0
+        return ds.state_dict(steps_done=steps)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``: the next iteration starts at the batch after the last one taken."""
+        self._subset("load_state_dict").load_state_dict(state)
+        self._steps_key, self._steps_done = None, 0
+
+    # -- lifetime -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the background threads (also done when the loader is garbage collected)."""
+        self._finalizer()
+
+    def __enter__(self) -> ShardLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"ShardLoader({type(self.dataset).__name__}, batch_size={self.batch_size}, "
+                f"device={str(self.device or 'cpu')!r}, pin_memory={self.pin_memory})")
+
