@@ -8,7 +8,8 @@ extensions = [
     Extension(
         "cshard._kernels",
         ["cshard/_kernels.pyx"],
-        include_dirs=[np.get_include()],
+        include_dirs=[np.get_include(), "cshard"],
+        depends=["cshard/stream_copy.h"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=["-O3"],
     )

@@ -98,47 +98,69 @@ def split_rank(const int64_t[::1] order, Py_ssize_t rank, Py_ssize_t world_size,
 cdef extern from "string.h" nogil:
     void *memcpy(void *dest, const void *src, size_t n)
 
+cdef extern from "stream_copy.h" nogil:
+    void shardstore_stream_copy(void *dst, const void *src, size_t n)
+    void shardstore_stream_fence()
+
 from libc.stdint cimport uint64_t, uintptr_t
 
 
-def gather_rows(const uint64_t[::1] bases, const int64_t[::1] num_rows,
-                const int64_t[::1] source, const int64_t[::1] rows,
-                Py_ssize_t row_bytes, unsigned char[:, ::1] out):
-    """Copy row ``rows[i]`` of source ``source[i]`` into ``out[i]``, for every ``i``.
+def gather_batches(const uint64_t[:, ::1] bases, const int64_t[::1] num_rows,
+                   const int64_t[::1] row_bytes, const int64_t[::1] source,
+                   const int64_t[::1] rows, Py_ssize_t batch_size,
+                   const uint64_t[:, ::1] out):
+    """Copy the samples of consecutive batches, every field, into their batch buffers.
 
-    ``bases[j]`` is the address of source ``j``'s first row (0: not mapped yet) and
-    ``num_rows[j]`` its row count; rows are ``row_bytes`` long and C-contiguous.
-    Runs of consecutive rows of one source become one ``memcpy``.
+    Sample ``i`` is row ``rows[i]`` of source ``source[i]``; it goes to row ``i % batch_size``
+    of batch ``i // batch_size``. For field ``f``: ``bases[f, j]`` is the address of source
+    ``j``'s first row (0: not mapped yet), ``row_bytes[f]`` the bytes of one row, and
+    ``out[b, f]`` the address of batch ``b``'s buffer. ``num_rows[j]`` is source ``j``'s row
+    count. A run of consecutive rows of one source inside one batch is one ``memcpy``.
 
-    Returns -1 when every row was copied; ``j`` >= 0 when source ``j`` is not mapped
-    (the caller maps it and calls again); ``-2 - i`` when row ``i`` is out of range.
-    Rows before the stopping point may already have been copied.
+    Returns -1 when everything was copied; ``f * num_sources + j`` (>= 0) when source ``j``
+    of field ``f`` is not mapped (the caller maps it and calls again); ``-2 - i`` when sample
+    ``i`` names a source or row out of range. Copies made before stopping stay made.
     """
     cdef Py_ssize_t n = source.shape[0]
-    cdef Py_ssize_t num_sources = bases.shape[0]
-    cdef Py_ssize_t i = 0, end
-    cdef int64_t j, r
+    cdef Py_ssize_t num_fields = bases.shape[0]
+    cdef Py_ssize_t num_sources = bases.shape[1]
+    cdef Py_ssize_t i, end, f, batch_end
+    cdef int64_t j, r, rb
     cdef Py_ssize_t status = -1
-    cdef unsigned char *dst
-    if n == 0:
-        return -1
-    dst = &out[0, 0]
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    if out.shape[0] * batch_size < n or out.shape[1] != num_fields or row_bytes.shape[0] != num_fields:
+        raise ValueError("out, row_bytes and bases disagree on the number of batches or fields")
+    if rows.shape[0] != n or num_rows.shape[0] != num_sources:
+        raise ValueError("rows/source or num_rows/bases lengths differ")
     with nogil:
+        i = 0
         while i < n:
             j = source[i]
             r = rows[i]
             if j < 0 or j >= num_sources or r < 0 or r >= num_rows[j]:
                 status = -2 - i
                 break
-            if bases[j] == 0:
-                status = j
-                break
+            # The run: consecutive rows of source j, not past the batch or the source.
+            batch_end = (i // batch_size + 1) * batch_size
+            if batch_end > n:
+                batch_end = n
             end = i + 1
-            while end < n and source[end] == j and rows[end] == r + (end - i) and rows[end] < num_rows[j]:
+            while end < batch_end and source[end] == j and rows[end] == r + (end - i) and rows[end] < num_rows[j]:
                 end += 1
-            memcpy(dst + i * row_bytes, <const unsigned char *> <uintptr_t> (bases[j] + <uint64_t> (r * row_bytes)),
-                   (end - i) * row_bytes)
+            for f in range(num_fields):
+                if bases[f, j] == 0:
+                    status = f * num_sources + j
+                    break
+            if status != -1:
+                break
+            for f in range(num_fields):
+                rb = row_bytes[f]
+                shardstore_stream_copy(<unsigned char *> <uintptr_t> (out[i // batch_size, f] + <uint64_t> ((i % batch_size) * rb)),
+                       <const unsigned char *> <uintptr_t> (bases[f, j] + <uint64_t> (r * rb)),
+                       (end - i) * rb)
             i = end
+        shardstore_stream_fence()  # the streamed stores are visible to other threads from here on
     return status
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+from collections.abc import Callable
 
 import numpy as np
 
@@ -93,73 +94,100 @@ def split_rank(order: np.ndarray, rank: int, world_size: int, batch_size: int,
     return out
 
 
-def _row_bytes(name: str, arr: np.ndarray) -> int:
-    if not arr.flags.c_contiguous:
-        raise TypeError(f"{name} must be C-contiguous")
-    if arr.ndim < 1:
-        raise TypeError(f"{name} must have a leading row axis, got a 0-d array")
-    return int(arr.dtype.itemsize * np.prod(arr.shape[1:], dtype=np.int64))
+_EMPTY = np.zeros(1, np.uint8)  # stands in for the address of a source with no bytes
 
 
-def _as_bytes(arr: np.ndarray) -> np.ndarray:
-    """``arr`` as a 2-D uint8 view, one row per sample (no copy)."""
-    return arr.reshape(arr.shape[0], -1).view(np.uint8) if arr.size else np.empty((arr.shape[0], 0), np.uint8)
+class BatchBuffers:
+    """Destination buffers for ``gather``: ``buffers[k][field]`` holds batch ``k``, checked once.
 
-
-class RowGather:
-    """Copies rows of a fixed set of same-typed sources into batch buffers; sources may be mapped lazily.
-
-    ``num_rows[j]`` is source ``j``'s row count. ``gather`` asks ``open_source(j)`` for a source
-    the first time a row of it is needed and keeps the returned array alive while this object
-    lives. Thread-safe: several threads may gather into different outputs at once.
+    Each buffer is a writeable, C-contiguous array of ``batch_size`` rows of its field's
+    dtype and shape; the kernel gets their addresses, and this object keeps them alive.
     """
 
-    def __init__(self, num_rows: np.ndarray, dtype: np.dtype, row_shape: tuple[int, ...], open_source) -> None:
-        self.num_rows = _int64_vector("num_rows", np.asarray(num_rows, dtype=np.int64))
-        self.dtype = np.dtype(dtype)
-        self.row_shape = tuple(row_shape)
-        self.row_bytes = int(self.dtype.itemsize * np.prod(self.row_shape, dtype=np.int64))
+    def __init__(self, buffers: list[dict[str, np.ndarray]], fields: dict[str, tuple[np.dtype, tuple[int, ...]]],
+                 batch_size: int) -> None:
+        self.buffers = buffers
+        self.batch_size = batch_size
+        self.addresses = np.zeros((len(buffers), len(fields)), np.uint64)
+        for k, batch in enumerate(buffers):
+            for f, (name, (dtype, shape)) in enumerate(fields.items()):
+                arr = batch.get(name)
+                if not isinstance(arr, np.ndarray):
+                    raise TypeError(f"buffer {k} has no numpy array for field {name!r}")
+                if arr.dtype != dtype or arr.shape != (batch_size, *shape):
+                    raise TypeError(f"buffer {k} field {name!r} is {arr.shape} {arr.dtype}, "
+                                    f"expected {(batch_size, *shape)} {np.dtype(dtype)}")
+                if not (arr.flags.c_contiguous and arr.flags.writeable):
+                    raise TypeError(f"buffer {k} field {name!r} must be writeable and C-contiguous")
+                self.addresses[k, f] = arr.ctypes.data if arr.size else _EMPTY.ctypes.data
+
+    def __len__(self) -> int:
+        return len(self.buffers)
+
+
+class BatchGather:
+    """Copies rows of a fixed list of shards, every field, into batch buffers; shards are mapped lazily.
+
+    ``num_rows[j]`` is shard ``j``'s row count and ``fields`` maps each field to its dtype
+    and per-row shape. The first time a row of shard ``j`` is needed, ``open_source(name, j)``
+    returns that field's array (a memory map), which this object then keeps alive.
+    Thread-safe: threads may gather different batches at once.
+    """
+
+    def __init__(self, num_rows: np.ndarray, fields: dict[str, tuple[np.dtype, tuple[int, ...]]],
+                 open_source: Callable[[str, int], np.ndarray]) -> None:
+        self.num_rows = _int64_vector("num_rows", np.ascontiguousarray(num_rows, dtype=np.int64))
+        self.fields = {name: (np.dtype(dtype), tuple(shape)) for name, (dtype, shape) in fields.items()}
+        self.row_bytes = np.array([dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+                                   for dtype, shape in self.fields.values()], dtype=np.int64)
+        self._names = list(self.fields)
         self._open = open_source
-        self._arrays: list[np.ndarray | None] = [None] * self.num_rows.size
-        self._bases = np.zeros(self.num_rows.size, dtype=np.uint64)
+        self._arrays: list[list[np.ndarray | None]] = [[None] * self.num_rows.size for _ in self._names]
+        self._bases = np.zeros((len(self._names), self.num_rows.size), dtype=np.uint64)
         self._lock = threading.Lock()
 
-    def source(self, j: int) -> np.ndarray | None:
-        """Source ``j`` if it has been opened."""
-        return self._arrays[j]
+    def source(self, name: str, j: int) -> np.ndarray | None:
+        """Field ``name`` of shard ``j`` if it has been opened."""
+        return self._arrays[self._names.index(name)][j]
 
-    def open(self, j: int) -> np.ndarray:
-        """Source ``j``, opened now if it was not yet."""
+    def open(self, name: str, j: int) -> np.ndarray:
+        """Field ``name`` of shard ``j``, opened now if it was not yet."""
+        f = self._names.index(name)
         with self._lock:
-            if self._arrays[j] is not None:
-                return self._arrays[j]
-            arr = self._open(j)
-            if arr.dtype != self.dtype or arr.shape[1:] != self.row_shape or arr.shape[0] != self.num_rows[j]:
-                raise ValueError(f"source {j} is {arr.shape} {arr.dtype}, expected "
-                                 f"({int(self.num_rows[j])}, *{self.row_shape}) {self.dtype}")
+            arr = self._arrays[f][j]
+            if arr is not None:
+                return arr
+            arr = self._open(name, j)
+            dtype, shape = self.fields[name]
+            if not isinstance(arr, np.ndarray) or arr.dtype != dtype or arr.shape != (self.num_rows[j], *shape):
+                got = f"{arr.shape} {arr.dtype}" if isinstance(arr, np.ndarray) else type(arr).__name__
+                raise ValueError(f"source {j} of field {name!r} is {got}, "
+                                 f"expected {(int(self.num_rows[j]), *shape)} {dtype}")
             if not arr.flags.c_contiguous:
-                raise TypeError(f"source {j} must be C-contiguous")
-            self._arrays[j] = arr
-            self._bases[j] = arr.ctypes.data if arr.size else 0
+                raise TypeError(f"source {j} of field {name!r} must be C-contiguous")
+            self._arrays[f][j] = arr
+            self._bases[f, j] = arr.ctypes.data if arr.size else _EMPTY.ctypes.data
             return arr
 
-    def gather(self, source_index: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
-        """``out[i] = source(source_index[i])[rows[i]]`` for every ``i`` (GIL released while copying)."""
-        if out.shape[0] != source_index.shape[0] or out.shape[1:] != self.row_shape or out.dtype != self.dtype:
-            raise ValueError(f"out is {out.shape} {out.dtype}, expected ({source_index.shape[0]}, *{self.row_shape}) {self.dtype}")
-        if self.row_bytes == 0 or out.shape[0] == 0:
-            return
-        out_bytes = _as_bytes(out)
+    def gather(self, source_index: np.ndarray, rows: np.ndarray, buffers: BatchBuffers, first: int = 0) -> None:
+        """Sample ``i``: row ``rows[i]`` of shard ``source_index[i]`` -> row ``i % batch_size`` of buffer
+        ``first + i // batch_size``, for every field; the GIL is released while copying."""
+        n = source_index.shape[0]
+        count = -(-n // buffers.batch_size)
+        if first < 0 or first + count > len(buffers):
+            raise ValueError(f"{count} batches from buffer {first} do not fit the {len(buffers)} buffers")
+        out = buffers.addresses[first : first + count]
         while True:
-            status = _kernels.gather_rows(self._bases, self.num_rows, source_index, rows, self.row_bytes, out_bytes)
+            status = _kernels.gather_batches(self._bases, self.num_rows, self.row_bytes, source_index, rows,
+                                             buffers.batch_size, out)
             if status == -1:
                 return
             if status >= 0:
-                self.open(int(status))
+                f, j = divmod(int(status), self.num_rows.size)
+                self.open(self._names[f], j)
                 continue
             i = -2 - status
-            raise IndexError(f"row {int(rows[i])} of source {int(source_index[i])} is out of range "
-                             f"(position {i} of the batch)")
+            raise IndexError(f"sample {i}: row {int(rows[i])} of source {int(source_index[i])} is out of range")
 
 
 def gather_rows(sources: list[np.ndarray], source_index: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
@@ -172,17 +200,18 @@ def gather_rows(sources: list[np.ndarray], source_index: np.ndarray, rows: np.nd
     rows = _int64_vector("rows", rows)
     if source_index.size != rows.size:
         raise ValueError(f"source_index and rows differ in length ({source_index.size} vs {rows.size})")
-    if not isinstance(out, np.ndarray) or not out.flags.c_contiguous or not out.flags.writeable:
-        raise TypeError("out must be a writeable, C-contiguous numpy.ndarray")
+    if not isinstance(out, np.ndarray) or out.ndim < 1 or out.shape[0] != rows.size:
+        raise TypeError(f"out must be a numpy.ndarray with {rows.size} rows")
     for k, src in enumerate(sources):
-        if not isinstance(src, np.ndarray):
-            raise TypeError(f"sources[{k}] must be a numpy.ndarray, got {type(src).__name__}")
-        _row_bytes(f"sources[{k}]", src)
+        if not isinstance(src, np.ndarray) or src.ndim < 1:
+            raise TypeError(f"sources[{k}] must be a numpy.ndarray with a row axis")
         if src.dtype != out.dtype or src.shape[1:] != out.shape[1:]:
             raise TypeError(f"sources[{k}] is {src.dtype} rows of {src.shape[1:]}, out is {out.dtype} rows of {out.shape[1:]}")
-    gather = RowGather(np.array([s.shape[0] for s in sources], dtype=np.int64), out.dtype, out.shape[1:],
-                       lambda j: sources[j])
-    gather.gather(source_index, rows, out)
+    if rows.size == 0:
+        return
+    spec = {"x": (out.dtype, out.shape[1:])}
+    gather = BatchGather(np.array([s.shape[0] for s in sources], dtype=np.int64), spec, lambda _, j: sources[j])
+    gather.gather(source_index, rows, BatchBuffers([{"x": out}], spec, rows.size))
 
 
 def resident_fraction(path: str | os.PathLike[str]) -> float:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shardstore.kernels import RowGather
+from shardstore.kernels import BatchGather
 from shardstore.manifest.reader import ShardStore
 
 
@@ -38,7 +38,7 @@ class Job:
     #: per visited shard: the first and last batch that reads it
     first_batch: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     last_batch: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
-    gathers: dict[str, RowGather] = field(default_factory=dict)
+    gather: BatchGather | None = None
     #: pager progress: shards advised ahead of use (a prefix of ``visited``), shards whose pages were dropped
     advised: int = 0
     dropped: np.ndarray = field(default_factory=lambda: np.empty(0, bool))
@@ -66,16 +66,14 @@ class Job:
         np.maximum.at(self.last_batch, self.source_index, batch_of)
         self.dropped = np.zeros(self.visited.size, bool)
         counts = np.diff(store.offsets)[self.visited]
-        for name, spec in store.fields.items():
-            self.gathers[name] = RowGather(counts, spec.dtype, spec.shape, self._opener(store, name))
-
-    def _opener(self, store: ShardStore, name: str) -> Callable[[int], np.ndarray]:
         visited = self.visited
-        return lambda j: store.field(int(visited[j]), name)
+        self.gather = BatchGather(counts, {name: (spec.dtype, spec.shape) for name, spec in store.fields.items()},
+                                  lambda name, j: store.field(int(visited[j]), name))
 
-    def batch_bounds(self, batch: int) -> tuple[int, int]:
+    def batch_bounds(self, batch: int, count: int = 1) -> tuple[int, int]:
+        """Sample range of batches ``batch .. batch + count - 1``."""
         start = batch * self.batch_size
-        return start, min(start + self.batch_size, self.num_samples)
+        return start, min(start + count * self.batch_size, self.num_samples)
 
     def take_finished(self, done_batches: int | None = None) -> np.ndarray:
         """Visited shards no batch before ``done_batches`` (None: any batch) still needs, not dropped before."""

@@ -1,9 +1,14 @@
 """The loader's engine: background threads fill a ring of reused batch slots, in order, ahead of the consumer.
 
 Batches carry a running number (``seq``) across jobs, so the threads run straight from
-the end of one epoch into the start of the next one; batch ``seq`` always lives in slot
+the end of one epoch into the start of the next; batch ``seq`` always lives in slot
 ``seq % len(slots)``, and a slot is refilled only after the consumer released the batch
-it held (and, on CUDA, after the copy out of it finished).
+it held (and, on CUDA, after the copy out of it ended).
+
+Waking a sleeping thread costs tens of microseconds (more on a VM), as long as copying a
+small batch. So threads work in *chunks* of consecutive batches (a few MiB): a filler
+claims a chunk and copies all of it in one GIL-free kernel call, the consumer sleeps
+until a whole chunk is ready, and fillers are woken when a whole chunk of slots is free.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import numpy as np
 import torch
 
 from shardstore.errors import ShardstoreError
+from shardstore.kernels import BatchBuffers
 from shardstore.loader import pager
 from shardstore.loader.jobs import Job
 from shardstore.loader.slots import Slot
@@ -34,10 +40,16 @@ class LoaderRestarted(RuntimeError):
 class Pipeline:
     """Filler threads, a pager thread and the slot ring; the consumer calls ``begin``/``take``/``finish``."""
 
-    def __init__(self, store: ShardStore, slots: list[Slot], *, num_threads: int, device: torch.device | None,
-                 read_ahead_shards: int, drop_pages: bool) -> None:
+    def __init__(self, store: ShardStore, slots: list[Slot], chunk: int, *, num_threads: int,
+                 device: torch.device | None, read_ahead_shards: int, drop_pages: bool) -> None:
+        if len(slots) % chunk:
+            raise ValueError(f"{len(slots)} slots are not a whole number of chunks of {chunk}")
         self.store = store
         self.slots = slots
+        self.chunk = chunk
+        self.buffers = BatchBuffers([slot.arrays for slot in slots],
+                                    {name: (spec.dtype, spec.shape) for name, spec in store.fields.items()},
+                                    slots[0].capacity)
         self.num_threads = num_threads
         self.device = device
         self.read_ahead_shards = read_ahead_shards
@@ -45,12 +57,12 @@ class Pipeline:
         self._stream = torch.cuda.Stream(device) if device is not None else None
         # One lock, three conditions: each kind of thread is woken only by what it waits for.
         self._lock = threading.Lock()
-        self._work = threading.Condition(self._lock)  # fillers: a slot was released, a job added or planned
-        self._ready = threading.Condition(self._lock)  # consumer: a batch was filled, a job planned
-        self._page = threading.Condition(self._lock)  # pager: the fillers or the consumer moved on
+        self._work = threading.Condition(self._lock)  # fillers: a chunk of slots was freed, a job added
+        self._ready = threading.Condition(self._lock)  # consumer: a chunk was filled, a job planned
+        self._page = threading.Condition(self._lock)  # pager: the fillers reached a new shard, or finished some
         self._threads: list[threading.Thread] = []
         self._generation = 0
-        #: iterations that found their job already in preparation (next epoch prepared ahead)
+        #: iterations that found their job already in preparation (the next epoch prepared ahead)
         self.warm_starts = 0
         self._reset()
 
@@ -59,17 +71,13 @@ class Pipeline:
     def _reset(self) -> None:
         self._jobs: deque[Job] = deque()
         self._retired: list[Job] = []
-        self._claim_seq = 0  # next batch a filler takes
+        self._claim_seq = 0  # first batch of the next chunk a filler takes
         self._released = 0  # batches before this one were handed out and given back
         self._planned_end = 0  # first seq after the last planned job
         self._stopping = False
+        self._want: tuple[int, int] | None = None  # the consumer sleeps until this run of batches is filled
         for slot in self.slots:
             slot.seq, slot.error, slot.device_batch = -1, None, None
-
-    @staticmethod
-    def _notify(*conditions: threading.Condition) -> None:
-        for c in conditions:
-            c.notify_all()
 
     @property
     def generation(self) -> int:
@@ -81,10 +89,11 @@ class Pipeline:
         return any(t.is_alive() for t in self._threads)
 
     def stop(self) -> None:
-        """Stop and join the threads (prompt: they only ever block for one batch's copy or one plan)."""
+        """Stop and join the threads (prompt: they only ever block for one chunk's copy or one plan)."""
         with self._lock:
             self._stopping = True
-            self._notify(self._work, self._ready, self._page)
+            for condition in (self._work, self._ready, self._page):
+                condition.notify_all()
         me = threading.current_thread()
         for t in self._threads:
             if t is not me:
@@ -105,19 +114,19 @@ class Pipeline:
 
     def begin(self, key: Hashable, plan: Callable[[], np.ndarray], batch_size: int, drop_last: bool,
               following: tuple[Hashable, Callable[[], np.ndarray]] | None) -> tuple[Job, int]:
-        """The job for ``key``: the one already being prepared when it is next in line, else a fresh start.
+        """The job for ``key``: the one already in preparation when it is next in line, else a fresh start.
 
-        ``following`` names the job expected after this one; its first batches are
-        prepared while this one drains.
+        ``following`` names the job expected after this one; it is planned at once and its
+        first batches are gathered while this one drains.
         """
         with self._lock:
             head = self._jobs[0] if self._jobs else None
             reuse = (self.running and not self._stopping and head is not None and head.key == key
-                     and (not head.planned or head.first_seq == self._released))
+                     and (not head.planned or head.first_seq >= self._released))
             if reuse:
                 if len(self._jobs) == 1 and following is not None:
                     self._jobs.append(Job(following[0], following[1], batch_size, drop_last))
-                    self._notify(self._work)
+                    self._work.notify_all()
                 self.warm_starts += 1
                 return head, self._generation
         self.stop()
@@ -146,59 +155,89 @@ class Pipeline:
             raise job.error
         return job.num_batches
 
+    def _aligned(self, seq: int) -> int:
+        return -(-seq // self.chunk) * self.chunk
+
+    def _claimable(self, seq: int) -> bool:
+        """Every slot of the chunk starting at ``seq`` is free (lock held)."""
+        return self._aligned(seq) + self.chunk <= self._released + len(self.slots)
+
+    def _release(self, upto: int) -> None:
+        """Batches before ``upto`` are given back (lock held); fillers are woken for a whole free chunk."""
+        if upto <= self._released:
+            return
+        self._released = upto
+        if self._claimable(self._claim_seq):
+            self._work.notify_all()
+
+    def _run_ready(self, seq: int, count: int) -> bool:
+        """Batches ``seq .. seq + count - 1`` are all filled (lock held)."""
+        n = len(self.slots)
+        return all(self.slots[(seq + i) % n].seq == seq + i for i in range(count))
+
     def take(self, job: Job, batch: int, generation: int) -> dict[str, torch.Tensor]:
-        """Batch ``batch`` of ``job``, waiting until a thread filled it; releases the one before it."""
+        """Batch ``batch`` of ``job``, waiting until it is filled; releases the batch before it."""
         seq = job.first_seq + batch
         slot = self.slots[seq % len(self.slots)]
         with self._lock:
-            if seq > self._released:  # the consumer is done with the previous batch (CPU: it viewed a slot)
-                self._released = seq
-                self._notify(self._work, self._page)
-            self._wait(lambda: slot.seq == seq, generation)
+            self._release(seq)  # the consumer is done with the previous batch (on the CPU it viewed a slot)
+            if slot.seq != seq:
+                # Sleep until the rest of this batch's chunk is filled too: one wake-up per chunk.
+                chunk_end = min((seq // self.chunk + 1) * self.chunk, job.first_seq + job.num_batches)
+                self._want = (seq, chunk_end - seq)
+                try:
+                    self._wait(lambda: self._run_ready(seq, chunk_end - seq), generation)
+                finally:
+                    self._want = None
         if slot.error is not None:
             raise slot.error
         if slot.device_batch is None:
             return slot.batch()
-        batch_on_device, slot.device_batch = slot.device_batch, None
+        on_device, slot.device_batch = slot.device_batch, None
         current = torch.cuda.current_stream(self.device)
         current.wait_event(slot.copied)  # ready on the consumer's stream, without blocking the host
-        for t in batch_on_device.values():
+        for t in on_device.values():
             t.record_stream(current)  # the allocator keeps it until the consumer's work on it is done
         with self._lock:  # the pinned slot may be refilled once its copy ended (fillers wait on the event)
-            self._released = seq + 1
-            self._notify(self._work, self._page)
-        return batch_on_device
+            self._release(seq + 1)
+        return on_device
 
     def finish(self, job: Job) -> None:
         """The consumer took every batch of ``job``."""
         with self._lock:
-            self._released = max(self._released, job.first_seq + job.num_batches)
+            self._release(job.first_seq + job.num_batches)
             if self._jobs and self._jobs[0] is job:
                 self._jobs.popleft()
                 if self.drop_pages:
                     self._retired.append(job)
-            self._notify(self._work, self._page)
+                    self._page.notify()
 
     # -- filler threads ---------------------------------------------------------------------
 
-    def _claim(self) -> tuple[str, Job, int] | None:
-        """Next piece of work: ``("plan", job, 0)`` or ``("fill", job, seq)``; None when there is none yet."""
-        seq = self._claim_seq
-        for job in self._jobs:
+    def _claim(self) -> tuple[str, Job, int, int] | None:
+        """Next work (lock held): ``("plan", job, 0, 0)`` or ``("fill", job, first_seq, count)``."""
+        for job in self._jobs:  # planned in order: every job before the first unplanned one is planned
             if not job.planned:
                 if job.planning:
                     return None
                 job.planning = True
-                job.first_seq = self._planned_end
-                return "plan", job, 0
+                # Chunks never straddle two jobs: a job starts on a chunk boundary.
+                job.first_seq = self._aligned(self._planned_end)
+                return "plan", job, 0, 0
             if job.error is not None:
                 return None
-            if seq < job.first_seq + job.num_batches:
-                if seq >= self._released + len(self.slots):
-                    return None  # every slot is full or held by the consumer
-                self._claim_seq += 1
+            end = job.first_seq + job.num_batches
+            seq = max(self._claim_seq, job.first_seq)
+            if seq >= end:
+                continue
+            if not self._claimable(seq):
+                continue  # no free chunk of slots yet; a later job may still need planning
+            count = min(self.chunk - seq % self.chunk, end - seq)
+            self._claim_seq = seq + count
+            ahead = job.shards_needed_by(seq + count - 1 - job.first_seq) + self.read_ahead_shards
+            if self.read_ahead_shards and job.advised < min(ahead, job.visited.size):
                 self._page.notify()
-                return "fill", job, seq
+            return "fill", job, seq, count
         return None
 
     def _fill_loop(self) -> None:
@@ -210,11 +249,11 @@ class Pipeline:
                     if self._stopping:
                         return
                     self._work.wait()
-            kind, job, seq = work
+            kind, job, seq, count = work
             if kind == "plan":
                 self._plan(job)
             else:
-                self._fill(job, seq)
+                self._fill(job, seq, count)
 
     def _plan(self, job: Job) -> None:
         try:
@@ -224,42 +263,57 @@ class Pipeline:
         with self._lock:
             job.planned, job.planning = True, False
             self._planned_end = job.first_seq + job.num_batches
-            self._notify(self._work, self._ready, self._page)
+            for condition in (self._work, self._ready, self._page):
+                condition.notify_all()
 
-    def _fill(self, job: Job, seq: int) -> None:
-        slot = self.slots[seq % len(self.slots)]
+    def _fill(self, job: Job, seq: int, count: int) -> None:
+        """Gather batches ``seq .. seq + count - 1`` (one chunk) into their slots, then copy them to the device."""
+        n = len(self.slots)
+        first_slot = seq % n
+        slots = self.slots[first_slot : first_slot + count]
         batch = seq - job.first_seq
-        start, stop = job.batch_bounds(batch)
-        error: BaseException | None = None
-        try:
+        errors: list[BaseException | None] = [None] * count
+        for slot in slots:
             if slot.copied is not None:
                 slot.copied.synchronize()  # the previous batch's copy out of this slot has ended
-            for name, gather in job.gathers.items():
-                gather.gather(job.source_index[start:stop], job.rows[start:stop], slot.arrays[name][: stop - start])
-            if self._stream is not None:
+        try:
+            start, stop = job.batch_bounds(batch, count)
+            job.gather.gather(job.source_index[start:stop], job.rows[start:stop], self.buffers, first_slot)
+        except Exception:
+            # Find the batch that fails, so the consumer gets every batch before it.
+            for k in range(count):
+                try:
+                    start, stop = job.batch_bounds(batch + k)
+                    job.gather.gather(job.source_index[start:stop], job.rows[start:stop], self.buffers, first_slot + k)
+                except Exception as exc:
+                    errors[k:] = [_loader_error(exc, job, batch + k)] * (count - k)
+                    break
+        for k, slot in enumerate(slots):
+            start, stop = job.batch_bounds(batch + k)
+            slot.size = stop - start
+            if self._stream is not None and errors[k] is None:
                 with torch.cuda.stream(self._stream):
-                    # Off the consumer's stream: this copy overlaps its compute.
-                    slot.device_batch = {k: t[: stop - start].to(self.device, non_blocking=True)
-                                         for k, t in slot.host.items()}
+                    # On a side stream: this copy overlaps the consumer's compute.
+                    slot.device_batch = {name: t[: slot.size].to(self.device, non_blocking=True)
+                                         for name, t in slot.host.items()}
                     slot.copied.record(self._stream)
-        except ShardstoreError as exc:
-            error = exc
-        except Exception as exc:
-            error = ShardstoreError(f"loading batch {batch} of {job.key}: {type(exc).__name__}: {exc}")
-            error.__cause__ = exc
         with self._lock:
-            slot.size, slot.error, slot.seq = stop - start, error, seq
-            self._ready.notify()
+            for k, slot in enumerate(slots):
+                slot.error, slot.seq = errors[k], seq + k
+            if self._want is not None and self._run_ready(*self._want):
+                self._ready.notify()
 
     # -- pager thread -----------------------------------------------------------------------
 
     def _pager_work(self) -> tuple[str, Job, np.ndarray] | None:
+        budget = self.read_ahead_shards  # shards ahead of the fillers, counted across jobs
         for job in self._jobs:
             if not job.planned or job.error is not None:
-                continue
-            reached = max(self._claim_seq - job.first_seq, 0)
-            target = min(job.visited.size, job.shards_needed_by(reached) + self.read_ahead_shards)
-            if self.read_ahead_shards and job.advised < target:
+                break
+            reached = self._claim_seq - job.first_seq
+            needed = job.shards_needed_by(reached - 1) if reached > 0 else 0
+            target = min(job.visited.size, needed + budget)
+            if job.advised < target:
                 todo = np.arange(job.advised, target)
                 job.advised = target
                 return "ahead", job, todo
@@ -267,6 +321,7 @@ class Pipeline:
                 finished = job.take_finished(self._released - job.first_seq)
                 if finished.size:
                     return "drop", job, finished
+            budget = max(0, budget - (job.visited.size - needed))
         while self._retired:
             retired = self._retired.pop()
             finished = retired.take_finished()
@@ -284,19 +339,29 @@ class Pipeline:
                 in_use = {int(p) for j in self._jobs if j.planned for p in j.visited[: j.advised]}
             kind, job, which = work
             arrays, paths = [], []
-            for j in which:
-                if kind == "drop" and int(job.visited[j]) in in_use:
+            for j in which.tolist():
+                position = int(job.visited[j])
+                if kind == "drop" and position in in_use:
                     continue  # the next epoch reads it again soon
-                for name, gather in job.gathers.items():
+                for name in self.store.fields:
                     try:
-                        arr = gather.open(int(j)) if kind == "ahead" else gather.source(int(j))
+                        arr = job.gather.open(name, j) if kind == "ahead" else job.gather.source(name, j)
                     except Exception:  # the filler that needs this shard reports the error, with its name
-                        log.debug("read-ahead of shard %d failed", int(job.visited[j]), exc_info=True)
+                        log.debug("read-ahead of shard %d failed", position, exc_info=True)
                         continue
                     if arr is not None:
                         arrays.append(arr)
-                    paths.append(self.store.path(int(job.visited[j]), name))
+                    paths.append(self.store.path(position, name))
             if kind == "ahead":
                 pager.read_ahead(arrays, paths)
             else:
                 pager.drop_pages(arrays, paths)
+
+
+def _loader_error(exc: Exception, job: Job, batch: int) -> ShardstoreError:
+    """A filler's error as the consumer sees it: shard errors as they are (they name the file)."""
+    if isinstance(exc, ShardstoreError):
+        return exc
+    error = ShardstoreError(f"loading batch {batch} of {job.key}: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error

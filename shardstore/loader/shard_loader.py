@@ -14,7 +14,7 @@ from shardstore.dataset.cached import CachedTensorDataset
 from shardstore.dataset.subset import RandomShardSubsetCachedDataset
 from shardstore.errors import ConfigError
 from shardstore.loader.pipeline import Pipeline
-from shardstore.loader.slots import make_slots
+from shardstore.loader.slots import chunk_batches, make_slots, ring_size
 from shardstore.loader.stats import WaitStats
 from shardstore.manifest.reader import ShardStore
 
@@ -108,9 +108,10 @@ class ShardLoader:
             raise ConfigError("pin_memory=True needs CUDA, which this torch build does not see; "
                               "leave pin_memory unset to decide automatically")
         self.pin_memory = bool(pin_memory)
-        slots = make_slots(store.fields, self.batch_size, prefetch + 1, pin_memory=self.pin_memory,
-                           cuda=self.device is not None)
-        self._pipeline = Pipeline(store, slots, num_threads=num_threads, device=self.device,
+        chunk = chunk_batches(store.fields, self.batch_size)
+        slots = make_slots(store.fields, self.batch_size, ring_size(chunk, num_threads, prefetch),
+                           pin_memory=self.pin_memory, cuda=self.device is not None)
+        self._pipeline = Pipeline(store, slots, chunk, num_threads=num_threads, device=self.device,
                                   read_ahead_shards=read_ahead_shards, drop_pages=bool(drop_pages))
         self._finalizer = weakref.finalize(self, self._pipeline.stop)
         self.stats = WaitStats()

@@ -34,12 +34,34 @@ class Slot:
     copied: torch.cuda.Event | None = None
     views: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
+    @property
+    def capacity(self) -> int:
+        """Samples a slot holds (the batch size)."""
+        return next(iter(self.arrays.values())).shape[0]
+
     def batch(self) -> dict[str, torch.Tensor]:
         """The filled rows as tensors viewing the host buffers (a partial batch is a leading slice)."""
         views = self.views.get(self.size)
         if views is None:
             views = self.views[self.size] = {k: t[: self.size] for k, t in self.host.items()}
         return dict(views)
+
+
+#: Each wake-up of a thread should pay for about this much copying (see ``pipeline``).
+CHUNK_BYTES = 4 << 20
+MAX_CHUNK = 8
+
+
+def chunk_batches(fields: dict[str, FieldSpec], batch_size: int) -> int:
+    """Batches per chunk: about ``CHUNK_BYTES`` of data, at least 1 and at most ``MAX_CHUNK``."""
+    batch_bytes = batch_size * sum(spec.sample_bytes for spec in fields.values())
+    return max(1, min(MAX_CHUNK, -(-CHUNK_BYTES // max(1, batch_bytes))))
+
+
+def ring_size(chunk: int, num_threads: int, prefetch: int) -> int:
+    """Slots: a chunk in work per thread, ``prefetch`` batches ready, one held by the consumer; whole chunks."""
+    need = chunk * num_threads + max(prefetch, chunk) + 1
+    return -(-need // chunk) * chunk
 
 
 def make_slots(fields: dict[str, FieldSpec], batch_size: int, count: int, *, pin_memory: bool,
