@@ -1,4 +1,5 @@
-"""Synthetic caches for the manifest benchmarks, sized by SHARDSTORE_BENCH_SHARDS and SHARDSTORE_BENCH_CHECKSUM_MB."""
+"""Synthetic caches for the benchmarks, sized by SHARDSTORE_BENCH_SHARDS, SHARDSTORE_BENCH_CHECKSUM_MB and
+SHARDSTORE_BENCH_LOADER_SHARDS."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from shardstore import ShardWriter
+from shardstore import ShardWriter, build_manifest
 
 RATES = pytest.StashKey[dict[str, tuple[float, str]]]()
 TINY_SHARD = 4  # samples per shard of the header-only cache
@@ -72,6 +73,25 @@ def large_cache(tmp_path_factory: pytest.TempPathFactory) -> BenchCache:
         return {"images": images[:n], "labels": np.arange(start, start + n)}
 
     return _write(tmp_path_factory.mktemp("large"), 2048, max(1, total // per_sample), batch)
+
+
+@pytest.fixture(scope="session")
+def loader_cache(tmp_path_factory: pytest.TempPathFactory) -> BenchCache:
+    """SHARDSTORE_BENCH_LOADER_SHARDS (default 64) shards of 2048 random uint8 3x64x64 images and int64 labels,
+    with a manifest: about 25 MB per shard, 1.6 GB at the default size."""
+    num_shards = _env_int("SHARDSTORE_BENCH_LOADER_SHARDS", 64)
+    rng = np.random.default_rng(1)
+    shape = (3, 64, 64)
+
+    def batch(start: int, n: int) -> dict[str, np.ndarray]:
+        # Fresh random bytes for every shard: no two shards share pages, and nothing compresses.
+        images = np.frombuffer(rng.bytes(n * int(np.prod(shape))), np.uint8).reshape(n, *shape)
+        return {"images": images, "labels": rng.integers(0, 1000, n, dtype=np.int64)}
+
+    root = tmp_path_factory.mktemp("loader")
+    cache = _write(root, 2048, num_shards * 2048, batch)
+    build_manifest(root)
+    return cache
 
 
 @pytest.fixture

@@ -25,6 +25,8 @@ class Job:
     batch_size: int
     drop_last: bool
     planned: bool = False
+    #: the consumer took a batch of it: a new iteration cannot take it over
+    started: bool = False
     planning: bool = False
     error: BaseException | None = None
     first_seq: int = 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Hashable
 
@@ -88,17 +89,22 @@ class Pipeline:
     def running(self) -> bool:
         return any(t.is_alive() for t in self._threads)
 
-    def stop(self) -> None:
-        """Stop and join the threads (prompt: they only ever block for one chunk's copy or one plan)."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the threads: each ends after its current chunk, plan or read-ahead.
+
+        With a ``timeout`` (the consumer was interrupted), wait at most that long; a thread
+        still stuck in slow storage ends on its own, and the next start waits for it.
+        """
         with self._lock:
             self._stopping = True
             for condition in (self._work, self._ready, self._page):
                 condition.notify_all()
         me = threading.current_thread()
+        deadline = None if timeout is None else time.monotonic() + timeout
         for t in self._threads:
             if t is not me:
-                t.join()
-        self._threads = []
+                t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        self._threads = [t for t in self._threads if t.is_alive() and t is not me]
 
     def _start(self) -> None:
         names = [f"shardstore-fill-{i}" for i in range(self.num_threads)]
@@ -122,7 +128,7 @@ class Pipeline:
         with self._lock:
             head = self._jobs[0] if self._jobs else None
             reuse = (self.running and not self._stopping and head is not None and head.key == key
-                     and (not head.planned or head.first_seq >= self._released))
+                     and not head.started)
             if reuse:
                 if len(self._jobs) == 1 and following is not None:
                     self._jobs.append(Job(following[0], following[1], batch_size, drop_last))
@@ -139,7 +145,7 @@ class Pipeline:
         return self._jobs[0], self._generation
 
     def _wait(self, ready: Callable[[], bool], generation: int) -> None:
-        while not ready():
+        while generation != self._generation or not ready():
             if generation != self._generation:
                 raise LoaderRestarted("this iteration was overtaken by a newer one on the same loader; "
                                       "iterate a loader from one place at a time")
@@ -166,9 +172,12 @@ class Pipeline:
         """Batches before ``upto`` are given back (lock held); fillers are woken for a whole free chunk."""
         if upto <= self._released:
             return
+        crossed_chunk = upto // self.chunk != self._released // self.chunk
         self._released = upto
         if self._claimable(self._claim_seq):
             self._work.notify_all()
+        if self.drop_pages and crossed_chunk:
+            self._page.notify()  # shards the consumer is done with may be dropped now
 
     def _run_ready(self, seq: int, count: int) -> bool:
         """Batches ``seq .. seq + count - 1`` are all filled (lock held)."""
@@ -179,7 +188,9 @@ class Pipeline:
         """Batch ``batch`` of ``job``, waiting until it is filled; releases the batch before it."""
         seq = job.first_seq + batch
         slot = self.slots[seq % len(self.slots)]
+        job.started = True
         with self._lock:
+            self._wait(lambda: True, generation)
             self._release(seq)  # the consumer is done with the previous batch (on the CPU it viewed a slot)
             if slot.seq != seq:
                 # Sleep until the rest of this batch's chunk is filled too: one wake-up per chunk.
@@ -306,6 +317,11 @@ class Pipeline:
     # -- pager thread -----------------------------------------------------------------------
 
     def _pager_work(self) -> tuple[str, Job, np.ndarray] | None:
+        while self._retired:  # first: finished epochs hold maps and pages
+            retired = self._retired.pop()
+            finished = retired.take_finished()
+            if finished.size:
+                return "drop", retired, finished
         budget = self.read_ahead_shards  # shards ahead of the fillers, counted across jobs
         for job in self._jobs:
             if not job.planned or job.error is not None:
@@ -322,11 +338,6 @@ class Pipeline:
                 if finished.size:
                     return "drop", job, finished
             budget = max(0, budget - (job.visited.size - needed))
-        while self._retired:
-            retired = self._retired.pop()
-            finished = retired.take_finished()
-            if finished.size:
-                return "drop", retired, finished
         return None
 
     def _pager_loop(self) -> None:
@@ -336,8 +347,9 @@ class Pipeline:
                     if self._stopping:
                         return
                     self._page.wait()
-                in_use = {int(p) for j in self._jobs if j.planned for p in j.visited[: j.advised]}
-            kind, job, which = work
+                kind, job, which = work
+                # Shards another planned epoch reads (soon) keep their pages.
+                in_use = {int(p) for j in self._jobs if j is not job and j.planned for p in j.visited}
             arrays, paths = [], []
             for j in which.tolist():
                 position = int(job.visited[j])

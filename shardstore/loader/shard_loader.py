@@ -19,6 +19,7 @@ from shardstore.loader.stats import WaitStats
 from shardstore.manifest.reader import ShardStore
 
 Plan = Callable[[], np.ndarray]
+_STOP_WAIT_S = 0.5
 
 
 def _positive(name: str, value: object, *, zero: bool = False) -> int:
@@ -152,7 +153,9 @@ class ShardLoader:
             if completed:
                 pipeline.finish(job)
             elif generation == pipeline.generation:
-                pipeline.stop()  # a break, an error in the loop body, KeyboardInterrupt or garbage collection
+                # A break, an error in the loop body, KeyboardInterrupt or garbage collection:
+                # do not hold the consumer up for a thread stuck in slow storage.
+                pipeline.stop(timeout=_STOP_WAIT_S)
 
     @property
     def warm_starts(self) -> int:
