@@ -31,11 +31,25 @@ class DataConfig:
     """``sequential`` (file order) or ``interleave`` (mix ``active_shards`` shards, each read front to back)."""
     active_shards: int = 4
     """Shards read at once by ``interleave``."""
+    loader_threads: int = 2
+    """Background threads gathering batches (``ShardLoader(num_threads=)``); two saturate memory copies."""
+    prefetch_batches: int = 4
+    """Batches kept ready ahead of the trainer (``ShardLoader(prefetch=)``)."""
+    read_ahead_shards: int = 2
+    """Shards read into the page cache ahead of the threads; 0 turns read-ahead off."""
+    drop_finished_pages: bool = False
+    """Drop a shard's pages from the page cache once the epoch is done with it (a cache larger than RAM)."""
+
+    def loader_kwargs(self) -> dict[str, Any]:
+        """The ``ShardLoader`` arguments this config sets."""
+        return {"num_threads": self.loader_threads, "prefetch": self.prefetch_batches,
+                "read_ahead_shards": self.read_ahead_shards, "drop_pages": self.drop_finished_pages}
 
 
 _TYPES: dict[str, tuple[type, ...]] = {
     "cache_root": (str,), "cache_shard_size": (int,), "shards_per_epoch": (int, type(None)),
     "random_subset_seed": (int,), "shard_policy": (str,), "sample_order": (str,), "active_shards": (int,),
+    "loader_threads": (int,), "prefetch_batches": (int,), "read_ahead_shards": (int,), "drop_finished_pages": (bool,),
 }
 
 
@@ -50,16 +64,17 @@ def data_config_from_dict(values: dict[str, Any], source: str = "data_config.yam
             hint = f"; did you mean `{close[0]}`?" if close else f"; valid keys: {', '.join(known)}"
             raise ConfigError(f"unknown key `{key}` in {source}{hint}")
         types = _TYPES[key]
-        if isinstance(value, bool) or not isinstance(value, types):
+        if isinstance(value, bool) != (bool in types) or not isinstance(value, types):
             want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
             raise ConfigError(f"{source}: `{key}` must be {want}, got {value!r}")
     if "cache_root" not in values:
         raise ConfigError(f"{source}: `cache_root` is missing; set it to the cache directory")
-    for key in ("cache_shard_size", "shards_per_epoch", "active_shards"):
+    for key in ("cache_shard_size", "shards_per_epoch", "active_shards", "loader_threads", "prefetch_batches"):
         if values.get(key) is not None and values[key] < 1:
             raise ConfigError(f"{source}: `{key}` must be at least 1, got {values[key]}")
-    if values.get("random_subset_seed", 0) < 0:
-        raise ConfigError(f"{source}: `random_subset_seed` must be non-negative, got {values['random_subset_seed']}")
+    for key in ("random_subset_seed", "read_ahead_shards"):
+        if values.get(key, 0) < 0:
+            raise ConfigError(f"{source}: `{key}` must be non-negative, got {values[key]}")
     return DataConfig(**values)
 
 

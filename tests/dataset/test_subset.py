@@ -152,6 +152,10 @@ def test_from_data_config(store: ShardStore, tmp_path: Path) -> None:
         ("cache_root: x\nshards_per_epoch: 0\n", "`shards_per_epoch` must be at least 1, got 0"),
         ("shards_per_epoch: 3\n", "`cache_root` is missing"),
         ("cache_root: [unclosed\n", "not valid YAML"),
+        ("cache_root: x\nloader_threads: 0\n", "`loader_threads` must be at least 1, got 0"),
+        ("cache_root: x\nread_ahead_shards: -1\n", "`read_ahead_shards` must be non-negative, got -1"),
+        ("cache_root: x\ndrop_finished_pages: 1\n", "`drop_finished_pages` must be bool, got 1"),
+        ("cache_root: x\nprefetch_batches: true\n", "`prefetch_batches` must be int, got True"),
     ],
 )
 def test_data_config_errors(tmp_path: Path, text: str, match: str) -> None:

@@ -179,3 +179,17 @@ def test_other_datasets_are_refused(store: ShardStore) -> None:
         ShardLoader(store)
     with ShardLoader(store, 4) as loader, pytest.raises(ConfigError, match="set_epoch needs a RandomShardSubset"):
         loader.set_epoch(1)
+
+
+def test_loader_settings_from_the_data_config(store: ShardStore, tmp_path) -> None:
+    from shardstore.config.data import load_data_config
+
+    cfg = tmp_path / "data_config.yaml"
+    cfg.write_text(f"cache_root: {store.root}\nloader_threads: 1\nprefetch_batches: 2\nread_ahead_shards: 0\n"
+                   "drop_finished_pages: true\n")
+    config = load_data_config(cfg)
+    assert config.loader_kwargs() == {"num_threads": 1, "prefetch": 2, "read_ahead_shards": 0, "drop_pages": True}
+    ds = RandomShardSubsetCachedDataset.from_data_config(config, batch_size=8)
+    with ShardLoader(ds, **config.loader_kwargs()) as loader:
+        assert loader._pipeline.num_threads == 1 and loader._pipeline.drop_pages
+        check_epoch(loader, ds, 8)
