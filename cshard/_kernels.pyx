@@ -181,3 +181,24 @@ def resident_pages(const unsigned char[::1] mapped, Py_ssize_t page_size):
     for k in range(num_pages):
         count += vec[k] & 1
     return count
+
+
+from posix.mman cimport madvise
+from libc.errno cimport errno
+
+
+def advise_range(uint64_t address, Py_ssize_t length, int advice, Py_ssize_t page_size):
+    """``madvise`` the pages holding ``[address, address + length)``, the GIL released (it may read a file in).
+
+    Returns 0, or the ``errno`` of a failed call.
+    """
+    cdef uintptr_t start = <uintptr_t> address - (<uintptr_t> address % <uintptr_t> page_size)
+    cdef size_t n = <size_t> length + <size_t> (<uintptr_t> address - start)
+    cdef int rc
+    if length <= 0:
+        return 0
+    with nogil:
+        rc = madvise(<void *> start, n, advice)
+        if rc != 0:
+            rc = errno
+    return rc

@@ -214,6 +214,19 @@ def gather_rows(sources: list[np.ndarray], source_index: np.ndarray, rows: np.nd
     gather.gather(source_index, rows, BatchBuffers([{"x": out}], spec, rows.size))
 
 
+def advise_array(arr: np.ndarray, advice: int) -> bool:
+    """``madvise(advice)`` the pages under a memory-mapped array, without holding the GIL; False if refused.
+
+    ``mmap.madvise`` holds the GIL while the kernel works, and ``MADV_POPULATE_READ`` on a
+    cold file reads it in: tens of milliseconds in which no other thread could run.
+    """
+    if not isinstance(arr, np.ndarray) or not arr.flags.c_contiguous:
+        raise TypeError("advise_array needs a C-contiguous numpy.ndarray")
+    if arr.nbytes == 0:
+        return True
+    return _kernels.advise_range(arr.ctypes.data, arr.nbytes, int(advice), mmap.PAGESIZE) == 0
+
+
 def resident_fraction(path: str | os.PathLike[str]) -> float:
     """Fraction of ``path``'s pages that are in the page cache (``mincore``); 1.0 for an empty file."""
     with open(path, "rb") as f:

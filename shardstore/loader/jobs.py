@@ -43,6 +43,7 @@ class Job:
     gather: BatchGather | None = None
     #: pager progress: shards advised ahead of use (a prefix of ``visited``), shards whose pages were dropped
     advised: int = 0
+    claimed_shards: int = 0  # shards the fillers have reached (the pager reads ahead of them)
     dropped: np.ndarray = field(default_factory=lambda: np.empty(0, bool))
     lock: threading.Lock = field(default_factory=threading.Lock)
 

@@ -245,9 +245,10 @@ class Pipeline:
                 continue  # no free chunk of slots yet; a later job may still need planning
             count = min(self.chunk - seq % self.chunk, end - seq)
             self._claim_seq = seq + count
-            ahead = job.shards_needed_by(seq + count - 1 - job.first_seq) + self.read_ahead_shards
-            if self.read_ahead_shards and job.advised < min(ahead, job.visited.size):
-                self._page.notify()
+            needed = job.shards_needed_by(seq + count - 1 - job.first_seq)
+            if self.read_ahead_shards and needed > job.claimed_shards:
+                job.claimed_shards = needed
+                self._page.notify()  # the read-ahead window moved, maybe into the next epoch
             return "fill", job, seq, count
         return None
 

@@ -13,6 +13,7 @@ import torch
 from shardstore.dataset.cached import CachedTensorDataset
 from shardstore.dataset.subset import RandomShardSubsetCachedDataset
 from shardstore.errors import ConfigError
+from shardstore.loader import gil
 from shardstore.loader.pipeline import Pipeline
 from shardstore.loader.slots import chunk_batches, make_slots, ring_size
 from shardstore.loader.stats import WaitStats
@@ -61,6 +62,10 @@ class ShardLoader:
     may keep them. On the CPU, the consumer gets views of the reused buffers: valid until
     it asks for the next batch (``.clone()`` what you keep).
 
+    While it iterates, the interpreter's GIL switch interval is lowered to
+    ``gil_switch_interval_s`` (see ``shardstore.loader.gil``; None leaves it alone), so a
+    consumer busy in Python does not starve the threads.
+
     ``dataset`` is a ``RandomShardSubsetCachedDataset`` (its ``batch_size``, rank split and
     ``max_steps_per_epoch`` apply), or a ``CachedTensorDataset`` / ``ShardStore``, read
     whole in sample-id order (``drop_last`` decides about a short final batch).
@@ -79,6 +84,7 @@ class ShardLoader:
         read_ahead_shards: int = 2,
         drop_pages: bool = False,
         prepare_next_epoch: bool = True,
+        gil_switch_interval_s: float | None = 0.0005,
     ) -> None:
         if isinstance(dataset, RandomShardSubsetCachedDataset):
             if batch_size is not None and batch_size != dataset.batch_size:
@@ -102,6 +108,9 @@ class ShardLoader:
         _positive("read_ahead_shards", read_ahead_shards, zero=True)
         self.drop_last = bool(drop_last)
         self.prepare_next_epoch = bool(prepare_next_epoch)
+        if gil_switch_interval_s is not None and not 0 < gil_switch_interval_s <= 1:
+            raise ConfigError(f"gil_switch_interval_s must be in (0, 1] seconds or None, got {gil_switch_interval_s!r}")
+        self.gil_switch_interval_s = gil_switch_interval_s
         self.device = _resolve_device(device)
         if pin_memory is None:
             pin_memory = torch.cuda.is_available()
@@ -138,24 +147,25 @@ class ShardLoader:
         job, generation = pipeline.begin(key, plan, self.batch_size, self.drop_last,
                                          following if self.prepare_next_epoch else None)
         completed = False
-        try:
-            num_batches = pipeline.num_batches(job, generation)
-            self._steps_key, self._steps_done = key, 0
-            self.stats.start_epoch(num_batches)
-            for batch in range(num_batches):
-                start = time.perf_counter()
-                out = pipeline.take(job, batch, generation)
-                self.stats.record(time.perf_counter() - start)
-                self._steps_done += 1
-                yield out
-            completed = True
-        finally:
-            if completed:
-                pipeline.finish(job)
-            elif generation == pipeline.generation:
-                # A break, an error in the loop body, KeyboardInterrupt or garbage collection:
-                # do not hold the consumer up for a thread stuck in slow storage.
-                pipeline.stop(timeout=_STOP_WAIT_S)
+        with gil.switch_interval(self.gil_switch_interval_s):
+            try:
+                num_batches = pipeline.num_batches(job, generation)
+                self._steps_key, self._steps_done = key, 0
+                self.stats.start_epoch(num_batches)
+                for batch in range(num_batches):
+                    start = time.perf_counter()
+                    out = pipeline.take(job, batch, generation)
+                    self.stats.record(time.perf_counter() - start)
+                    self._steps_done += 1
+                    yield out
+                completed = True
+            finally:
+                if completed:
+                    pipeline.finish(job)
+                elif generation == pipeline.generation:
+                    # A break, an error in the loop body, KeyboardInterrupt or garbage collection:
+                    # do not hold the consumer up for a thread stuck in slow storage.
+                    pipeline.stop(timeout=_STOP_WAIT_S)
 
     @property
     def warm_starts(self) -> int:

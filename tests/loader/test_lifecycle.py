@@ -123,3 +123,22 @@ def test_a_shard_deleted_under_the_loader_is_named(tmp_path: Path) -> None:
     first_missing = int(np.flatnonzero(np.isin(store.locate(ids)[0], [victim_position]))[0])
     assert len(seen) == first_missing // 8
     assert no_threads_within()
+
+
+def test_gil_switch_interval_is_lowered_while_iterating_and_restored(store: ShardStore) -> None:
+    import sys
+
+    before = sys.getswitchinterval()
+    with ShardLoader(make(store), gil_switch_interval_s=0.0005) as loader, \
+            ShardLoader(make(store), gil_switch_interval_s=0.0005) as other:
+        outer = iter(loader)
+        next(outer)
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        assert sum(1 for _ in other) == len(other)  # a nested loader ends: the outer one still needs it
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        for _ in outer:
+            pass
+    assert sys.getswitchinterval() == before
+    with ShardLoader(make(store), gil_switch_interval_s=None) as loader:
+        next(iter(loader))
+        assert sys.getswitchinterval() == before
