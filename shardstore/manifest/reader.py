@@ -111,6 +111,16 @@ class ShardStore:
         """Id of the manifest's shard list; a sampler's saved state names the snapshot it was taken on."""
         return self.manifest.snapshot_id
 
+    def subset(self, positions: list[int] | np.ndarray) -> ShardStore:
+        """A store over the shards at ``positions`` only (kept in id order), e.g. to hold some out for evaluation."""
+        keep = sorted({int(p) for p in positions})
+        if not keep:
+            raise ManifestError(f"an empty subset of the shards of {self.root} was asked for")
+        if keep[0] < 0 or keep[-1] >= self.num_shards:
+            raise IndexError(f"shard positions must be in [0, {self.num_shards}), got {keep[0]}..{keep[-1]}")
+        manifest = Manifest(fields=self.manifest.fields, shards=[self.manifest.shards[p] for p in keep])
+        return ShardStore(self.root, manifest, max_open_maps=self._maps.max_open)
+
     # -- reading -------------------------------------------------------------------------
 
     def path(self, position: int, field: str) -> Path:

@@ -134,3 +134,14 @@ def test_manifest_without_shards_is_a_clear_error(native_cache: Path) -> None:
     (native_cache / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(ManifestError, match="lists no shards; write some and rebuild the manifest"):
         ShardStore.open(native_cache)
+
+
+def test_subset_keeps_chosen_shards_in_id_order(native_cache: Path) -> None:
+    build_manifest(native_cache)
+    store = ShardStore.open(native_cache)
+    part = store.subset([2, 0])
+    assert part.shard_ids.tolist() == [0, 2] and part.num_samples == 4 + 2
+    assert part.sample(4)["labels"] == store.sample(8)["labels"]  # global id 4 of the subset is shard 2, row 0
+    assert part.snapshot_id != store.snapshot_id
+    with pytest.raises(IndexError, match="shard positions must be in \\[0, 3\\)"):
+        store.subset([3])
