@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shardstore.errors import ShardstoreError
 from shardstore.store.atomic import write_bytes_atomic
 
 
@@ -47,3 +48,41 @@ def make_image_folder(folder: str | os.PathLike[str], *, num_classes: int = 10, 
         Image.fromarray(img).save(buf, format="PNG")
         write_bytes_atomic(target, buf.getvalue(), fsync=False)
     return len(images)
+
+
+def digits_arrays(size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 handwritten digits (8x8, shipped inside the package), shuffled, upsampled to
+    ``size`` and made uint8 RGB: ``(images [N, 3, size, size], labels [N])``."""
+    import torch
+    import torch.nn.functional as F
+
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ShardstoreError("the demo needs scikit-learn (its bundled digits dataset); "
+                              "install it with `pip install scikit-learn` or `pip install -e .[demo]`") from None
+    digits = load_digits()
+    order = np.random.default_rng(seed).permutation(len(digits.target))
+    images = torch.from_numpy(digits.images[order].astype(np.float32) / 16.0)[:, None]
+    images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+    rgb = (images.repeat(1, 3, 1, 1) * 255).round().to(torch.uint8).numpy()
+    return rgb, digits.target[order].astype(np.int64)
+
+
+def write_digits_caches(base: str | os.PathLike[str], *, shard_size: int = 128, test_fraction: float = 0.2,
+                        size: int = 32, seed: int = 0) -> tuple[Path, Path]:
+    """Write ``base/cache`` (training + validation shards) and ``base/test_cache`` with their manifests."""
+    from shardstore.manifest.build import build_manifest
+    from shardstore.store.writer import ShardWriter
+
+    base = Path(base)
+    images, labels = digits_arrays(size, seed)
+    num_test = int(round(len(labels) * test_fraction))
+    parts = {"cache": slice(0, len(labels) - num_test), "test_cache": slice(len(labels) - num_test, None)}
+    for name, part in parts.items():
+        root = base / name
+        if not (root / "manifest.json").exists():
+            with ShardWriter(root, shard_size, fsync=False) as writer:
+                writer.add_batch({"images": images[part], "labels": labels[part]})
+            build_manifest(root)
+    return base / "cache", base / "test_cache"

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from shardstore.config.schema import check_fields, load_yaml
 from shardstore.errors import ConfigError
 
 
@@ -46,27 +44,9 @@ class DataConfig:
                 "read_ahead_shards": self.read_ahead_shards, "drop_pages": self.drop_finished_pages}
 
 
-_TYPES: dict[str, tuple[type, ...]] = {
-    "cache_root": (str,), "cache_shard_size": (int,), "shards_per_epoch": (int, type(None)),
-    "random_subset_seed": (int,), "shard_policy": (str,), "sample_order": (str,), "active_shards": (int,),
-    "loader_threads": (int,), "prefetch_batches": (int,), "read_ahead_shards": (int,), "drop_finished_pages": (bool,),
-}
-
-
 def data_config_from_dict(values: dict[str, Any], source: str = "data_config.yaml") -> DataConfig:
     """Check keys and types of a data config mapping; ``ConfigError`` naming ``source``, the key and the fix."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{source}: expected a mapping of keys to values, got {type(values).__name__}")
-    known = [f.name for f in fields(DataConfig)]
-    for key, value in values.items():
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"; did you mean `{close[0]}`?" if close else f"; valid keys: {', '.join(known)}"
-            raise ConfigError(f"unknown key `{key}` in {source}{hint}")
-        types = _TYPES[key]
-        if isinstance(value, bool) != (bool in types) or not isinstance(value, types):
-            want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            raise ConfigError(f"{source}: `{key}` must be {want}, got {value!r}")
+    values = check_fields(DataConfig, values, source)
     if "cache_root" not in values:
         raise ConfigError(f"{source}: `cache_root` is missing; set it to the cache directory")
     for key in ("cache_shard_size", "shards_per_epoch", "active_shards", "loader_threads", "prefetch_batches"):
@@ -81,14 +61,8 @@ def data_config_from_dict(values: dict[str, Any], source: str = "data_config.yam
 def load_data_config(path: str | os.PathLike[str]) -> DataConfig:
     """Read ``data_config.yaml`` with ``yaml.safe_load``; a relative ``cache_root`` is taken from the file's folder."""
     path = Path(path)
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file; pass --data-config PATH") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
-    config = data_config_from_dict(values, str(path))
+    config = data_config_from_dict(load_yaml(path, option="--data-config"), str(path))
     root = Path(config.cache_root).expanduser()
     if not root.is_absolute():
         root = path.parent / root
-    return DataConfig(**{**values, "cache_root": str(root)})
+    return replace(config, cache_root=str(root))

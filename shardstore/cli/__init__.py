@@ -217,6 +217,9 @@ def _fail(message: str) -> int:
     return 2
 
 
+from shardstore.cli import train as _train_commands  # noqa: E402,F401  (registers train and plot)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the command, turning user errors into one line on stderr and exit code 2."""
     args = sys.argv[1:] if argv is None else argv

@@ -1,0 +1,104 @@
+"""``shardstore train`` and ``shardstore plot``: thin front ends over ``shardstore.kd``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from shardstore.cli import app, err, out
+
+
+class RichReporter:
+    """A progress bar per epoch (step, loss, samples/s, share of time waiting for data) and a line per epoch."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._bar: Progress | None = None
+        self._task: Any = None
+
+    def epoch_start(self, epoch: int, epochs: int, shards: list[int], steps: int) -> None:
+        if not self.enabled:
+            return
+        shown = ", ".join(map(str, shards[:12])) + (" ..." if len(shards) > 12 else "")
+        out.print(f"epoch {epoch + 1}/{epochs}: {steps} steps over {len(shards)} shards [{shown}]", markup=False)
+        self._bar = Progress(TextColumn(f"epoch {epoch + 1}/{epochs}"), BarColumn(), MofNCompleteColumn(),
+                             TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=err, transient=True,
+                             disable=not err.is_terminal)
+        self._bar.start()
+        self._task = self._bar.add_task("train", total=steps, status="")
+
+    def step(self, epoch: int, step: int, values: dict[str, float]) -> None:
+        if self._bar is None:
+            return
+        status = (f"loss {values.get('loss', float('nan')):.4f}  {values.get('samples_per_s', 0):,.0f} samples/s  "
+                  f"waiting {100 * values.get('wait_frac', 0):.1f}%")
+        self._bar.update(self._task, completed=step, status=status)
+
+    def epoch_end(self, epoch: int, values: dict[str, Any]) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+        if not self.enabled:
+            return
+        parts = [f"loss {values.get('train_loss', float('nan')):.4f}",
+                 f"{values.get('samples_per_s', 0):,.0f} samples/s",
+                 f"waiting {100 * values.get('wait_frac', 0):.1f}%"]
+        for key, label in (("eval_top1", "top-1"), ("eval_agreement", "agreement"), ("eval_kl", "KL"),
+                           ("eval_teacher_top1", "teacher top-1")):
+            if key in values:
+                value = values[key]
+                parts.append(f"{label} {value:.4f}" if key == "eval_kl" else f"{label} {100 * value:.2f}%")
+        out.print(f"  epoch {epoch + 1} done: " + ", ".join(parts), markup=False)
+
+
+def _config(path: str | None, name: str) -> Path:
+    from shardstore.config.resolve import DEFAULT_CONFIG_DIR
+
+    return Path(path) if path else Path(DEFAULT_CONFIG_DIR) / name
+
+
+@app.command()
+def train(
+    data_config: Annotated[Optional[str], typer.Option("--data-config", "--data_config",
+                                                       help="data_config.yaml (default: configs/).")] = None,
+    train_config: Annotated[Optional[str], typer.Option("--train-config", "--train_config",
+                                                        help="train_config_kd.yaml (default: configs/).")] = None,
+    model_config: Annotated[Optional[str], typer.Option("--model-config", "--model_config",
+                                                        help="model_config_kd.yaml (default: configs/).")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key, e.g. train.lr=3e-4 "
+                                                           "or data.shards_per_epoch=8 (repeatable).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in train.run_dir from its latest "
+                                         "checkpoint, at the exact next batch.")] = False,
+    resume_from: Annotated[Optional[str], typer.Option("--resume-from", help="Continue from this checkpoint.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if any).")] = None,
+) -> None:
+    """Distill a student from a teacher over random shard epochs (also under torchrun for several GPUs)."""
+    from shardstore.config.resolve import load_run_config, run_config_to_yaml
+    from shardstore.kd.trainer import train as run_training
+
+    cfg = load_run_config(_config(data_config, "data_config.yaml"), _config(train_config, "train_config_kd.yaml"),
+                          _config(model_config, "model_config_kd.yaml"), overrides or [])
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if main_rank:
+        out.print("resolved configuration:", markup=False)
+        out.print(run_config_to_yaml(cfg), markup=False)
+    result = run_training(cfg, resume=resume_from or resume, reporter=RichReporter(main_rank), device=device)
+    if main_rank:
+        out.print(f"run directory: {result.run_dir} ({result.global_step} optimizer steps; metrics.jsonl, "
+                  "checkpoints/, config.yaml)", markup=False)
+
+
+@app.command()
+def plot(
+    run_dir: Annotated[str, typer.Argument(help="A run directory (holding metrics.jsonl).")],
+    output: Annotated[Optional[str], typer.Option("--out", help="PNG to write (default RUN_DIR/curves.png).")] = None,
+) -> None:
+    """Draw a run's loss and accuracy curves into a PNG."""
+    from shardstore.kd.plot import plot_run
+
+    path = plot_run(Path(run_dir), Path(output) if output else None)
+    out.print(f"wrote {path}", markup=False)

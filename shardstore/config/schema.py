@@ -1,0 +1,243 @@
+"""A typed loader for frozen keyword-only config dataclasses: keys, types and values checked, errors in one line."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import os
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+from shardstore.errors import ConfigError
+
+T = TypeVar("T")
+
+# PyYAML (YAML 1.1) reads `3e-4` and `1.0e3` as strings; a float key takes such a string as the number it spells.
+_NUMBER_TEXT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+# Words YAML 1.1 reads as booleans: `amp: off` is False unless quoted.
+_YAML_BOOL_WORDS = {True: ("on", "yes", "true"), False: ("off", "no", "false")}
+# A key written in backticks in a validation message, as `alpha` or `eval.cache_root`.
+_QUOTED_KEY = re.compile(r"`([A-Za-z_]\w*)((?:\.\w+)*)`")
+
+
+def load_yaml(path: str | os.PathLike[str], *, option: str = "--config") -> dict[str, Any]:
+    """Read a YAML mapping with ``yaml.safe_load`` (an empty file is ``{}``); ``option`` is the flag in the fix."""
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file; pass {option} PATH") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid YAML (not UTF-8 text)") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc}); pass {option} PATH") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(values).__name__}")
+    return values
+
+
+def from_mapping(cls: type[T], values: dict[str, Any], source: str, *, prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a YAML mapping; every problem is a one-line ``ConfigError`` naming ``source``.
+
+    ``prefix`` (``"loss."``) is put before key names in messages; nested dataclass fields are loaded with it.
+    A ``ValueError`` from ``__post_init__`` comes back as ``ConfigError`` with the source and prefixed key names.
+    """
+    kwargs = check_fields(cls, values, source, prefix=prefix)
+    for f in _init_fields(cls):
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            fix = f.metadata.get("fix") or _article(describe(_hints(cls)[f.name]))
+            raise ConfigError(f"`{prefix}{f.name}` is missing in {source}; set it to {fix}")
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {_prefix_keys(str(exc), cls, prefix)}") from None
+
+
+def check_fields(cls: type, values: Any, source: str, *, prefix: str = "") -> dict[str, Any]:
+    """Check the keys and value types of a mapping for dataclass ``cls``; the converted values, missing keys allowed."""
+    if not isinstance(values, dict):
+        what = f"`{prefix[:-1]}` must be" if prefix else "expected"
+        what += " a mapping of keys to values"
+        raise ConfigError(f"{source}: {what}, got {type(values).__name__}")
+    hints = _hints(cls)
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"unknown key `{prefix}{key}` in {source}{_suggest(cls, str(key), prefix)}")
+        out[key] = convert(hints[key], value, f"{prefix}{key}", source)
+    return out
+
+
+def convert(tp: Any, value: Any, name: str, source: str, *, want: str | None = None) -> Any:
+    """``value`` checked against annotation ``tp`` (and converted: lists to tuples, ints to floats) for key ``name``."""
+    want = want or describe(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+
+    def wrong() -> ConfigError:
+        return ConfigError(f"{source}: `{name}` must be {want}, got {value!r}")
+
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        arms = [a for a in args if a is not type(None)]
+        if len(arms) != 1:
+            raise TypeError(f"{tp}: only `X | None` unions are supported")
+        return convert(arms[0], value, name, source, want=want)
+    if origin is Literal:
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+        close = difflib.get_close_matches(value, [str(a) for a in args], n=1) if isinstance(value, str) else []
+        hint = f"; did you mean `{close[0]}`?" if close else ""
+        words = [a for a in args if isinstance(value, bool) and str(a).lower() in _YAML_BOOL_WORDS[value]]
+        if words:
+            hint = f"; quote it (\"{words[0]}\"): YAML reads {words[0]} as {str(value).lower()}"
+        raise ConfigError(f"{source}: `{name}` must be {want}, got {value!r}{hint}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            hint = "; leave the key out to keep the defaults" if value is None else ""
+            raise ConfigError(f"{source}: `{name}` must be a mapping of keys to values, got {value!r}{hint}")
+        return from_mapping(tp, value, source, prefix=f"{name}.")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise wrong()
+        if args and args[-1] is Ellipsis:
+            return tuple(convert(args[0], v, f"{name}[{i}]", source) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise wrong()
+        return tuple(convert(a, v, f"{name}[{i}]", source) for i, (a, v) in enumerate(zip(args, value)))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise wrong()
+        return [convert(args[0] if args else Any, v, f"{name}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise wrong()
+        key_tp, value_tp = args or (Any, Any)
+        return {convert(key_tp, k, f"{name} key {k!r}", source): convert(value_tp, v, f"{name}.{k}", source)
+                for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, str) and _NUMBER_TEXT.fullmatch(value.strip()):
+            return float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong()
+        return float(value)
+    # A bool is an int to Python but never to a config: `epochs: true` and `compile: 1` are both mistakes.
+    if isinstance(value, bool) != (tp is bool) or not isinstance(value, tp):
+        raise wrong()
+    return value
+
+
+def describe(tp: Any) -> str:
+    """How an annotation reads in a message: ``int or null``, ``one of adamw, sgd``, ``a list of 2 floats``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is type(None):
+        return "null"
+    if tp is Any:
+        return "any value"
+    if origin in (Union, types.UnionType):
+        return " or ".join(describe(a) for a in sorted(args, key=lambda a: a is type(None)))
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in args)
+    if dataclasses.is_dataclass(tp) or origin is dict:
+        return "a mapping of keys to values"
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        kinds = {describe(a) for a in args}
+        return f"a list of {len(args)} {kinds.pop()}s" if len(kinds) == 1 else f"a list of {len(args)} values"
+    if origin in (tuple, list):
+        return f"a list of {describe(args[0])}s" if args else "a list"
+    return getattr(tp, "__name__", str(tp))
+
+
+def to_dict(instance: Any) -> dict[str, Any]:
+    """A dataclass as plain, YAML-safe data: nested sections as mappings, tuples as lists."""
+    return {f.name: _plain(getattr(instance, f.name)) for f in dataclasses.fields(instance)}
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_dict(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in _init_fields(cls)}
+
+
+def _init_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.init]
+
+
+def _suggest(cls: type, key: str, prefix: str) -> str:
+    """``; did you mean `x`?``: the key of a nested section, else a close key here or nested; else the valid keys."""
+    known = [f.name for f in _init_fields(cls)]
+    nested = _nested_keys(cls)
+    # A nested key written one level too high (`temperature` for `loss.temperature`) beats a look-alike here.
+    paths = [p for p in nested if p.rsplit(".", 1)[1] == key]
+    if not paths:
+        close = difflib.get_close_matches(key, known, n=1)
+        if close:
+            return f"; did you mean `{prefix}{close[0]}`?"
+        leaf = difflib.get_close_matches(key, sorted({p.rsplit(".", 1)[1] for p in nested}), n=1)
+        paths = [p for p in nested if leaf and p.rsplit(".", 1)[1] == leaf[0]]
+    if paths:
+        return "; did you mean " + " or ".join(f"`{prefix}{p}`" for p in paths) + "?"
+    where = f" in `{prefix[:-1]}`" if prefix else ""
+    return f"; valid keys{where}: {', '.join(known)}"
+
+
+def _nested_keys(cls: type) -> list[str]:
+    """Dotted names of the keys inside nested sections (``loss.alpha``, ``student.input.size``)."""
+    out = []
+    for name, tp in _hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            out += [f"{name}.{f.name}" for f in _init_fields(tp)] + [f"{name}.{p}" for p in _nested_keys(tp)]
+    return out
+
+
+def _prefix_keys(message: str, cls: type, prefix: str) -> str:
+    """Put ``prefix`` before the backticked keys of ``cls`` in a ``__post_init__`` message."""
+    if not prefix:
+        return message
+    known = {f.name for f in _init_fields(cls)}
+    return _QUOTED_KEY.sub(lambda m: f"`{prefix}{m[1]}{m[2]}`" if m[1] in known else m[0], message)
+
+
+def _article(text: str) -> str:
+    if text.startswith(("a ", "an ", "one of", "any ")):
+        return text
+    return ("an " if text[0] in "aeiou" else "a ") + text
+
+
+def at_least(name: str, value: int | float | None, low: int | float) -> None:
+    """``ValueError`` unless ``value`` (``None`` passes) is at least ``low``."""
+    if value is not None and not value >= low:
+        what = "non-negative" if low == 0 else f"at least {low}"
+        raise ValueError(f"`{name}` must be {what}, got {value}")
+
+
+def positive(name: str, value: int | float | None, example: str) -> None:
+    """``ValueError`` unless ``value`` (``None`` passes) is above zero; ``example`` is a value to suggest."""
+    if value is not None and not value > 0:
+        raise ValueError(f"`{name}` must be positive, got {value}; e.g. {example}")
+
+
+def between(name: str, value: float | None, low: float, high: float, meaning: str = "") -> None:
+    """``ValueError`` unless ``low <= value <= high`` (``None`` passes)."""
+    if value is not None and not low <= value <= high:
+        raise ValueError(f"`{name}` must be between {low:g} and {high:g}{meaning}, got {value}")
