@@ -176,6 +176,10 @@ class _Run:
                 mid_epoch = False
                 self.reporter.epoch_start(epoch, t.epochs, self.data.train.selected_shards, len(self.loader))
                 values = self.train_epoch(epoch)
+                # One set of running statistics for evaluation, checkpoints and every rank's next epoch.
+                distributed.broadcast_buffers(self.student, self.info)
+                if self.ema is not None:
+                    distributed.broadcast_buffers(self.ema.module, self.info)
                 if self.data.eval_store is not None and t.eval.every_epochs and (epoch + 1) % t.eval.every_epochs == 0:
                     last_eval = self.evaluate()
                     values |= {f"eval_{k}": v for k, v in last_eval.items()}

@@ -280,14 +280,19 @@ def pair(name: str = "resnet8") -> tuple[nn.Module, nn.Module]:
     return a.eval(), b.eval()
 
 
-@pytest.mark.parametrize("wrap", ["plain", "module.", "_orig_mod.", "student", "student+module."])
+@pytest.mark.parametrize(
+    "wrap", ["plain", "module.", "_orig_mod.", "module._orig_mod.", "student", "student+module.", "student+adapter"]
+)
 def test_state_dict_round_trip(tmp_path: Path, wrap: str) -> None:
     src, dst = pair()
     state: dict[str, Any] = dict(src.state_dict())
-    if "." in wrap:
+    if wrap.endswith("adapter"):  # as the trainer saves its student: the model inside an InputAdapter
+        state = dict(InputAdapter(src, size=8, mean=[0.5] * 3, std=[0.5] * 3).state_dict())
+        assert all(k.startswith("model.") for k in state)
+    elif "." in wrap:
         state = {wrap.split("+")[-1] + k: v for k, v in state.items()}
     if wrap.startswith("student"):
-        state = {"epoch": 3, "student": state}
+        state = {"epoch": 3, "student": state, "ema": None}
     torch.save(state, tmp_path / "ckpt.pt")
     x = torch.randn(2, 3, 8, 8)
     assert not torch.allclose(src(x), dst(x))
@@ -295,6 +300,15 @@ def test_state_dict_round_trip(tmp_path: Path, wrap: str) -> None:
     for (k, v), (k2, v2) in zip(src.state_dict().items(), dst.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
     torch.testing.assert_close(src(x), dst(x))
+
+
+def test_wrapped_checkpoint_loads_into_a_wrapper(tmp_path: Path) -> None:
+    src, dst = pair("cnn_small")
+    adapters = [InputAdapter(m, size=8, mean=[0.5] * 3, std=[0.5] * 3) for m in (src, dst)]
+    torch.save({"module." + k: v for k, v in adapters[0].state_dict().items()}, tmp_path / "ckpt.pt")
+    load_checkpoint_into(adapters[1], tmp_path / "ckpt.pt")
+    x = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(adapters[0](x), adapters[1](x))
 
 
 def test_checkpoint_key_picks_the_entry(tmp_path: Path) -> None:
@@ -305,17 +319,28 @@ def test_checkpoint_key_picks_the_entry(tmp_path: Path) -> None:
     torch.testing.assert_close(src(x), dst(x))
     with pytest.raises(ConfigError, match=r"ckpt.pt: has no key 'teacher' \(top-level keys: model, ema\)"):
         load_checkpoint_into(dst, tmp_path / "ckpt.pt", key="teacher")
+    _, fresh = pair("cnn_small")
+    torch.save({"student": None, "ema": src.state_dict()}, tmp_path / "no_student.pt")  # entries left empty are skipped
+    load_checkpoint_into(fresh, tmp_path / "no_student.pt")
+    torch.testing.assert_close(src(x), fresh(x))
+    with pytest.raises(ConfigError, match=r"no_student.pt: entry 'student' is a NoneType, not a state dict"):
+        load_checkpoint_into(fresh, tmp_path / "no_student.pt", key="student")
 
 
 def test_checkpoint_mismatch_names_file_and_keys(tmp_path: Path) -> None:
     torch.save(build_model("resnet8", 100, image_size=8).state_dict(), tmp_path / "hundred.pt")
-    with pytest.raises(ConfigError, match=r"hundred.pt: does not fit ResNet: shape mismatch fc.weight \(file \[100, 64\], "
-                       r"model \[10, 64\]\), fc.bias"):
+    msg = r"hundred.pt: does not fit ResNet: shape mismatch fc.weight \(file \[100, 64\], model \[10, 64\]\), fc.bias"
+    with pytest.raises(ConfigError, match=msg):
         load_checkpoint_into(build_model("resnet8", 10, image_size=8), tmp_path / "hundred.pt")
     torch.save(build_model("resnet14", 10, image_size=8).state_dict(), tmp_path / "deeper.pt")
     with pytest.raises(ConfigError, match=r"deeper.pt: does not fit ResNet: unexpected keys stages.0.1.conv1.weight, "
                        r"[^;]*\(\+\d+ more\); check that the model name"):
         load_checkpoint_into(build_model("resnet8", 10, image_size=8), tmp_path / "deeper.pt")
+    adapter = InputAdapter(build_model("resnet8", 10, image_size=8), size=8, mean=[0.5] * 3, std=[0.5] * 3)
+    torch.save({"module." + k: v for k, v in adapter.state_dict().items()}, tmp_path / "adapter.pt")
+    adapter.model.fc = nn.Linear(64, 3)
+    with pytest.raises(ConfigError, match=r"adapter.pt: does not fit InputAdapter: shape mismatch model.fc.weight "):
+        load_checkpoint_into(adapter, tmp_path / "adapter.pt")
     with pytest.raises(ConfigError, match=r"deeper.pt: does not fit SmallCNN: missing keys features.0.weight, "):
         load_checkpoint_into(build_model("cnn_small", 10, image_size=8), tmp_path / "deeper.pt")
 
@@ -323,13 +348,15 @@ def test_checkpoint_mismatch_names_file_and_keys(tmp_path: Path) -> None:
 def test_checkpoint_files_that_are_not_state_dicts(tmp_path: Path) -> None:
     model = build_model("cnn_small", 10, image_size=8)
     torch.save(model, tmp_path / "whole.pt")
-    with pytest.raises(ConfigError, match=r"whole.pt: holds pickled Python objects .* save model.state_dict\(\) instead"):
+    msg = r"whole.pt: holds pickled Python objects .* save model.state_dict\(\) instead"
+    with pytest.raises(ConfigError, match=msg):
         load_checkpoint_into(model, tmp_path / "whole.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match=r"junk.pt: is not a readable torch.save file"):
         load_checkpoint_into(model, tmp_path / "junk.pt")
     torch.jit.save(torch.jit.script(model), tmp_path / "scripted.pt")
-    with pytest.raises(ConfigError, match=r"scripted.pt: is a TorchScript file, not a state dict; set checkpoint_format"):
+    msg = r"scripted.pt: is a TorchScript file, not a state dict; set checkpoint_format"
+    with pytest.raises(ConfigError, match=msg):
         load_checkpoint_into(model, tmp_path / "scripted.pt")
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +22,8 @@ ModuleT = TypeVar("ModuleT", bound=nn.Module)
 WRAPPER_KEYS = ("student", "model", "state_dict", "ema")
 # Prefixes added by DistributedDataParallel and torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Prefix of a model saved inside a wrapper (InputAdapter, TimmModel), as the trainer saves its student.
+WRAPPER_PREFIX = "model."
 MAX_LISTED = 5
 
 
@@ -58,7 +60,9 @@ class InputAdapter(nn.Module):
     def preprocess(self, x: Tensor) -> Tensor:
         """Resize (if needed) and normalise a float batch in [0, 1], [B, C, H, W]."""
         if not x.is_floating_point():
-            raise TypeError(f"InputAdapter expects a float batch in [0, 1], got {x.dtype}; convert it with x.float() / 255")
+            raise TypeError(
+                f"InputAdapter expects a float batch in [0, 1], got {x.dtype}; convert it with x.float() / 255"
+            )
         channels = self.mean.shape[1]
         if x.ndim != 4 or x.shape[1] != channels:
             raise ConfigError(
@@ -121,17 +125,24 @@ def _pick_state_dict(loaded: Any, file: Path, key: str | None) -> Mapping[str, A
     return loaded
 
 
-def _strip_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
-    """Remove DDP's `module.` and torch.compile's `_orig_mod.` when every key carries them."""
+def _strip_prefixes(state: Mapping[str, Any], expected: set[str]) -> dict[str, Any]:
+    """Remove a prefix that every key carries and the model's keys do not: DDP's `module.`, torch.compile's
+    `_orig_mod.`, or the `model.` of a wrapper (InputAdapter, TimmModel); repeated until the keys match."""
     out = dict(state)
-    changed = True
-    while changed and out:
-        changed = False
-        for prefix in WRAPPER_PREFIXES:
-            if all(isinstance(k, str) and k.startswith(prefix) for k in out):
+    while out and set(out) != expected:
+        for prefix in (*WRAPPER_PREFIXES, WRAPPER_PREFIX):
+            if _all_start(out, prefix):
                 out = {k[len(prefix):]: v for k, v in out.items()}
-                changed = True
+                break
+        else:
+            break
     return out
+
+
+def _all_start(keys: Iterable[Any], prefix: str) -> bool:
+    """Whether there are keys and every one is a string starting with `prefix`."""
+    keys = list(keys)
+    return bool(keys) and all(isinstance(k, str) and k.startswith(prefix) for k in keys)
 
 
 def _listed(keys: Sequence[str]) -> str:
@@ -199,10 +210,11 @@ def load_checkpoint_into(model: ModuleT, path: str | os.PathLike[str], *, key: s
 
     The file is read with `weights_only=True` (no code runs). A dict nesting the weights under `key`, or else
     the first of "student", "model", "state_dict", "ema", is unwrapped; `module.` / `_orig_mod.` prefixes
-    (DDP, torch.compile) are removed."""
+    (DDP, torch.compile) are removed, and so is the `model.` of an InputAdapter or TimmModel when the bare
+    model is loaded (a trained student, saved with its adapter, becomes a teacher)."""
     file = _check_file(path, "checkpoint")
     loaded = _read_state_file(file)
-    state = _strip_prefixes(_pick_state_dict(loaded, file, key))
+    state = _strip_prefixes(_pick_state_dict(loaded, file, key), set(model.state_dict()))
     problem = _mismatch(model, state)
     if problem:
         raise ConfigError(
