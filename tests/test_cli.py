@@ -113,7 +113,12 @@ def test_build_manifest_all_bad_is_exit_2(tmp_path: Path, capsys: pytest.Capture
     assert code == 2 and err.strip().splitlines()[-1].startswith("shardstore: error: no usable shards")
 
 
-def test_demo_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code, out, _ = run(["demo", str(tmp_path / "d"), "--num-classes", "3", "--per-class", "20", "--shard-size", "16"], capsys)
-    assert code == 0 and "60 PNG images" in out and row("samples", "60", out)
-    assert (tmp_path / "d" / "cache" / "manifest.json").exists()
+@pytest.mark.slow
+def test_demo_trains_a_teacher_and_both_students(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = run(["demo", str(tmp_path / "d"), "--seeds", "1", "--teacher-epochs", "1", "--student-epochs", "1"],
+                       capsys)
+    assert code == 0, out
+    assert "teacher resnet20" in out and "labels only" in out and "distilled" in out
+    assert (tmp_path / "d" / "cache" / "manifest.json").exists() and (tmp_path / "d" / "teacher.pt").exists()
+    assert sorted(p.name for p in (tmp_path / "d" / "runs").iterdir()) == ["distilled_seed0", "labels_only_seed0",
+                                                                         "teacher"]

@@ -186,24 +186,6 @@ def write(
         build_manifest_cmd(root)
 
 
-@app.command()
-def demo(
-    directory: Annotated[str, typer.Argument(help="Where to put the demo's image folder and cache.")] = "shardstore-demo",
-    num_classes: Annotated[int, typer.Option(help="Classes in the synthetic dataset.")] = 10,
-    per_class: Annotated[int, typer.Option(help="Images per class.")] = 200,
-    shard_size: Annotated[int, typer.Option(help="Samples per shard.")] = 256,
-) -> None:
-    """Make a small synthetic image folder, write it as a cache, and build its manifest."""
-    from shardstore.demo import make_image_folder
-
-    base = Path(directory)
-    with _progress("making images", None):
-        n = make_image_folder(base / "images", num_classes=num_classes, per_class=per_class)
-    out.print(f"synthetic image folder: {base / 'images'} ({n:,} PNG images, {num_classes} classes)", markup=False)
-    write(str(base / "cache"), from_folder=str(base / "images"), image_size=32, shard_size=shard_size,
-          start_shard=0, num_shards=None, on_error="stop", build=True, from_npy=None)
-
-
 @app.callback()
 def _options(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,

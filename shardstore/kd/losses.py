@@ -33,6 +33,10 @@ def build_projector(student_dim: int, teacher_dim: int, hidden: int = 0) -> nn.M
     return nn.Linear(student_dim, teacher_dim)
 
 
+UNLABELED = -1
+"""The label of a sample that has none (semi-supervised distillation): only the KD term teaches it."""
+
+
 class DistillationLoss(nn.Module):
     """``alpha * kd_kl + (1 - alpha) * cross_entropy + feature_weight * feature_term``.
 
@@ -112,7 +116,10 @@ class DistillationLoss(nn.Module):
             parts["kd"] = kd_kl(student_logits, teacher_logits, self.temperature)
             total = total + kd_weight * parts["kd"]
         if labels is not None and ce_weight > 0.0:
-            parts["ce"] = F.cross_entropy(student_logits.float(), labels)
+            # Label -1 marks an unlabeled sample: no label term for it (the KD term still teaches it).
+            # Sum over the labeled ones / batch size, so a batch without labels adds 0, not NaN.
+            ce = F.cross_entropy(student_logits.float(), labels, ignore_index=UNLABELED, reduction="sum")
+            parts["ce"] = ce / max(1, int((labels != UNLABELED).sum()))
             total = total + ce_weight * parts["ce"]
         if self.projector is not None:
             parts["feature"] = self.feature_term(student_features, teacher_features)

@@ -13,7 +13,7 @@ TINY = {
     "train.epochs": 3, "train.batch_size": 16, "train.max_steps_per_epoch": None, "train.lr": 0.01,
     "train.base_batch_size": 16, "train.warmup_steps": 2, "train.log.every_steps": 1,
     "train.log.tensorboard": False, "train.eval.held_out_shards": 2, "train.eval.batch_size": 32,
-    "model.teacher.name": "cnn_small", "model.teacher.kwargs": {"width": 8},
+    "model.teacher.name": "cnn_small", "model.teacher.kwargs": {"width": 8}, "model.teacher.checkpoint": None,
     "model.teacher.input.size": 16, "model.student.name": "cnn_small", "model.student.kwargs": {"width": 4},
     "model.student.input.size": 16, "data.shards_per_epoch": 4, "data.loader_threads": 1,
 }

@@ -187,3 +187,16 @@ def test_metrics_on_hand_made_batches() -> None:
     assert isinstance(two_class, float) and kl_to_teacher(teacher, teacher) == pytest.approx(0.0, abs=1e-7)
     with pytest.raises(ValueError, match="non-empty batch"):
         top1(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+
+
+def test_unlabeled_samples_get_no_label_term() -> None:
+    torch.manual_seed(0)
+    s, t = torch.randn(6, 5), torch.randn(6, 5)
+    labels = torch.tensor([1, -1, 3, -1, -1, 0])
+    loss = DistillationLoss(alpha=0.5, temperature=2.0)
+    _, parts = loss(s, labels, teacher_logits=t)
+    keep = labels >= 0
+    assert parts["ce"] == pytest.approx(F.cross_entropy(s[keep], labels[keep]).item(), rel=1e-6)
+    total, parts = loss(s, torch.full((6,), -1), teacher_logits=t)  # a batch with no label at all
+    assert parts["ce"] == 0.0 and torch.isfinite(total)
+    assert total.item() == pytest.approx(0.5 * kd_kl(s, t, 2.0).item(), rel=1e-6)

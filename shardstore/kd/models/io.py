@@ -131,7 +131,7 @@ def _strip_prefixes(state: Mapping[str, Any], expected: set[str]) -> dict[str, A
     out = dict(state)
     while out and set(out) != expected:
         for prefix in (*WRAPPER_PREFIXES, WRAPPER_PREFIX):
-            if _all_start(out, prefix):
+            if _all_start(out, prefix) and not _all_start(expected, prefix):
                 out = {k[len(prefix):]: v for k, v in out.items()}
                 break
         else:
