@@ -97,7 +97,7 @@ class Trainable(nn.Module):
         self.criterion = criterion
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None, teacher_logits: torch.Tensor | None,
-                teacher_features: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+                teacher_features: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         if self.criterion.projector is not None:
             features = self.student.forward_features(images)
             logits = self.student.forward_head(features)

@@ -103,8 +103,12 @@ class DistillationLoss(nn.Module):
         teacher_logits: Tensor | None = None,
         student_features: Tensor | None = None,
         teacher_features: Tensor | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:
-        """The total loss (float32, differentiable) and its detached parts as floats: loss, kd, ce, feature."""
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The total loss (float32, differentiable) and its detached parts (0-d tensors): loss, kd, ce, feature.
+
+        The parts stay on the device: reading them (``float(part)``) waits for the GPU, so a
+        training loop does it only when it logs.
+        """
         kd_weight = 1.0 if labels is None else self.alpha
         ce_weight = 0.0 if labels is None else 1.0 - self.alpha
         parts: dict[str, Tensor] = {}
@@ -117,17 +121,15 @@ class DistillationLoss(nn.Module):
             total = total + kd_weight * parts["kd"]
         if labels is not None and ce_weight > 0.0:
             # Label -1 marks an unlabeled sample: no label term for it (the KD term still teaches it).
-            # Sum over the labeled ones / batch size, so a batch without labels adds 0, not NaN.
+            # Sum over the labeled ones / their count (at least 1): a batch without labels adds 0, not NaN.
             ce = F.cross_entropy(student_logits.float(), labels, ignore_index=UNLABELED, reduction="sum")
-            parts["ce"] = ce / max(1, int((labels != UNLABELED).sum()))
+            parts["ce"] = ce / (labels != UNLABELED).sum().clamp(min=1)
             total = total + ce_weight * parts["ce"]
         if self.projector is not None:
             parts["feature"] = self.feature_term(student_features, teacher_features)
             total = total + self.feature_weight * parts["feature"]
         parts = {"loss": total, **parts}
-        # one device-to-host copy for all parts, rather than one sync per .item()
-        values = torch.stack([part.detach().float() for part in parts.values()]).tolist()
-        return total, dict(zip(parts, values))
+        return total, {name: part.detach().float() for name, part in parts.items()}
 
     def feature_term(self, student_features: Tensor | None, teacher_features: Tensor | None) -> Tensor:
         """The configured feature loss between projected student features and teacher features."""

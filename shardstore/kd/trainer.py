@@ -199,9 +199,10 @@ class _Run:
         self.trainable.train()
         first = self.data.train.start_batch
         num = len(self.loader)
-        started, samples, sums, batches = time.perf_counter(), 0, {}, 0
+        started, samples, batches = time.perf_counter(), 0, 0
+        sums: dict[str, torch.Tensor] = {}
         window_start, window_samples, window_wait = started, 0, self.loader.stats.total_s
-        step_parts: dict[str, float] = {}
+        step_parts: dict[str, torch.Tensor] = {}
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
         for i, batch in enumerate(self.loader):
             b = first + i
@@ -230,8 +231,8 @@ class _Run:
                     loss, parts, _ = self.forward(x, labels, t_logits, t_feats)
                 (loss / self.accum).backward()
             for k, v in parts.items():
-                step_parts[k] = step_parts.get(k, 0.0) + v
-                sums[k] = sums.get(k, 0.0) + v
+                step_parts[k] = step_parts[k] + v if k in step_parts else v
+                sums[k] = sums[k] + v if k in sums else v
             batches += 1
             samples += labels.shape[0]
             window_samples += labels.shape[0]
@@ -246,9 +247,11 @@ class _Run:
             if self.ema is not None:
                 self.ema.update(self.student)
             self.global_step += 1
-            values = {k: v / micro for k, v in step_parts.items()}
+            logging_now = self.global_step % t.log.every_steps == 0
+            # Reading the losses waits for the device: only on logged steps.
+            values = {k: float(v) / micro for k, v in step_parts.items()} if logging_now else {}
             step_parts = {}
-            if self.global_step % t.log.every_steps == 0:
+            if logging_now:
                 now = time.perf_counter()
                 wait = self.loader.stats.total_s - window_wait
                 values |= {"lr": self.optimizer.param_groups[0]["lr"],
@@ -263,7 +266,7 @@ class _Run:
                 if self.info.is_main:
                     self.ckpt.save_recovery(self.state(epoch, epoch_complete=False))
         elapsed = time.perf_counter() - started
-        out: dict[str, Any] = {f"train_{k}": v / max(batches, 1) for k, v in sums.items()}
+        out: dict[str, Any] = {f"train_{k}": float(v) / max(batches, 1) for k, v in sums.items()}
         out |= {"samples_per_s": samples * self.info.world_size / max(elapsed, 1e-9), "time_s": elapsed,
                 "wait_frac": self.loader.stats.epoch_s / max(elapsed, 1e-9), "batches": batches,
                 "shards": self.data.train.selected_shards}
