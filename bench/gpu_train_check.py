@@ -1,0 +1,133 @@
+"""The distillation trainer on a CUDA machine: ResNet-50 teacher -> ResNet-18 student at 224 px, bf16, batch 256.
+
+    python bench/gpu_train_check.py [--shards 8] [--epochs 2] [--steps 60] [--root DIR]
+    python bench/gpu_train_check.py --tiny   # the same path on a CPU, tiny sizes (a smoke test)
+
+Writes a synthetic cache (random uint8 3x224x224 images, 2048 per shard) on the machine's
+disk, trains from it through ``shardstore.kd.trainer.train`` and prints a table: images/s,
+the share of step time the trainer waited for data (target < 2%), and the share of step
+time spent in the teacher's forward (timed separately with CUDA events on the same batches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shardstore import ShardWriter, build_manifest
+from shardstore.config.resolve import DEFAULT_CONFIG_DIR, load_run_config
+from shardstore.kd.metrics import read_metrics
+from shardstore.kd.trainer import train
+
+
+def write_cache(root: Path, shards: int, size: int, shard_size: int) -> None:
+    rng = np.random.default_rng(0)
+    with ShardWriter(root, shard_size, fsync=False) as writer:
+        for _ in range(shards):
+            writer.add_batch({"images": rng.integers(0, 256, (shard_size, 3, size, size), dtype=np.uint8),
+                              "labels": rng.integers(0, 1000, shard_size, dtype=np.int64)})
+    build_manifest(root)
+
+
+def teacher_share(cfg, device: torch.device, batch: int, size: int, steps: int = 10) -> float:
+    """Teacher forward time / (teacher forward + student forward and backward), on random batches."""
+    from shardstore.kd.components import build_student, build_teacher
+
+    teacher = build_teacher(cfg, device)
+    student = build_student(cfg).to(device)
+    x = torch.rand(batch, 3, size, size, device=device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def timed(fn) -> float:
+        for _ in range(2):
+            fn()
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        return time.perf_counter() - t
+
+    def teacher_step() -> None:
+        with torch.no_grad(), amp:
+            teacher(x.to(next(teacher.parameters()).dtype))
+
+    def student_step() -> None:
+        with amp:
+            loss = student(x).float().logsumexp(1).mean()
+        loss.backward()
+
+    t_teacher, t_student = timed(teacher_step), timed(student_step)
+    return t_teacher / (t_teacher + t_student)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=60, help="max_steps_per_epoch")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--root", type=Path, default=None)
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke test: 32 px, small models, few steps")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.tiny:
+        print("gpu_train_check: no CUDA device here; not run (use --tiny for a CPU smoke test)")
+        return 0
+    size, shard_size = (32, 256) if args.tiny else (224, 2048)
+    teacher, student = ("resnet20", "resnet8") if args.tiny else ("resnet50", "resnet18")
+    batch, steps, shards = (32, 4, 3) if args.tiny else (args.batch, args.steps, args.shards)
+    root = args.root or Path(tempfile.mkdtemp(prefix="shardstore-train-check-"))
+    cache = root / "cache"
+    if not (cache / "manifest.json").exists():
+        write_cache(cache, shards, size, shard_size)
+    sets = [f"data.cache_root={cache}", "data.shards_per_epoch=null", f"train.run_dir={root / 'run'}",
+            f"train.epochs={args.epochs}", f"train.batch_size={batch}", f"train.max_steps_per_epoch={steps}",
+            f"train.base_batch_size={batch}", "train.eval.held_out_shards=0", "train.eval.every_epochs=0",
+            "train.augment.flip=true", "train.augment.scale=[0.35, 1.0]", "train.log.every_steps=10",
+            "train.log.tensorboard=false", "train.amp=auto", "model.num_classes=1000",
+            f"model.teacher.name={teacher}", "model.teacher.checkpoint=null", "model.teacher.dtype=bfloat16",
+            f"model.student.name={student}", "model.teacher.kwargs={}", "model.student.kwargs={}",
+            *[f"model.{n}.input.{k}={v}" for n in ("teacher", "student") for k, v in
+              (("size", size), ("mean", [0.485, 0.456, 0.406]), ("std", [0.229, 0.224, 0.225]))]]
+    cfg = load_run_config(*[Path(DEFAULT_CONFIG_DIR) / n for n in
+                            ("data_config.yaml", "train_config_kd.yaml", "model_config_kd.yaml")], sets)
+    started = time.perf_counter()
+    train(cfg)
+    wall = time.perf_counter() - started
+    epochs = [r for r in read_metrics(root / "run") if r["kind"] == "epoch"]
+    last = epochs[-1]  # the first epoch pays for cuDNN autotuning and warm-up
+    share = teacher_share(cfg, torch.device("cuda" if cuda else "cpu"), batch, size)
+    rows = [
+        ("device", torch.cuda.get_device_name() if cuda else "cpu (--tiny)"),
+        ("cpu cores / torch", f"{os.cpu_count()} / {torch.__version__}"),
+        ("models", f"{teacher} (bf16, frozen) -> {student}, {size}px, batch {batch}, amp bf16" if cuda else
+         f"{teacher} -> {student}, {size}px, batch {batch}"),
+        ("images/s (last epoch)", f"{last['samples_per_s']:,.0f}"),
+        ("data wait, share of step time", f"{100 * last['wait_frac']:.2f}%  (target < 2%)"),
+        ("teacher forward, share of step time", f"{100 * share:.1f}%"),
+        ("epochs / wall", f"{len(epochs)} x {last['batches']} steps / {wall:.1f} s"),
+    ]
+    print("| what | value |\n|---|---|")
+    for key, value in rows:
+        print(f"| {key} | {value} |")
+    print(json.dumps({k: v for k, v in last.items() if k != "shards"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
