@@ -74,3 +74,12 @@ def test_plot_and_cli_errors(tiny_cache: Path, tmp_path: Path, capsys: pytest.Ca
     assert main(["train", "--data_config", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml" in capsys.readouterr().err
     assert main(["plot", str(tmp_path)]) == 2
+
+
+def test_tensorboard_scalars_when_installed(tiny_cache: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    cfg = load_run_config(*CONFIGS, overrides(tmp_path / "run", tiny_cache, train__epochs=1,
+                                              train__log__tensorboard=True))
+    train(cfg)
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 100
