@@ -126,7 +126,7 @@ def run_kd_demo(base: str | os.PathLike[str], *, seeds: tuple[int, ...] = (0, 1,
     from shardstore.manifest.reader import ShardStore
 
     s = {**DEMO_SETTINGS, **(settings or {})}
-    base = Path(base)
+    base = Path(base).absolute()
     start = time.perf_counter()
     cache, test_cache = write_digits_caches(base, shard_size=s["shard_size"], size=s["image_size"],
                                             labeled_fraction=s["labeled_fraction"])

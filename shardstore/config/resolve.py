@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -39,13 +40,15 @@ def load_run_config(data_path: str | os.PathLike[str], train_path: str | os.Path
                     model_path: str | os.PathLike[str], overrides: Iterable[str] = ()) -> RunConfig:
     """Load and validate the three files with ``--set`` ``overrides`` applied; relative paths become absolute.
 
-    ``cache_root`` is taken from the data file's folder, ``eval.cache_root`` from the train file's and the
-    teacher's and student's ``checkpoint`` from the model file's; ``run_dir`` stays relative to the current directory.
+    In a file, ``cache_root`` is taken from the data file's folder, ``eval.cache_root`` from the train file's and
+    the teacher's and student's ``checkpoint`` from the model file's; a path given with ``--set`` is taken from the
+    current directory, like any path typed on a command line. ``run_dir`` stays relative to the current directory.
     """
     overrides = list(overrides)
     paths = {"data": Path(data_path), "train": Path(train_path), "model": Path(model_path)}
     sections = {name: load_yaml(path, option=f"--{name}-config") for name, path in paths.items()}
     apply_overrides(sections, overrides)
+    _absolute_override_paths(sections, overrides)
     sources = {name: _source(path, name, overrides) for name, path in paths.items()}
     data = data_config_from_dict(sections["data"], sources["data"])
     train = from_mapping(TrainConfig, sections["train"], sources["train"])
@@ -57,6 +60,25 @@ def load_run_config(data_path: str | os.PathLike[str], train_path: str | os.Path
     model = replace(model, teacher=_resolve_checkpoint(model.teacher, folders["model"]),
                     student=_resolve_checkpoint(model.student, folders["model"]))
     return RunConfig(data=data, train=train, model=model)
+
+
+#: Keys holding paths, by section.
+PATH_KEYS = {("data", "cache_root"), ("train", "eval", "cache_root"), ("model", "teacher", "checkpoint"),
+             ("model", "student", "checkpoint")}
+
+
+def _absolute_override_paths(sections: dict[str, dict[str, Any]], overrides: list[str]) -> None:
+    """Paths set on the command line are relative to the current directory: make them absolute now."""
+    for item in overrides:
+        key = tuple(item.partition("=")[0].strip().split("."))
+        if key not in PATH_KEYS:
+            continue
+        node: Any = sections
+        for part in key[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        value = node.get(key[-1]) if isinstance(node, dict) else None
+        if isinstance(value, str) and value and not os.path.isabs(os.path.expanduser(value)) and "://" not in value:
+            node[key[-1]] = os.path.abspath(os.path.expanduser(value))
 
 
 def run_config_to_yaml(cfg: RunConfig) -> str:

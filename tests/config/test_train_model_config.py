@@ -385,3 +385,15 @@ def test_relative_paths_are_taken_from_each_file_s_folder(tmp_path: Path, monkey
 def test_config_modules_import_without_torch() -> None:
     code = "import sys, shardstore.config.resolve; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_paths_given_with_set_are_relative_to_the_current_directory(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = load_run_config(DEFAULT_DATA_CONFIG, DEFAULT_TRAIN_CONFIG, DEFAULT_MODEL_CONFIG,
+                          ["data.cache_root=mine/cache", "model.student.checkpoint=w.pt"])
+    assert cfg.data.cache_root == str(tmp_path / "mine" / "cache")
+    assert cfg.model.student.checkpoint == str(tmp_path / "w.pt")
+    # ...while a path written in a file stays relative to that file
+    assert cfg.model.teacher.checkpoint.startswith(str(DEFAULT_CONFIG_DIR.resolve().parent)) or \
+        "shardstore-demo" in cfg.model.teacher.checkpoint
