@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from shardstore import ShardWriter, build_manifest
-from shardstore.config.resolve import DEFAULT_CONFIG_DIR, load_run_config
+from shardstore.config.resolve import DEFAULT_DATA_CONFIG, DEFAULT_MODEL_CONFIG, DEFAULT_TRAIN_CONFIG, load_run_config
 from shardstore.kd.metrics import read_metrics
 from shardstore.kd.trainer import train
 
@@ -104,8 +104,7 @@ def main() -> int:
             f"model.student.name={student}", "model.teacher.kwargs={}", "model.student.kwargs={}",
             *[f"model.{n}.input.{k}={v}" for n in ("teacher", "student") for k, v in
               (("size", size), ("mean", [0.485, 0.456, 0.406]), ("std", [0.229, 0.224, 0.225]))]]
-    cfg = load_run_config(*[Path(DEFAULT_CONFIG_DIR) / n for n in
-                            ("data_config.yaml", "train_config_kd.yaml", "model_config_kd.yaml")], sets)
+    cfg = load_run_config(DEFAULT_DATA_CONFIG, DEFAULT_TRAIN_CONFIG, DEFAULT_MODEL_CONFIG, sets)
     started = time.perf_counter()
     train(cfg)
     wall = time.perf_counter() - started

@@ -97,11 +97,7 @@ def _export_student(run_dir: Path, target: Path) -> Path:
     """The trained student of a run as a bare state dict (what a teacher checkpoint holds)."""
     import torch
 
-    from shardstore.kd.checkpoint import CheckpointManager, load_checkpoint
-
-    latest = CheckpointManager(run_dir).latest()
-    assert latest is not None
-    state = load_checkpoint(latest)["student"]
+    state = _load_latest_student(run_dir)
     torch.save({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}, target)
     return target
 
@@ -119,7 +115,7 @@ def run_kd_demo(base: str | os.PathLike[str], *, seeds: tuple[int, ...] = (0, 1,
 
     import torch
 
-    from shardstore.config.resolve import DEFAULT_CONFIG_DIR, load_run_config
+    from shardstore.config.resolve import DEFAULT_DATA_CONFIG, DEFAULT_MODEL_CONFIG, DEFAULT_TRAIN_CONFIG, load_run_config
     from shardstore.kd.components import build_student, build_teacher
     from shardstore.kd.evaluate import evaluate
     from shardstore.kd.trainer import train
@@ -130,7 +126,7 @@ def run_kd_demo(base: str | os.PathLike[str], *, seeds: tuple[int, ...] = (0, 1,
     start = time.perf_counter()
     cache, test_cache = write_digits_caches(base, shard_size=s["shard_size"], size=s["image_size"],
                                             labeled_fraction=s["labeled_fraction"])
-    configs = [Path(DEFAULT_CONFIG_DIR) / n for n in ("data_config.yaml", "train_config_kd.yaml", "model_config_kd.yaml")]
+    configs = [DEFAULT_DATA_CONFIG, DEFAULT_TRAIN_CONFIG, DEFAULT_MODEL_CONFIG]
     common = [f"data.cache_root={cache}", f"data.shards_per_epoch={s['shards_per_epoch']}",
               "train.eval.held_out_shards=2", "train.log.tensorboard=false", f"model.teacher.name={s['teacher']}",
               f"train.lr={s['lr']}", f"train.augment.scale={s['scale']}", f"train.augment.flip={s['flip']}",
@@ -146,6 +142,7 @@ def run_kd_demo(base: str | os.PathLike[str], *, seeds: tuple[int, ...] = (0, 1,
 
     rows: dict[str, dict[str, list[float]]] = {}
     test_store = ShardStore.open(test_cache)
+    teacher = None  # built once, for every student's evaluation
     teacher_top1 = 0.0
     for mode, alpha in (("labels only", 0.0), ("distilled", s["alpha"])):
         for seed in seeds:
@@ -159,7 +156,8 @@ def run_kd_demo(base: str | os.PathLike[str], *, seeds: tuple[int, ...] = (0, 1,
             train(cfg, reporter=reporter)
             student = build_student(cfg)
             student.load_state_dict(_load_latest_student(cfg.train.run_dir))
-            teacher = build_teacher(cfg, torch.device("cpu"))
+            if teacher is None:
+                teacher = build_teacher(cfg, torch.device("cpu"))
             m = evaluate(student, teacher, test_store, image_field="images", label_field="labels",
                          size=cfg.model.student.input.size, batch_size=256, device=torch.device("cpu"))
             teacher_top1 = m["teacher_top1"]

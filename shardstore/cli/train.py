@@ -55,10 +55,6 @@ class RichReporter:
         out.print(f"  epoch {epoch + 1} done: " + ", ".join(parts), markup=False)
 
 
-def _config(path: str | None, name: str) -> Path:
-    from shardstore.config.resolve import DEFAULT_CONFIG_DIR
-
-    return Path(path) if path else Path(DEFAULT_CONFIG_DIR) / name
 
 
 @app.command()
@@ -77,11 +73,13 @@ def train(
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if any).")] = None,
 ) -> None:
     """Distill a student from a teacher over random shard epochs (also under torchrun for several GPUs)."""
-    from shardstore.config.resolve import load_run_config, run_config_to_yaml
+    from shardstore.config.resolve import (
+        DEFAULT_DATA_CONFIG, DEFAULT_MODEL_CONFIG, DEFAULT_TRAIN_CONFIG, load_run_config, run_config_to_yaml,
+    )
     from shardstore.kd.trainer import train as run_training
 
-    cfg = load_run_config(_config(data_config, "data_config.yaml"), _config(train_config, "train_config_kd.yaml"),
-                          _config(model_config, "model_config_kd.yaml"), overrides or [])
+    cfg = load_run_config(data_config or DEFAULT_DATA_CONFIG, train_config or DEFAULT_TRAIN_CONFIG,
+                          model_config or DEFAULT_MODEL_CONFIG, overrides or [])
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if main_rank:
         out.print("resolved configuration:", markup=False)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -129,7 +128,3 @@ def build_optimizer(cfg: RunConfig, module: nn.Module, lr: float) -> torch.optim
     if cfg.train.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.train.momentum, nesterov=True)
     return torch.optim.AdamW(groups, lr=lr)
-
-
-def run_dir_of(cfg: RunConfig) -> Path:
-    return Path(cfg.train.run_dir)

@@ -26,6 +26,7 @@ def evaluate(student: nn.Module, teacher: nn.Module | None, store: ShardStore, *
     sums = {"top1": 0.0, "agreement": 0.0, "kl": 0.0, "teacher_top1": 0.0}
     count = 0
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else nullcontext()
+    teacher_dtype = next(teacher.parameters()).dtype if teacher is not None else None
     with ShardLoader(store, batch_size, device=device if device.type == "cuda" else None, drop_last=False,
                      prepare_next_epoch=False) as loader:
         for b, batch in enumerate(loader):
@@ -39,8 +40,7 @@ def evaluate(student: nn.Module, teacher: nn.Module | None, store: ShardStore, *
                 if teacher_logits_field is not None:
                     t_logits = batch[teacher_logits_field].to(device).float()
                 elif teacher is not None:
-                    t_dtype = next(teacher.parameters()).dtype
-                    t_logits = teacher(x.to(t_dtype)).float()
+                    t_logits = teacher(x.to(teacher_dtype)).float()
                 else:
                     t_logits = None
             n = labels.shape[0]

@@ -41,14 +41,7 @@ class MetricsLog:
         path = Path(run_dir) / "metrics.jsonl"
         if not path.exists():
             return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                doc = json.loads(line)
-            except ValueError:
-                continue  # a line cut by the crash
-            if doc.get("global_step", 0) <= global_step:
-                kept.append(line)
+        kept = [json.dumps(doc) for doc in read_metrics(run_dir) if doc.get("global_step", 0) <= global_step]
         write_bytes_atomic(path, ("\n".join(kept) + "\n" if kept else "").encode())
 
     def write(self, kind: str, values: dict[str, Any]) -> None:
@@ -67,7 +60,7 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """Every complete line of a run's metrics.jsonl."""
+    """Every complete line of a run's metrics.jsonl (a line cut by a crash is skipped)."""
     path = Path(run_dir) / "metrics.jsonl"
     out = []
     for line in path.read_text().splitlines():

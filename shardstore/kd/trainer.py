@@ -79,6 +79,7 @@ class _Run:
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.data = build_data(cfg, info)
         self.teacher = build_teacher(cfg, self.device)
+        self.teacher_dtype = next(self.teacher.parameters()).dtype if self.teacher is not None else None
         student = build_student(cfg)
         self.criterion = build_criterion(cfg, student, self.teacher)
         self.trainable = Trainable(student, self.criterion).to(self.device)
@@ -217,7 +218,7 @@ class _Run:
                 t_logits = batch[loss_cfg.target_field].to(self.device).float()
             elif loss_cfg.alpha > 0 or loss_cfg.feature_loss != "none":
                 with torch.no_grad(), amp:
-                    tx = x.to(next(self.teacher.parameters()).dtype)
+                    tx = x.to(self.teacher_dtype)
                     if loss_cfg.feature_loss != "none":
                         t_feats = self.teacher.forward_features(tx)
                         t_logits = self.teacher.forward_head(t_feats).float()

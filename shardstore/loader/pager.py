@@ -63,8 +63,7 @@ def drop_pages(arrays: list[np.ndarray], paths: list[Path]) -> None:
     """Unmap these files' pages from this process and ask the kernel to drop them from the page cache."""
     for arr in arrays:
         _advise(arr, mmap.MADV_DONTNEED)
-    for path in paths:
-        _fadvise(path, os.POSIX_FADV_DONTNEED)
+    evict(paths)
 
 
 def evict(paths: list[Path]) -> None:

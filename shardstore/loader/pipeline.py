@@ -18,6 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
+from typing import Any
 
 import numpy as np
 import torch
@@ -252,15 +253,23 @@ class Pipeline:
             return "fill", job, seq, count
         return None
 
+    def _await(self, find: Callable[[], Any], condition: threading.Condition) -> Any:
+        """Under the lock: the next work ``find`` returns, sleeping on ``condition``; None once stopping."""
+        while not self._stopping:
+            work = find()
+            if work is not None:
+                return work
+            condition.wait()
+        return None
+
     def _fill_loop(self) -> None:
         if self.device is not None:
             torch.cuda.set_device(self.device)
         while True:
             with self._lock:
-                while (work := None if self._stopping else self._claim()) is None:
-                    if self._stopping:
-                        return
-                    self._work.wait()
+                work = self._await(self._claim, self._work)
+            if work is None:
+                return
             kind, job, seq, count = work
             if kind == "plan":
                 self._plan(job)
@@ -344,10 +353,9 @@ class Pipeline:
     def _pager_loop(self) -> None:
         while True:
             with self._lock:
-                while (work := None if self._stopping else self._pager_work()) is None:
-                    if self._stopping:
-                        return
-                    self._page.wait()
+                work = self._await(self._pager_work, self._page)
+                if work is None:
+                    return
                 kind, job, which = work
                 # Shards another planned epoch reads (soon) keep their pages.
                 in_use = {int(p) for j in self._jobs if j is not job and j.planned for p in j.visited}

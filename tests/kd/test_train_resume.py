@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from shardstore.config.resolve import DEFAULT_CONFIG_DIR, load_run_config
+from shardstore.config.resolve import DEFAULT_DATA_CONFIG, DEFAULT_MODEL_CONFIG, DEFAULT_TRAIN_CONFIG, load_run_config
 from shardstore.kd.metrics import read_metrics
 from shardstore.kd.trainer import train
 
 from .conftest import overrides
 
-CONFIGS = [Path(DEFAULT_CONFIG_DIR) / n for n in ("data_config.yaml", "train_config_kd.yaml", "model_config_kd.yaml")]
+CONFIGS = [DEFAULT_DATA_CONFIG, DEFAULT_TRAIN_CONFIG, DEFAULT_MODEL_CONFIG]
 
 KILLER = """
 import os, signal, sys
