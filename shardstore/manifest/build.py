@@ -16,6 +16,7 @@ from shardstore.manifest.checksum import checksum_files
 from shardstore.manifest.discover import Candidate, discover_shards
 from shardstore.manifest.model import FieldSpec, FileEntry, Manifest, Problem, ShardEntry, manifest_path
 from shardstore.store.atomic import write_bytes_atomic
+from shardstore.store.groups import GroupSpec, read_group_specs
 from shardstore.store.npy import NpyHeader, read_head, read_header_bytes
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ class BuildReport:
     files_reused: int = 0
     files_checksummed: int = 0
     ignored_fields: dict[str, int] = field(default_factory=dict)
+    #: shards that are used without (part of) a field group, and why: missing or bad files of the group
+    incomplete_groups: list[Problem] = field(default_factory=list)
 
     @property
     def problems(self) -> list[Problem]:
@@ -157,13 +160,25 @@ def build_manifest(
             f"no shards in {root}; expected shard_<id>/<field>.npy directories or <field>_<id>.npy files"
         )
 
+    groups = read_group_specs(root)
+    group_of = {name: g.name for g in groups.values() for name in g.fields}
     report = BuildReport(Manifest({}, []), None)
     root_str = str(root)
     good: dict[int, dict[str, _FileInfo]] = {}
+    group_files: dict[int, dict[str, _FileInfo | str]] = {}
     for shard_id, cand in candidates.items():
         files: dict[str, _FileInfo] = {}
         bad: Problem | None = None
+        extra: dict[str, _FileInfo | str] = {}
         for name, rel in sorted(cand.files.items()):
+            if name in group_of:  # a missing or bad group file costs the shard the group, not its place
+                result = _read_file(root_str, rel, previous)
+                if result is not None:
+                    extra[name] = result
+                    if isinstance(result, _FileInfo):
+                        report.files_reused += result is previous.get(rel)
+                        report.headers_read += result is not previous.get(rel)
+                continue
             result = _read_file(root_str, rel, previous)
             if result is None:  # deleted between listing and reading: the cache is changing, not corrupt
                 bad = Problem(rel, f"vanished while the manifest was built; {LEFT_OUT}", shard_id)
@@ -191,13 +206,19 @@ def build_manifest(
             problems.append(bad)
         else:
             good[shard_id] = files
+            group_files[shard_id] = extra
 
     specs, report.ignored_fields = _majority_specs(good) if good else ({}, {})
+    for g in groups.values():
+        for name, (dtype, shape) in g.fields.items():
+            specs[name] = FieldSpec(dtype, shape, g.name)
     shards: list[ShardEntry] = []
     for shard_id, files in good.items():
         cand = candidates[shard_id]
         bad = None
         for name, spec in specs.items():
+            if spec.group is not None:
+                continue
             info = files.get(name)
             if info is None:
                 bad = Problem(_missing_name(cand, name), f"field {name!r} is missing (the other shards have it); {LEFT_OUT}", shard_id)
@@ -214,8 +235,11 @@ def build_manifest(
         if bad is not None:
             problems.append(bad)
             continue
-        num_samples = files[next(iter(specs))].shape[0]
-        shards.append(ShardEntry(shard_id, num_samples, cand.layout, {n: files[n].entry for n in specs}))
+        num_samples = files[next(n for n, f in specs.items() if f.group is None)].shape[0]
+        entries = {n: files[n].entry for n, f in specs.items() if f.group is None}
+        for g in groups.values():
+            entries |= _group_entries(g, group_files[shard_id], cand, num_samples, report.incomplete_groups, shard_id)
+        shards.append(ShardEntry(shard_id, num_samples, cand.layout, entries))
 
     if checksum:
         shards, failed = _add_checksums(root, shards, progress, report)
@@ -227,6 +251,30 @@ def build_manifest(
         write_bytes_atomic(path, report.manifest.to_json().encode())
         report.path = path
     return report
+
+
+def _group_entries(group: GroupSpec, found: dict[str, _FileInfo | str], cand: Candidate, num_samples: int,
+                   incomplete: list[Problem], shard_id: int) -> dict[str, FileEntry]:
+    """The group's file entries of one shard if every one is there and as declared, else none (with the reason)."""
+    if not any(name in found for name in group.fields):
+        return {}
+    fix = f"the shard is used without group {group.name!r}; write the group's files again"
+    for name, (dtype, shape) in group.fields.items():
+        info = found.get(name)
+        reason = None
+        if info is None:
+            reason = "missing (the group's other files are there)"
+        elif isinstance(info, str):
+            reason = info
+        elif info.dtype != dtype or info.shape[1:] != shape:
+            reason = f"is {info.dtype}{list(info.shape[1:])}, the group declares {dtype}{list(shape)}"
+        elif info.shape[0] != num_samples:
+            reason = f"has {info.shape[0]:,} rows, the shard {num_samples:,}"
+        if reason is not None:
+            path = info.entry.path if isinstance(info, _FileInfo) else cand.files.get(name, _missing_name(cand, name))
+            incomplete.append(Problem(path, f"{reason}; {fix}", shard_id))
+            return {}
+    return {name: found[name].entry for name in group.fields}  # type: ignore[union-attr]
 
 
 def _add_checksums(

@@ -15,7 +15,7 @@ from shardstore.errors import ManifestError
 from shardstore.store.layout import FIELD_NAME, MANIFEST_NAME
 
 FORMAT_NAME = "shardstore-manifest"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: fields of a group (optional per shard)
 CHECKSUM_ALGORITHM = "sha256"
 
 
@@ -25,6 +25,8 @@ class FieldSpec:
 
     dtype: np.dtype
     shape: tuple[int, ...]
+    #: the field group it belongs to (``ROOT/<group>.fields.json``); such a field may be absent from a shard
+    group: str | None = None
 
     @property
     def sample_bytes(self) -> int:
@@ -61,6 +63,14 @@ class ShardEntry:
         """Bytes of all field files of the shard."""
         return sum(f.bytes for f in self.files.values())
 
+    def field_path(self, field: str) -> str:
+        """Where ``field`` of this shard lives or would live, relative to the root (``files`` is never empty)."""
+        first = next(iter(self.files.values())).path
+        if self.layout == "native":
+            return f"{first.rsplit('/', 1)[0]}/{field}.npy"
+        digits = first[: -len(".npy")].rsplit("_", 1)[1]
+        return f"{field}_{digits}.npy"
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -81,6 +91,10 @@ class Manifest:
     fields: dict[str, FieldSpec]
     shards: list[ShardEntry]
     left_out: list[Problem] = field(default_factory=list)
+
+    def positions_with(self, fields: list[str] | tuple[str, ...]) -> list[int]:
+        """Positions of the shards that have every one of ``fields``."""
+        return [p for p, s in enumerate(self.shards) if all(name in s.files for name in fields)]
 
     @property
     def num_samples(self) -> int:
@@ -113,7 +127,8 @@ class Manifest:
             "num_samples": self.num_samples,
             "total_bytes": self.total_bytes,
             "snapshot_id": self.snapshot_id,
-            "fields": {n: {"dtype": f.dtype.str, "shape": list(f.shape)} for n, f in self.fields.items()},
+            "fields": {n: {"dtype": f.dtype.str, "shape": list(f.shape), **({"group": f.group} if f.group else {})}
+                       for n, f in self.fields.items()},
             "shards": [
                 {
                     "id": s.id,
@@ -176,7 +191,13 @@ def _parse(doc: Any) -> Manifest:
         dtype = np.dtype(str(spec["dtype"]))
         if dtype.hasobject or dtype.fields is not None:
             raise ManifestError(f"field {name!r} has dtype {dtype}, which is not allowed (no objects)")
-        fields[name] = FieldSpec(dtype, tuple(int(d) for d in spec["shape"]))
+        group = spec.get("group")
+        fields[name] = FieldSpec(dtype, tuple(int(d) for d in spec["shape"]), None if group is None else str(group))
+    required = {n for n, f in fields.items() if f.group is None}
+    groups: dict[str, set[str]] = {}
+    for n, f in fields.items():
+        if f.group is not None:
+            groups.setdefault(f.group, set()).add(n)
     shards = []
     for s in doc["shards"]:
         files = {
@@ -189,8 +210,11 @@ def _parse(doc: Any) -> Manifest:
             )
             for name, f in s["files"].items()
         }
-        if set(files) != set(fields):
-            raise ManifestError(f"shard {s['id']} lists fields {sorted(files)}, the manifest {sorted(fields)}")
+        names = set(files)
+        partial = [g for g, members in groups.items() if names & members and not members <= names]
+        if not required <= names or not names <= set(fields) or partial:
+            raise ManifestError(f"shard {s['id']} lists fields {sorted(files)}, the manifest {sorted(fields)}"
+                                + (f" (group {partial[0]!r} only in part)" if partial else ""))
         shards.append(ShardEntry(int(s["id"]), int(s["num_samples"]), str(s["layout"]), files))
     left_out = [Problem(str(p["path"]), str(p["reason"]), p.get("shard_id")) for p in doc.get("left_out", [])]
     return Manifest(fields, shards, left_out)

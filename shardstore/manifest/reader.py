@@ -44,6 +44,7 @@ class ShardStore:
         #: ``offsets[p]`` is the global id of shard position ``p``'s first sample; ``offsets[-1]`` the total.
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.shard_ids = np.array([s.id for s in manifest.shards], dtype=np.int64)
+        self._complete = {n: f for n, f in manifest.fields.items() if all(n in s.files for s in manifest.shards)}
 
     @classmethod
     def open(cls, root: str | os.PathLike[str], *, max_open_maps: int = 64, check_files: bool = True) -> ShardStore:
@@ -87,8 +88,28 @@ class ShardStore:
 
     @property
     def fields(self) -> dict[str, FieldSpec]:
-        """Field name to dtype and per-sample shape."""
+        """The fields every shard of this store has (what a loader reads): name to dtype and per-sample shape.
+
+        A field of a group (see ``shardstore.store.groups``) that some shards lack is left
+        out; ``all_fields`` lists it, ``subset(manifest.positions_with([...]))`` makes it complete.
+        """
+        return self._complete
+
+    @property
+    def all_fields(self) -> dict[str, FieldSpec]:
+        """Every field of the manifest, including group fields only some shards have."""
         return self.manifest.fields
+
+    def select(self, fields: list[str] | tuple[str, ...]) -> ShardStore:
+        """The same shards with only ``fields`` (a loader over it reads nothing else)."""
+        missing = [name for name in fields if name not in self.manifest.fields]
+        if missing:
+            raise KeyError(f"no field {missing[0]!r}; the cache has {sorted(self.manifest.fields)}")
+        manifest = Manifest(fields={n: self.manifest.fields[n] for n in fields},
+                            shards=[ShardEntry(s.id, s.num_samples, s.layout, {n: f for n, f in s.files.items()
+                                                                              if n in fields})
+                                    for s in self.manifest.shards])
+        return ShardStore(self.root, manifest, max_open_maps=self._maps.max_open)
 
     @property
     def shards(self) -> list[ShardEntry]:
@@ -134,12 +155,15 @@ class ShardStore:
             spec = self.manifest.fields[field]
         except KeyError:
             raise KeyError(f"no field {field!r}; the cache has {sorted(self.manifest.fields)}") from None
-        entry = shard.files[field]
+        entry = shard.files.get(field)
+        if entry is None:
+            raise KeyError(f"shard {shard.id} has no {field!r} (its group {spec.group!r} was not written for it); "
+                           "fill it, or read the shards that have it: store.subset(manifest.positions_with([...]))")
         return self._maps.get(self.root / entry.path, spec.dtype, (shard.num_samples, *spec.shape), entry.data_offset)
 
     def shard(self, position: int) -> dict[str, np.ndarray]:
         """Every field of the shard at ``position``, memory-mapped."""
-        return {name: self.field(position, name) for name in self.manifest.fields}
+        return {name: self.field(position, name) for name in self.fields}
 
     def locate(self, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(shard_position, row)`` of each global sample id (compiled kernel)."""
@@ -151,7 +175,7 @@ class ShardStore:
             raise IndexError(f"sample id {sample_id} is out of range [0, {self.num_samples})")
         position = int(np.searchsorted(self.offsets, sample_id, side="right")) - 1
         row = sample_id - int(self.offsets[position])
-        return {name: self.field(position, name)[row] for name in self.manifest.fields}
+        return {name: self.field(position, name)[row] for name in self.fields}
 
     def __repr__(self) -> str:
         return f"ShardStore({str(self.root)!r}, shards={self.num_shards}, samples={self.num_samples})"

@@ -16,6 +16,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def pid_alive(pid: int) -> bool:
+    """True if a process ``pid`` exists (a writer whose temporaries must not be deleted)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def temporary_sibling(path: Path) -> Path:
     """A hidden name next to ``path`` that no reader mistakes for a finished file."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")

@@ -15,6 +15,8 @@ NATIVE_FILE = re.compile(rf"^({_FIELD})\.npy$")
 FLAT_FILE = re.compile(rf"^({_FIELD}?)_(\d+)\.npy$")
 # Temporary directories of a writer: ``.shard_000042.tmp-<pid>-<hex>``.
 TEMP_DIR = re.compile(r"^\.shard_(\d+)\.tmp-(\d+)-[0-9a-f]+$")
+# Temporary files of an atomic write (``temporary_sibling``): ``.<name>.tmp-<pid>-<hex>``.
+TEMP_FILE = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]+$")
 
 
 def shard_dir_name(shard_id: int) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from shardstore.errors import WriterError
-from shardstore.store.atomic import fsync_dir
+from shardstore.store.atomic import fsync_dir, pid_alive
 from shardstore.store.npy import read_header_at
 from shardstore.store.layout import (
     NATIVE_DIR,
@@ -25,16 +25,6 @@ from shardstore.store.layout import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _existing_shard_rows(shard_dir: Path) -> int:
@@ -123,7 +113,7 @@ class ShardWriter:
     def _remove_stale_temporaries(self) -> None:
         for entry in self.root.iterdir():
             m = TEMP_DIR.match(entry.name)
-            if m and self._owns(int(m.group(1))) is not None and not _pid_alive(int(m.group(2))):
+            if m and self._owns(int(m.group(1))) is not None and not pid_alive(int(m.group(2))):
                 log.info("removing %s left by a writer that stopped", entry)
                 shutil.rmtree(entry, ignore_errors=True)
 

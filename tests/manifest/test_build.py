@@ -54,7 +54,7 @@ def test_flat_ids_are_numbers_and_field_names_may_hold_underscores(tmp_path: Pat
 def test_json_round_trip_and_relative_paths(native_cache: Path) -> None:
     m = build_manifest(native_cache, checksum=True).manifest
     doc = json.loads((native_cache / "manifest.json").read_text())
-    assert doc["format"] == "shardstore-manifest" and doc["version"] == 1
+    assert doc["format"] == "shardstore-manifest" and doc["version"] == 2
     assert doc["shards"][0]["files"]["images"]["path"] == "shard_000000/images.npy"
     again = Manifest.from_json(m.to_json())
     assert again.to_json() == m.to_json() and again.snapshot_id == m.snapshot_id
