@@ -37,6 +37,10 @@ class DataConfig:
     """Shards read into the page cache ahead of the threads; 0 turns read-ahead off."""
     drop_finished_pages: bool = False
     """Drop a shard's pages from the page cache once the epoch is done with it (a cache larger than RAM)."""
+    teacher_targets: str | None = None
+    """Train from the teacher targets cached under this name (``shardstore cache-teacher --name``); no teacher is loaded."""
+    missing_targets: str = "error"
+    """Shards without those targets: ``error`` (stop and say which) or ``skip`` (train on the others)."""
 
     def loader_kwargs(self) -> dict[str, Any]:
         """The ``ShardLoader`` arguments this config sets."""
@@ -52,6 +56,10 @@ def data_config_from_dict(values: dict[str, Any], source: str = "data_config.yam
     for key in ("cache_shard_size", "shards_per_epoch", "active_shards", "loader_threads", "prefetch_batches"):
         if values.get(key) is not None and values[key] < 1:
             raise ConfigError(f"{source}: `{key}` must be at least 1, got {values[key]}")
+    if values.get("missing_targets", "error") not in ("error", "skip"):
+        raise ConfigError(f"{source}: `missing_targets` must be error or skip, got {values['missing_targets']!r}")
+    if values.get("teacher_targets") is not None and not str(values["teacher_targets"]).strip():
+        raise ConfigError(f"{source}: `teacher_targets` is empty; name the cached targets (e.g. teacher) or use null")
     for key in ("random_subset_seed", "read_ahead_shards"):
         if values.get(key, 0) < 0:
             raise ConfigError(f"{source}: `{key}` must be non-negative, got {values[key]}")

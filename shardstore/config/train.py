@@ -24,13 +24,18 @@ class LossConfig:
     projector_hidden: int = 0
     """Hidden width of the student-to-teacher feature projector; 0 = a linear projection."""
     target_field: str | None = None
-    """Read teacher targets from this cache field instead of running the teacher."""
+    """Read teacher logits (one per sample, no views) from this cache field instead of running the teacher."""
+    sparse_tail: Literal["spread", "renormalise"] = "spread"
+    """Cached top-k targets: the other classes share the stored tail mass (spread) or are dropped (renormalise)."""
+    live_fraction: float = 0.0
+    """With cached targets: this fraction of steps uses fresh views and the live teacher instead (hybrid)."""
 
     def __post_init__(self) -> None:
         between("alpha", self.alpha, 0.0, 1.0, " (the weight of the KD term)")
         positive("temperature", self.temperature, "4.0")
         at_least("feature_weight", self.feature_weight, 0)
         at_least("projector_hidden", self.projector_hidden, 0)
+        between("live_fraction", self.live_fraction, 0.0, 1.0, " (the share of steps taught live)")
         if self.feature_loss == "none" and self.feature_weight > 0:
             raise ValueError(f"`feature_weight` is {self.feature_weight} but `feature_loss` is none; "
                              "set feature_loss to cosine, smooth_l1 or mse, or feature_weight to 0")

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from shardstore.config.resolve import RunConfig
 from shardstore.dataset.subset import RandomShardSubsetCachedDataset
 from shardstore.errors import ConfigError
 from shardstore.kd.distributed import DistInfo
+from shardstore.kd.augment import apply_views
 from shardstore.kd.losses import DistillationLoss
+from shardstore.kd.target_spec import TargetSpec, read_target_spec
 from shardstore.kd.models.io import InputAdapter, freeze, load_checkpoint_into, load_torchscript
 from shardstore.kd.models.registry import build_model
 from shardstore.manifest.reader import ShardStore
+
+log = logging.getLogger(__name__)
 
 IMAGE_FIELD = "images"
 LABEL_FIELD = "labels"
@@ -22,17 +27,50 @@ LABEL_FIELD = "labels"
 
 @dataclass
 class Data:
-    """The training dataset (this rank's part of each epoch) and the evaluation store, if any."""
+    """The training dataset (this rank's part of each epoch), the evaluation store, and cached targets' settings."""
 
     train: RandomShardSubsetCachedDataset
     eval_store: ShardStore | None
     held_out_ids: list[int]
+    targets: TargetSpec | None = None
+
+
+def _with_targets(cfg: RunConfig, store: ShardStore) -> tuple[ShardStore, TargetSpec]:
+    """The training shards that have the cached targets (all of them, or an error, unless missing_targets: skip)."""
+    name = cfg.data.teacher_targets
+    assert name is not None
+    spec = read_target_spec(store.root, name)
+    fix = f"`shardstore cache-teacher --name {name}`"
+    if spec.num_classes != cfg.model.num_classes:
+        raise ConfigError(f"the cached targets {name!r} have {spec.num_classes} classes, model_config.num_classes is "
+                          f"{cfg.model.num_classes}; fix num_classes or cache the targets again under a new name")
+    image = store.fields[IMAGE_FIELD]
+    if tuple(image.shape) != spec.image_shape:
+        raise ConfigError(f"the cached targets {name!r} were made on images {list(spec.image_shape)}, the cache has "
+                          f"{list(image.shape)}; cache them again with {fix}")
+    have = store.manifest.positions_with(list(spec.field_names().values()))
+    if len(have) < store.num_shards:
+        missing = sorted(set(int(i) for i in store.shard_ids) - {int(store.shard_ids[p]) for p in have})
+        shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
+        what = (f"the cached targets {name!r} cover {len(have)} of the {store.num_shards} training shards of "
+                f"{store.root} (missing: {shown})")
+        if cfg.data.missing_targets == "error" or not have:
+            raise ConfigError(f"{what}; fill them with {fix}, or set data.missing_targets: skip to train on the others"
+                              if have or cfg.data.missing_targets == "error" else f"{what}; fill them with {fix}")
+        log.warning("%s; training on those %d shards only (data.missing_targets: skip)", what, len(have))
+        store = store.subset(have)
+    return store, spec
 
 
 def build_data(cfg: RunConfig, info: DistInfo) -> Data:
-    """Open the cache; hold out its last ``eval.held_out_shards`` shards (by id) or open the evaluation cache."""
+    """Open the cache; hold out its last ``eval.held_out_shards`` shards (by id) or open the evaluation cache.
+
+    The loader reads only the fields training uses: images, labels, the logits of
+    ``loss.target_field`` and, with ``data.teacher_targets``, the cached targets.
+    """
     store = ShardStore.open(cfg.data.cache_root)
-    for name in (IMAGE_FIELD, LABEL_FIELD) + ((cfg.train.loss.target_field,) if cfg.train.loss.target_field else ()):
+    needed = [IMAGE_FIELD, LABEL_FIELD] + ([cfg.train.loss.target_field] if cfg.train.loss.target_field else [])
+    for name in needed:
         if name not in store.fields:
             raise ConfigError(f"the cache {store.root} has no field {name!r} (it has {sorted(store.fields)}); "
                               "write it, or fix the configuration")
@@ -43,37 +81,75 @@ def build_data(cfg: RunConfig, info: DistInfo) -> Data:
             raise ConfigError(f"train_config: eval.held_out_shards={held} leaves no training shard "
                               f"(the cache has {store.num_shards}); lower it")
         held_ids = [int(i) for i in store.shard_ids[-held:]]
-        eval_store = store.subset(range(store.num_shards - held, store.num_shards))
+        eval_store = store.subset(range(store.num_shards - held, store.num_shards)).select(needed)
         store = store.subset(range(store.num_shards - held))
     elif cfg.train.eval.cache_root:
         eval_store = ShardStore.open(cfg.train.eval.cache_root)
+    spec = None
+    if cfg.data.teacher_targets:
+        store, spec = _with_targets(cfg, store)
+        needed += list(spec.field_names().values())
+    store = store.select(needed)
     d = cfg.data
     train = RandomShardSubsetCachedDataset(
         store, d.shards_per_epoch, d.random_subset_seed, d.shard_policy, order=d.sample_order,
         active_shards=d.active_shards, batch_size=cfg.train.batch_size,
         max_steps_per_epoch=cfg.train.max_steps_per_epoch, rank=info.rank, world_size=info.world_size)
-    return Data(train, eval_store, held_ids)
+    return Data(train, eval_store, held_ids, spec)
 
 
 def build_teacher(cfg: RunConfig, device: torch.device) -> InputAdapter | None:
-    """The frozen teacher with its own input pipeline; None when the targets come from the cache."""
+    """The frozen teacher with its own input pipeline; None when the targets come from the cache.
+
+    With cached teacher targets (``data.teacher_targets``) the teacher is loaded only for
+    hybrid teaching (``loss.live_fraction`` > 0).
+    """
     if cfg.train.loss.target_field:
         return None
+    if cfg.data.teacher_targets and cfg.train.loss.live_fraction == 0:
+        return None
+    return load_teacher(cfg, device)
+
+
+def load_teacher(cfg: RunConfig, device: torch.device) -> InputAdapter:
+    """The frozen teacher of the model config, on ``device`` (in ``teacher.dtype``)."""
     t = cfg.model.teacher
     if t.checkpoint_format == "torchscript":
         if not t.checkpoint:
             raise ConfigError("model_config: teacher.checkpoint_format is torchscript but teacher.checkpoint is "
                               "not set; name the TorchScript file")
         model: nn.Module = load_torchscript(t.checkpoint)
-    else:
+    elif t.checkpoint:
         model = build_model(t.name, cfg.model.num_classes, image_size=t.input.size, **t.kwargs)
-        if t.checkpoint:
-            load_checkpoint_into(model, t.checkpoint)
+        load_checkpoint_into(model, t.checkpoint)
+    else:
+        # No checkpoint (tests, smoke runs): the same random teacher from the run's seed wherever it is built.
+        log.warning("model_config: teacher.checkpoint is not set; the teacher is randomly initialised (seed %d)",
+                    cfg.train.seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.train.seed)
+            model = build_model(t.name, cfg.model.num_classes, image_size=t.input.size, **t.kwargs)
     teacher = InputAdapter(model, size=t.input.size, mean=t.input.mean, std=t.input.std)
     teacher = freeze(teacher).to(device)
     if t.dtype == "bfloat16":
         teacher = teacher.to(torch.bfloat16)
     return teacher
+
+
+def render_teacher_input(images: Tensor, views: Tensor, teacher: InputAdapter) -> Tensor:
+    """uint8 ``[B, C, H, W]`` and views ``[B, 5]`` -> the float views at the teacher's own input size.
+
+    Live teaching, caching and the consistency check all render the teacher's input this way.
+    """
+    return apply_views(images, views.float(), teacher.size)
+
+
+def teacher_forward(teacher: InputAdapter, x: Tensor, *, features: bool) -> tuple[Tensor, Tensor | None]:
+    """The teacher's float32 logits for the batch ``x`` and, with ``features``, its float32 pooled embedding."""
+    if features:
+        feats = teacher.forward_features(x)
+        return teacher.forward_head(feats).float(), feats.float()
+    return teacher(x).float(), None
 
 
 def build_student(cfg: RunConfig) -> InputAdapter:
@@ -96,27 +172,43 @@ class Trainable(nn.Module):
         self.criterion = criterion
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None, teacher_logits: torch.Tensor | None,
-                teacher_features: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+                teacher_features: torch.Tensor | None, teacher_log_probs: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         if self.criterion.projector is not None:
             features = self.student.forward_features(images)
             logits = self.student.forward_head(features)
         else:
             features, logits = None, self.student(images)
         loss, parts = self.criterion(logits, labels, teacher_logits=teacher_logits,
-                                     student_features=features, teacher_features=teacher_features)
+                                     student_features=features, teacher_features=teacher_features,
+                                     teacher_log_probs=teacher_log_probs)
         return loss, parts, logits
 
 
-def build_criterion(cfg: RunConfig, student: InputAdapter, teacher: InputAdapter | None) -> DistillationLoss:
+def build_criterion(cfg: RunConfig, student: InputAdapter, teacher: InputAdapter | None,
+                    targets: TargetSpec | None = None) -> DistillationLoss:
     loss = cfg.train.loss
     uses_features = loss.feature_loss != "none"
-    if uses_features and teacher is None:
-        raise ConfigError("train_config: loss.feature_loss needs a live teacher (its embeddings); "
-                          "unset loss.target_field or set loss.feature_loss: none")
+    teacher_dim = 0
+    if targets is not None:
+        if uses_features and not targets.embedding_dim:
+            raise ConfigError(f"train_config: loss.feature_loss needs teacher embeddings, the cached targets "
+                              f"{targets.name!r} have none; cache them with --embeddings or set feature_loss: none")
+        if loss.alpha > 0 and targets.logits == "none":
+            raise ConfigError(f"train_config: loss.alpha > 0 needs teacher logits, the cached targets "
+                              f"{targets.name!r} hold embeddings only; set alpha: 0 or cache logits too")
+        teacher_dim = targets.embedding_dim if uses_features else 0
+        if uses_features and teacher is not None and teacher.num_features != teacher_dim:
+            raise ConfigError(f"the live teacher's embedding has {teacher.num_features} values, the cached one "
+                              f"{teacher_dim}; cache the targets with this teacher")
+    elif uses_features:
+        if teacher is None:
+            raise ConfigError("train_config: loss.feature_loss needs a live teacher (its embeddings); "
+                              "unset loss.target_field or set loss.feature_loss: none")
+        teacher_dim = teacher.num_features
     return DistillationLoss(alpha=loss.alpha, temperature=loss.temperature, feature_loss=loss.feature_loss,
                             feature_weight=loss.feature_weight, student_dim=student.num_features,
-                            teacher_dim=teacher.num_features if uses_features and teacher is not None else 0,
-                            projector_hidden=loss.projector_hidden)
+                            teacher_dim=teacher_dim, projector_hidden=loss.projector_hidden)
 
 
 def build_optimizer(cfg: RunConfig, module: nn.Module, lr: float) -> torch.optim.Optimizer:

@@ -33,6 +33,16 @@ def build_projector(student_dim: int, teacher_dim: int, hidden: int = 0) -> nn.M
     return nn.Linear(student_dim, teacher_dim)
 
 
+def kd_kl_from_log_probs(student_logits: Tensor, teacher_log_probs_t: Tensor, temperature: float) -> Tensor:
+    """``T^2 * KL(teacher || softmax(student / T))`` with the teacher given as log-probabilities at ``T``.
+
+    Classes the teacher gives probability 0 (``-inf``, a renormalised top-k) add nothing.
+    """
+    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    kl = (teacher_log_probs_t.exp() * (teacher_log_probs_t - log_p_student)).nan_to_num(0.0).sum(-1)
+    return kl.mean() * temperature**2
+
+
 UNLABELED = -1
 """The label of a sample that has none (semi-supervised distillation): only the KD term teaches it."""
 
@@ -103,8 +113,12 @@ class DistillationLoss(nn.Module):
         teacher_logits: Tensor | None = None,
         student_features: Tensor | None = None,
         teacher_features: Tensor | None = None,
+        teacher_log_probs: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The total loss (float32, differentiable) and its detached parts (0-d tensors): loss, kd, ce, feature.
+
+        The teacher comes as ``teacher_logits`` or, from cached top-k targets, as
+        ``teacher_log_probs`` already at the temperature (``shardstore.kd.targets``).
 
         The parts stay on the device: reading them (``float(part)``) waits for the GPU, so a
         training loop does it only when it logs.
@@ -114,10 +128,13 @@ class DistillationLoss(nn.Module):
         parts: dict[str, Tensor] = {}
         total = student_logits.new_zeros((), dtype=torch.float32)
         if kd_weight > 0.0:
-            if teacher_logits is None:
+            if teacher_logits is None and teacher_log_probs is None:
                 why = "labels is None" if labels is None else f"alpha={self.alpha}"
                 raise ValueError(f"the KD term needs teacher_logits ({why}); pass them, or use alpha=0 with labels")
-            parts["kd"] = kd_kl(student_logits, teacher_logits, self.temperature)
+            if teacher_logits is not None:
+                parts["kd"] = kd_kl(student_logits, teacher_logits, self.temperature)
+            else:
+                parts["kd"] = kd_kl_from_log_probs(student_logits, teacher_log_probs, self.temperature)
             total = total + kd_weight * parts["kd"]
         if labels is not None and ce_weight > 0.0:
             # Label -1 marks an unlabeled sample: no label term for it (the KD term still teaches it).

@@ -77,11 +77,3 @@ def teacher_log_probs(sparse: SparseLogits, temperature: float = 1.0, tail: str 
     pseudo = tail_log_p.expand(*top_log_p.shape[:-1], num_classes).clone()
     pseudo.scatter_(-1, indices, top_log_p)
     return torch.log_softmax(pseudo / temperature, dim=-1)
-
-
-def kd_kl_from_log_probs(student_logits: Tensor, teacher_log_probs_t: Tensor, temperature: float) -> Tensor:
-    """``T^2 * KL(teacher || softmax(student / T))`` with the teacher already at temperature ``T`` (batch mean)."""
-    log_p_student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    p_teacher = teacher_log_probs_t.exp()
-    kl = (p_teacher * (teacher_log_probs_t - log_p_student)).nan_to_num(0.0).sum(-1)
-    return kl.mean() * temperature**2

@@ -19,9 +19,12 @@ from shardstore.config.resolve import RunConfig, run_config_to_yaml
 from shardstore.kd import distributed
 from shardstore.kd.augment import AugmentSpec, DeviceAugment
 from shardstore.kd.checkpoint import CheckpointManager, load_checkpoint
+from shardstore.kd.augment import apply_views, view_generator
 from shardstore.kd.components import (
     IMAGE_FIELD, LABEL_FIELD, Trainable, build_criterion, build_data, build_optimizer, build_student, build_teacher,
+    render_teacher_input, teacher_forward,
 )
+from shardstore.kd.target_spec import CachedTargets
 from shardstore.kd.ema import ModelEma
 from shardstore.kd.evaluate import evaluate
 from shardstore.kd.metrics import MetricsLog
@@ -81,7 +84,14 @@ class _Run:
         self.teacher = build_teacher(cfg, self.device)
         self.teacher_dtype = next(self.teacher.parameters()).dtype if self.teacher is not None else None
         student = build_student(cfg)
-        self.criterion = build_criterion(cfg, student, self.teacher)
+        self.criterion = build_criterion(cfg, student, self.teacher, self.data.targets)
+        self.cached = None
+        if self.data.targets is not None:
+            # Which stored view each sample trains on: from (seed, rank, epoch, batch), like fresh views.
+            self.cached = CachedTargets(self.data.targets, _view_seed(t.seed, info.rank),
+                                        temperature=t.loss.temperature, tail=t.loss.sparse_tail)
+        # Hybrid teaching: whether a step is taught live is the same on every rank (rank-free seed).
+        self.live_seed = int(np.random.SeedSequence([t.seed, 0x4C495645]).generate_state(1)[0])
         self.trainable = Trainable(student, self.criterion).to(self.device)
         if t.channels_last:
             self.trainable = self.trainable.to(memory_format=torch.channels_last)
@@ -209,27 +219,31 @@ class _Run:
             b = first + i
             images = batch[IMAGE_FIELD].to(self.device, non_blocking=True)
             labels = batch[LABEL_FIELD].to(self.device, non_blocking=True).long()
-            # The view depends on (seed, rank, epoch, batch) only: a resumed run draws the same ones.
-            x, _ = self.augment(images, step=epoch * (1 << 32) + b)
+            # Views (fresh or stored) depend on (seed, rank, epoch, batch) only: a resumed run uses the same ones.
+            step = epoch * (1 << 32) + b
+            t_logits = t_feats = t_log_probs = None
+            if self.cached is not None and not self.live_step(step):
+                picked = self.cached.pick({k: v.to(self.device, non_blocking=True) for k, v in batch.items()
+                                           if k in self.cached.names.values()}, step)
+                x = apply_views(images, picked.views, self.augment.spec.size)
+                t_logits, t_log_probs, t_feats = picked.logits, picked.log_probs, picked.features
+            else:
+                x, views = self.augment(images, step=step)
+                if loss_cfg.target_field:
+                    t_logits = batch[loss_cfg.target_field].to(self.device).float()
+                elif loss_cfg.alpha > 0 or loss_cfg.feature_loss != "none":
+                    assert self.teacher is not None
+                    tx = x if self.teacher.size == x.shape[-1] else render_teacher_input(images, views, self.teacher)
+                    with torch.no_grad(), amp:
+                        t_logits, t_feats = teacher_forward(self.teacher, tx.to(self.teacher_dtype),
+                                                            features=loss_cfg.feature_loss != "none")
             if t.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            t_logits = t_feats = None
-            if loss_cfg.target_field:
-                t_logits = batch[loss_cfg.target_field].to(self.device).float()
-            elif loss_cfg.alpha > 0 or loss_cfg.feature_loss != "none":
-                with torch.no_grad(), amp:
-                    tx = x.to(self.teacher_dtype)
-                    if loss_cfg.feature_loss != "none":
-                        t_feats = self.teacher.forward_features(tx)
-                        t_logits = self.teacher.forward_head(t_feats).float()
-                        t_feats = t_feats.float()
-                    else:
-                        t_logits = self.teacher(tx).float()
             sync = (i + 1) % self.accum == 0 or i == num - 1
             no_sync = self.ddp.no_sync() if self.ddp is not None and not sync else nullcontext()
             with no_sync:
                 with amp:
-                    loss, parts, _ = self.forward(x, labels, t_logits, t_feats)
+                    loss, parts, _ = self.forward(x, labels, t_logits, t_feats, t_log_probs)
                 (loss / self.accum).backward()
             for k, v in parts.items():
                 step_parts[k] = step_parts[k] + v if k in step_parts else v
@@ -272,6 +286,13 @@ class _Run:
                 "wait_frac": self.loader.stats.epoch_s / max(elapsed, 1e-9), "batches": batches,
                 "shards": self.data.train.selected_shards}
         return out
+
+    def live_step(self, step: int) -> bool:
+        """With cached targets, whether ``step`` is taught by the live teacher on fresh views (hybrid)."""
+        fraction = self.cfg.train.loss.live_fraction
+        if fraction <= 0.0:
+            return False
+        return bool(torch.rand(1, generator=view_generator(self.live_seed, step), dtype=torch.float64) < fraction)
 
     def evaluate(self) -> dict[str, float]:
         t = self.cfg.train

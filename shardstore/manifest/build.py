@@ -209,6 +209,9 @@ def build_manifest(
             group_files[shard_id] = extra
 
     specs, report.ignored_fields = _majority_specs(good) if good else ({}, {})
+    if good and not specs:
+        raise ManifestError(f"the shards in {root} hold only fields of declared groups ({', '.join(sorted(groups))}); "
+                            "a cache needs its own fields (e.g. images) besides the groups added to it")
     for g in groups.values():
         for name, (dtype, shape) in g.fields.items():
             specs[name] = FieldSpec(dtype, shape, g.name)

@@ -20,7 +20,7 @@ def pid_alive(pid: int) -> bool:
     """True if a process ``pid`` exists (a writer whose temporaries must not be deleted)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # a number no process can have
         return False
     except PermissionError:
         return True

@@ -123,7 +123,8 @@ def add_shard_fields(targets: dict[str, Path], arrays: dict[str, np.ndarray], *,
 
     All files are written and fsynced under temporary names before the first rename, so a
     crash leaves whole files only (possibly not all of them: the group is then incomplete
-    for that shard and is rewritten on the next run). Existing files are replaced.
+    for that shard and is rewritten on the next run). Existing files of the set are deleted
+    before the first rename, so old and new files never form a complete-looking mix.
     """
     if set(targets) != set(arrays):
         raise ValueError(f"targets {sorted(targets)} and arrays {sorted(arrays)} name different fields")
@@ -137,6 +138,9 @@ def add_shard_fields(targets: dict[str, Path], arrays: dict[str, np.ndarray], *,
                 f.flush()
                 if fsync:
                     os.fsync(f.fileno())
+        # Remove what an earlier, interrupted run left first: old and new files must never make a whole set.
+        for path in targets.values():
+            path.unlink(missing_ok=True)
         for name, path in targets.items():
             os.replace(temps[name], path)
     except BaseException:

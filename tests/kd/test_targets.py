@@ -7,7 +7,8 @@ import torch
 
 from shardstore.errors import ConfigError
 from shardstore.kd.losses import kd_kl
-from shardstore.kd.targets import encode_topk, index_dtype, kd_kl_from_log_probs, teacher_log_probs
+from shardstore.kd.losses import kd_kl_from_log_probs
+from shardstore.kd.targets import encode_topk, index_dtype, teacher_log_probs
 
 
 def logits(n: int = 16, classes: int = 100, sharp: float = 4.0) -> torch.Tensor:

@@ -1,0 +1,172 @@
+"""The settings of a teacher-target group (``ROOT/<name>.fields.json``'s meta) and the views it was drawn with.
+
+See ``shardstore.kd.teacher_cache`` for the fields and how they are written.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from shardstore.errors import ConfigError
+from shardstore.kd.augment import AugmentSpec, draw_views, view_generator
+from shardstore.kd.targets import SparseLogits, index_dtype, teacher_log_probs
+from shardstore.store.groups import GroupSpec, group_file, read_group_specs
+
+META_FORMAT = "shardstore-teacher-targets"
+#: settings that must match for a run to add shards to an existing group
+SAME_SETTINGS = ("views", "logits", "topk", "num_classes", "embedding_dim", "seed", "augment", "image_field",
+                 "image_shape", "teacher")
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """What a teacher-target group holds and how its views were drawn (the group declaration's ``meta``)."""
+
+    name: str
+    views: int
+    logits: str  # "topk", "dense" or "none"
+    topk: int
+    num_classes: int
+    embedding_dim: int  # 0: no embeddings
+    seed: int
+    augment: dict[str, Any]  # random_resized_crop, scale, ratio, flip
+    image_field: str
+    image_shape: tuple[int, int, int]  # C, H, W of the cached images
+    teacher: dict[str, Any]  # name, checkpoint, checkpoint_sha256, input_size, mean, std, dtype, amp
+
+    # -- fields ----------------------------------------------------------------------------
+
+    @property
+    def views_field(self) -> str:
+        return f"{self.name}_views"
+
+    def field_names(self) -> dict[str, str]:
+        """Role (``views``, ``index``, ``logp``, ``tail``, ``logits``, ``embedding``) to field name."""
+        roles = ["views"]
+        roles += ["index", "logp", "tail"] if self.logits == "topk" else ["logits"] if self.logits == "dense" else []
+        roles += ["embedding"] if self.embedding_dim else []
+        suffix = {"views": "views", "index": "topk_index", "logp": "topk_logp", "tail": "tail_logp",
+                  "logits": "logits", "embedding": "embedding"}
+        return {role: f"{self.name}_{suffix[role]}" for role in roles}
+
+    def field_specs(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        k, v = self.topk, self.views
+        _, height, width = self.image_shape
+        view_dtype = np.int16 if max(height, width) <= np.iinfo(np.int16).max else np.int32
+        shapes: dict[str, tuple[Any, tuple[int, ...]]] = {
+            "views": (view_dtype, (v, 5)),
+            "index": (torch.empty(0, dtype=index_dtype(self.num_classes)).numpy().dtype, (v, k)),
+            "logp": (np.float16, (v, k)), "tail": (np.float16, (v,)),
+            "logits": (np.float16, (v, self.num_classes)), "embedding": (np.float16, (v, self.embedding_dim)),
+        }
+        return {name: (np.dtype(shapes[role][0]), shapes[role][1]) for role, name in self.field_names().items()}
+
+    def augment_spec(self, size: int) -> AugmentSpec:
+        a = self.augment
+        return AugmentSpec(size=size, random_resized_crop=bool(a["random_resized_crop"]), scale=tuple(a["scale"]),
+                           ratio=tuple(a["ratio"]), flip=bool(a["flip"]))
+
+    def bytes_per_sample(self) -> int:
+        return sum(math.prod(shape) * dtype.itemsize for dtype, shape in self.field_specs().values())
+
+    # -- the declaration -------------------------------------------------------------------
+
+    def to_group(self) -> GroupSpec:
+        meta = {"format": META_FORMAT, **asdict(self)}
+        meta["image_shape"] = list(self.image_shape)
+        return GroupSpec(self.name, self.field_specs(), meta)
+
+    @classmethod
+    def from_group(cls, group: GroupSpec, source: str) -> TargetSpec:
+        meta = dict(group.meta)
+        if meta.pop("format", None) != META_FORMAT:
+            raise ConfigError(f"{source}: group {group.name!r} does not hold teacher targets; "
+                              "name a group written by `shardstore cache-teacher`")
+        try:
+            meta["image_shape"] = tuple(int(d) for d in meta["image_shape"])
+            spec = cls(**meta)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ConfigError(f"{source}: malformed teacher-target settings ({exc}); "
+                              "run `shardstore cache-teacher` again with a new --name") from None
+        if spec.field_specs() != group.fields:
+            raise ConfigError(f"{source}: the fields do not match the teacher-target settings; "
+                              "run `shardstore cache-teacher` again with a new --name")
+        return spec
+
+
+def read_target_spec(root: str | Path, name: str) -> TargetSpec:
+    """The teacher-target group ``name`` of the cache at ``root``; ``ConfigError`` with the fix if there is none."""
+    groups = read_group_specs(root)
+    if name not in groups:
+        have = ", ".join(sorted(groups)) or "none"
+        raise ConfigError(f"the cache {root} has no teacher targets named {name!r} (groups: {have}); "
+                          f"write them with `shardstore cache-teacher --name {name}`")
+    return TargetSpec.from_group(groups[name], str(group_file(root, name)))
+
+
+def _views_seed(seed: int) -> int:
+    return int(np.random.SeedSequence([seed, 0x43414348]).generate_state(1)[0])
+
+
+def shard_views(spec: TargetSpec, shard_id: int, num_samples: int) -> Tensor:
+    """The ``[num_samples, K, 5]`` views of a shard: drawn from ``(seed, shard id)`` alone, in any order of work."""
+    _, height, width = spec.image_shape
+    views = draw_views(num_samples * spec.views, height, width, spec.augment_spec(1),
+                       view_generator(_views_seed(spec.seed), shard_id))
+    return views.view(num_samples, spec.views, 5)
+
+
+@dataclass
+class PickedTargets:
+    """One stored view per sample of a batch, and the teacher's targets for it (on the batch's device)."""
+
+    views: Tensor  # [B, 5] float32
+    log_probs: Tensor | None  # [B, C] at the training temperature (top-k targets)
+    logits: Tensor | None  # [B, C] float32 (dense targets)
+    features: Tensor | None  # [B, D] float32
+
+
+class CachedTargets:
+    """Picks, for each sample of a batch, one of its K stored views from ``(seed, step)`` alone.
+
+    The same seed, step and batch give the same choice, so a resumed run trains on exactly
+    the views and targets it would have used without the interruption.
+    """
+
+    def __init__(self, spec: TargetSpec, seed: int, *, temperature: float, tail: str) -> None:
+        self.spec = spec
+        self.seed = int(np.random.SeedSequence([seed, 0x5049434B]).generate_state(1)[0])
+        self.temperature = temperature
+        self.tail = tail
+        self.names = spec.field_names()
+
+    def choose(self, batch_size: int, step: int) -> Tensor:
+        """The view index ``[B]`` (int64, CPU) of each sample at ``step``."""
+        return torch.randint(self.spec.views, (batch_size,), generator=view_generator(self.seed, step))
+
+    def pick(self, batch: dict[str, Tensor], step: int) -> PickedTargets:
+        stored_views = batch[self.names["views"]]
+        n = stored_views.shape[0]
+        device = stored_views.device
+        rows = torch.arange(n, device=device)
+        which = self.choose(n, step).to(device)
+
+        def take(role: str) -> Tensor:
+            return batch[self.names[role]][rows, which]
+
+        log_probs = logits = features = None
+        if self.spec.logits == "topk":
+            sparse = SparseLogits(take("index"), take("logp"), take("tail"), self.spec.num_classes)
+            log_probs = teacher_log_probs(sparse, self.temperature, self.tail)
+        elif self.spec.logits == "dense":
+            logits = take("logits").float()
+        if self.spec.embedding_dim:
+            features = take("embedding").float()
+        return PickedTargets(take("views").float(), log_probs, logits, features)

@@ -1,0 +1,314 @@
+"""Teacher outputs cached next to the images: K replayable views per sample, sparse or dense logits, embeddings.
+
+``fill_teacher_cache`` draws ``K`` augmentation views for every sample of a shard from
+``(seed, shard id)`` alone, runs the frozen teacher on each view rendered at the teacher's
+input size, and adds a field group (``ROOT/<name>.fields.json``) to the shard:
+
+==========================  =================  ==============================================
+field                       dtype, per sample  what
+==========================  =================  ==============================================
+``<name>_views``            int16 ``[K, 5]``   the view: top, left, crop_h, crop_w, flip (pixels)
+``<name>_topk_index``       int16 ``[K, k]``   the k most likely classes (int32 above 32,768)
+``<name>_topk_logp``        float16 ``[K, k]`` their log-probabilities at temperature 1
+``<name>_tail_logp``        float16 ``[K]``    log of the probability of all other classes
+``<name>_logits``           float16 ``[K, C]`` instead of the three above, with ``dense=True``
+``<name>_embedding``        float16 ``[K, D]`` the teacher's pooled features (``embeddings=True``)
+==========================  =================  ==============================================
+
+A shard is filled whole or not at all (see ``shardstore.store.groups``): a run that is killed
+leaves finished shards as they are, and the next run fills only the shards that lack the
+group, which is also how a cache that is still growing gets its new shards. Training reads
+the group (``data.teacher_targets``), picks one of the K views per sample and step, replays
+that view exactly for the student, and needs no teacher; ``check_teacher_cache`` recomputes
+a sample of the stored targets with the live teacher to prove the replay is exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from shardstore.config.resolve import RunConfig
+from shardstore.errors import ConfigError
+from shardstore.kd.components import IMAGE_FIELD, load_teacher, render_teacher_input, teacher_forward
+from shardstore.kd.models.io import InputAdapter
+from shardstore.kd.target_spec import SAME_SETTINGS, TargetSpec, read_target_spec, shard_views
+from shardstore.kd.targets import SparseLogits, encode_topk, teacher_log_probs
+from shardstore.manifest.build import build_manifest
+from shardstore.manifest.reader import ShardStore
+from shardstore.store.groups import add_shard_fields, group_file, read_group_specs, remove_stale_temporaries, write_group_spec
+
+log = logging.getLogger(__name__)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def teacher_identity(cfg: RunConfig) -> dict[str, Any]:
+    t = cfg.model.teacher
+    return {"name": t.name, "checkpoint": t.checkpoint,
+            "checkpoint_sha256": file_sha256(t.checkpoint) if t.checkpoint else None,
+            "input_size": t.input.size, "mean": list(t.input.mean), "std": list(t.input.std), "dtype": t.dtype,
+            "amp": cfg.train.amp}
+
+
+@dataclass
+class FillReport:
+    spec: TargetSpec
+    shards_filled: list[int] = field(default_factory=list)
+    shards_present: int = 0
+    images: int = 0
+    seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+
+def _autocast(cfg: RunConfig, device: torch.device) -> Any:
+    amp = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
+
+
+@torch.no_grad()
+def _teacher_targets(teacher: InputAdapter, spec: TargetSpec, images: Tensor, views: Tensor, amp: Any,
+                     dtype: torch.dtype) -> dict[str, np.ndarray]:
+    """Teacher outputs for images ``[n, C, H, W]`` (uint8, on the device) x views ``[n, K, 5]``, by role."""
+    n, k = views.shape[:2]
+    flat_images = images.repeat_interleave(k, dim=0)
+    x = render_teacher_input(flat_images, views.reshape(n * k, 5).to(images.device), teacher)
+    with amp:
+        logits, features = teacher_forward(teacher, x.to(dtype), features=spec.embedding_dim > 0)
+    out: dict[str, np.ndarray] = {}
+    if spec.logits == "topk":
+        sparse = encode_topk(logits, spec.topk)
+        out |= {"index": sparse.indices.view(n, k, -1), "logp": sparse.log_probs.view(n, k, -1),
+                "tail": sparse.tail_log_mass.view(n, k)}
+    elif spec.logits == "dense":
+        out["logits"] = logits.to(torch.float16).view(n, k, -1)
+    if features is not None:
+        out["embedding"] = features.to(torch.float16).view(n, k, -1)
+    return {role: t.cpu().numpy() for role, t in out.items()}
+
+
+def new_target_spec(cfg: RunConfig, store: ShardStore, teacher: InputAdapter, *, name: str, views: int, topk: int,
+                    dense: bool, embeddings: bool, seed: int, logits: bool = True) -> TargetSpec:
+    if views < 1:
+        raise ConfigError(f"--views must be at least 1, got {views}")
+    if IMAGE_FIELD not in store.fields:
+        raise ConfigError(f"the cache {store.root} has no field {IMAGE_FIELD!r} to run the teacher on")
+    image = store.fields[IMAGE_FIELD]
+    if image.dtype != np.uint8 or len(image.shape) != 3:
+        raise ConfigError(f"{IMAGE_FIELD!r} is {image.describe()}; cache-teacher needs uint8 [C, H, W] images")
+    num_classes = cfg.model.num_classes
+    mode = "dense" if dense else "topk" if logits else "none"
+    if mode == "topk" and not 1 <= topk <= num_classes:
+        raise ConfigError(f"--topk must be between 1 and the {num_classes} classes, got {topk}")
+    if mode == "none" and not embeddings:
+        raise ConfigError("nothing to cache: --no-logits without --embeddings; keep one of them")
+    a = cfg.train.augment
+    return TargetSpec(
+        name=name, views=views, logits=mode, topk=topk if mode == "topk" else 0, num_classes=num_classes,
+        embedding_dim=teacher.num_features if embeddings else 0, seed=seed,
+        augment={"random_resized_crop": a.random_resized_crop, "scale": list(a.scale), "ratio": list(a.ratio),
+                 "flip": a.flip},
+        image_field=IMAGE_FIELD, image_shape=tuple(image.shape), teacher=teacher_identity(cfg))
+
+
+def _agree_with_existing(new: TargetSpec, old: TargetSpec, source: Path) -> None:
+    new_d, old_d = asdict(new), asdict(old)
+    differ = [key for key in SAME_SETTINGS if new_d[key] != old_d[key]]
+    if differ:
+        key = differ[0]
+        raise ConfigError(f"{source} holds targets made with {key}={old_d[key]!r}, this run has {new_d[key]!r}; "
+                          f"use another --name, or delete the group's files to start over")
+
+
+def fill_teacher_cache(cfg: RunConfig, *, name: str = "teacher", views: int = 4, topk: int = 10, dense: bool = False,
+                       embeddings: bool = False, logits: bool = True, seed: int | None = None, batch_size: int = 256,
+                       device: str | torch.device | None = None, fsync: bool = True,
+                       progress: Callable[[int], None] | None = None,
+                       on_shard: Callable[[int], None] | None = None) -> FillReport:
+    """Add teacher targets to every shard of ``cfg.data.cache_root`` that lacks them, then rebuild the manifest.
+
+    ``progress`` gets the number of images finished after each batch, ``on_shard`` the id of
+    each shard written. ``seed`` defaults to ``cfg.train.seed``.
+    """
+    start = time.perf_counter()
+    root = Path(cfg.data.cache_root)
+    build_manifest(root)  # picks up shards written since the last build
+    store = ShardStore.open(root)
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = load_teacher(cfg, dev)
+    spec = new_target_spec(cfg, store, teacher, name=name, views=views, topk=topk, dense=dense,
+                           embeddings=embeddings, logits=logits, seed=cfg.train.seed if seed is None else seed)
+    source = group_file(root, name)
+    if source.exists():
+        _agree_with_existing(spec, read_target_spec(root, name), source)
+    else:
+        other = read_group_specs(root)
+        clash = [f for g in other.values() for f in g.fields if f in spec.field_specs()]
+        if clash:
+            raise ConfigError(f"field {clash[0]!r} already belongs to another group of {root}; choose another --name")
+        write_group_spec(root, spec.to_group())
+        build_manifest(root)
+        store = ShardStore.open(root)
+    report = FillReport(spec)
+    names = spec.field_names()
+    todo = [p for p, s in enumerate(store.shards) if not all(f in s.files for f in names.values())]
+    report.shards_present = store.num_shards - len(todo)
+    amp = _autocast(cfg, dev)
+    dtype = next(teacher.parameters()).dtype
+    per_batch = max(1, batch_size // spec.views)
+    for position in todo:
+        entry = store.shards[position]
+        targets = {f: root / entry.field_path(f) for f in names.values()}
+        remove_stale_temporaries(next(iter(targets.values())).parent)
+        images = store.field(position, IMAGE_FIELD)
+        shard_v = shard_views(spec, entry.id, entry.num_samples)
+        parts: dict[str, list[np.ndarray]] = {}
+        for lo in range(0, entry.num_samples, per_batch):
+            hi = min(lo + per_batch, entry.num_samples)
+            batch = torch.from_numpy(np.array(images[lo:hi])).to(dev)
+            for role, arr in _teacher_targets(teacher, spec, batch, shard_v[lo:hi], amp, dtype).items():
+                parts.setdefault(role, []).append(arr)
+            report.images += hi - lo
+            if progress is not None:
+                progress(hi - lo)
+        arrays = {names[role]: np.concatenate(chunks) for role, chunks in parts.items()}
+        view_dtype = spec.field_specs()[names["views"]][0]
+        arrays[names["views"]] = shard_v.numpy().astype(view_dtype)
+        add_shard_fields(targets, arrays, fsync=fsync)
+        report.shards_filled.append(entry.id)
+        if on_shard is not None:
+            on_shard(entry.id)
+    build_manifest(root)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+@dataclass
+class CheckReport:
+    """How well stored targets match the live teacher on the replayed views (worst values over the sample)."""
+
+    spec: TargetSpec
+    checked: int = 0
+    views_not_redrawn: int = 0  # stored views that differ from the seeded draw
+    top1_match: float | None = None
+    worst_kl: float | None = None
+    mean_kl: float | None = None
+    worst_cosine: float | None = None
+    teacher_differs: str | None = None
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.checked > 0 and not self.failures
+
+
+def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p || q) per row, in nats; zero-probability classes of p add nothing."""
+    return (log_p.exp() * (log_p - log_q)).nan_to_num(0.0).sum(-1)
+
+
+@torch.no_grad()
+def check_teacher_cache(cfg: RunConfig, *, name: str = "teacher", samples: int = 64, seed: int = 0,
+                        batch_size: int = 256, device: str | torch.device | None = None, max_kl: float = 1e-2,
+                        min_top1: float = 0.99, min_cosine: float = 0.99) -> CheckReport:
+    """Recompute ``samples`` random stored (sample, view) targets with the live teacher on the replayed views.
+
+    Three things are checked: the stored view equals the one drawn again from the group's
+    seed (so the augmentation really is replayable); the teacher's top-1 on the replayed
+    view matches the stored one in at least ``min_top1`` of the checked views; and the
+    targets agree — for top-k logits the live logits are encoded the same way and both are
+    rebuilt (``tail="spread"``) before taking KL(live || stored), so the only difference
+    left is float16 rounding (and bf16 if the cache was made under bf16 autocast); dense
+    logits are compared by the KL of their softmaxes; embeddings by cosine similarity.
+    """
+    root = Path(cfg.data.cache_root)
+    spec = read_target_spec(root, name)
+    store = ShardStore.open(root)
+    names = spec.field_names()
+    positions = store.manifest.positions_with(list(names.values()))
+    report = CheckReport(spec)
+    if not positions:
+        report.failures.append(f"no shard of {root} has the targets {name!r}; fill them with cache-teacher first")
+        return report
+    counts = np.array([store.shards[p].num_samples for p in positions])
+    rng = np.random.default_rng(seed)
+    picks = np.sort(rng.choice(int(counts.sum()), size=min(samples, int(counts.sum())), replace=False))
+    which = rng.integers(0, spec.views, size=picks.size)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    at = np.searchsorted(starts, picks, side="right") - 1
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = load_teacher(cfg, dev)
+    identity = teacher_identity(cfg)
+    differ = [k for k in ("name", "checkpoint_sha256", "input_size", "mean", "std") if identity[k] != spec.teacher[k]]
+    if differ:
+        report.teacher_differs = (f"the model config's teacher differs from the one that made the targets in "
+                                  f"{differ[0]} ({identity[differ[0]]!r} vs {spec.teacher[differ[0]]!r})")
+    amp = _autocast(cfg, dev)
+    dtype = next(teacher.parameters()).dtype
+    redrawn: dict[int, Tensor] = {}
+    rows: dict[str, list[Tensor]] = {"kl": [], "top1": [], "cos": []}
+    for lo in range(0, picks.size, batch_size):
+        sel = range(lo, min(lo + batch_size, picks.size))
+        images, stored, views = [], {role: [] for role in names}, []
+        for i in sel:
+            position, row, j = positions[at[i]], int(picks[i] - starts[at[i]]), int(which[i])
+            entry = store.shards[position]
+            if entry.id not in redrawn:
+                redrawn[entry.id] = shard_views(spec, entry.id, entry.num_samples)
+            images.append(torch.from_numpy(np.array(store.field(position, IMAGE_FIELD)[row])))
+            for role, fname in names.items():
+                stored[role].append(torch.from_numpy(np.array(store.field(position, fname)[row, j])))
+            report.views_not_redrawn += not torch.equal(stored["views"][-1].float(), redrawn[entry.id][row, j])
+        got = {role: torch.stack(ts).to(dev) for role, ts in stored.items()}
+        x = render_teacher_input(torch.stack(images).to(dev), got["views"], teacher)
+        with amp:
+            logits, features = teacher_forward(teacher, x.to(dtype), features=spec.embedding_dim > 0)
+        if spec.logits == "topk":
+            live = encode_topk(logits, spec.topk)
+            mine = SparseLogits(got["index"], got["logp"], got["tail"], spec.num_classes)
+            log_live, log_stored = teacher_log_probs(live, 1.0), teacher_log_probs(mine, 1.0)
+            rows["kl"].append(_kl_rows(log_live, log_stored))
+            rows["top1"].append((got["index"][:, 0].long() == logits.argmax(-1)).float())
+        elif spec.logits == "dense":
+            log_live, log_stored = torch.log_softmax(logits, -1), torch.log_softmax(got["logits"].float(), -1)
+            rows["kl"].append(_kl_rows(log_live, log_stored))
+            rows["top1"].append((got["logits"].float().argmax(-1) == logits.argmax(-1)).float())
+        if features is not None:
+            rows["cos"].append(torch.nn.functional.cosine_similarity(features, got["embedding"].float(), dim=-1))
+    report.checked = int(picks.size)
+    if report.views_not_redrawn:
+        report.failures.append(f"{report.views_not_redrawn} of {report.checked} stored views differ from the views "
+                               f"drawn again from seed {spec.seed}: the view parameters were changed or corrupted")
+    if rows["kl"]:
+        kl = torch.cat(rows["kl"])
+        report.worst_kl, report.mean_kl = float(kl.max()), float(kl.mean())
+        report.top1_match = float(torch.cat(rows["top1"]).mean())
+        if report.top1_match < min_top1:
+            report.failures.append(f"the live teacher's top-1 matches the stored one on {100 * report.top1_match:.1f}% "
+                                   f"of the replayed views (need {100 * min_top1:.1f}%)")
+        if report.worst_kl > max_kl:
+            report.failures.append(f"worst KL(live || stored) is {report.worst_kl:.4g} nats (allowed {max_kl:g})")
+    if rows["cos"]:
+        report.worst_cosine = float(torch.cat(rows["cos"]).min())
+        if report.worst_cosine < min_cosine:
+            report.failures.append(f"worst embedding cosine is {report.worst_cosine:.4f} (need {min_cosine})")
+    return report

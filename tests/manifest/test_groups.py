@@ -1,0 +1,250 @@
+"""Field groups: fields added to existing shards later, all or none per shard (ROOT/<group>.fields.json)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shardstore import ManifestError, ShardStore, build_manifest
+from shardstore.manifest.model import Manifest
+from shardstore.store.groups import GroupSpec, add_shard_fields, remove_stale_temporaries, write_group_spec
+from tests.conftest import write_flat, write_native
+
+GROUP = GroupSpec("teacher", {"teacher_logits": (np.dtype(np.float16), (5,)),
+                              "teacher_top": (np.dtype(np.int16), (2,))}, {"model": "resnet", "k": 2})
+BASE = {"feats", "images", "labels"}
+TEACHER = set(GROUP.fields)
+
+
+def teacher_arrays(n: int, start: int = 0) -> dict[str, np.ndarray]:
+    """Group values that encode the global sample index, so a misplaced row is detectable."""
+    idx = np.arange(start, start + n)
+    return {"teacher_logits": (idx[:, None] * 10 + np.arange(5)).astype(np.float16),
+            "teacher_top": np.stack([idx, -idx], axis=1).astype(np.int16)}
+
+
+def fill(root: Path, positions: list[int]) -> Manifest:
+    """Write the group into the shards at ``positions`` of a fresh build, then build again."""
+    m = build_manifest(root).manifest
+    for p in positions:
+        shard = m.shards[p]
+        start = sum(s.num_samples for s in m.shards[:p])
+        add_shard_fields({n: root / shard.field_path(n) for n in GROUP.fields},
+                         teacher_arrays(shard.num_samples, start), fsync=False)
+    return m
+
+
+@pytest.fixture
+def grouped(native_cache: Path) -> Path:
+    """The 3-shard native cache (rows 4, 4, 2) with group ``teacher`` declared and written to shards 0 and 2."""
+    write_group_spec(native_cache, GROUP)
+    fill(native_cache, [0, 2])
+    return native_cache
+
+
+def test_group_on_some_shards_is_listed_and_readable_through_a_subset(grouped: Path) -> None:
+    report = build_manifest(grouped)
+    assert report.problems == [] and report.incomplete_groups == []
+    m = report.manifest
+    assert {n: (f.dtype, f.shape, f.group) for n, f in m.fields.items() if n in TEACHER} == {
+        "teacher_logits": (np.dtype(np.float16), (5,), "teacher"),
+        "teacher_top": (np.dtype(np.int16), (2,), "teacher"),
+    }
+    assert all(m.fields[n].group is None for n in BASE)
+    assert [set(s.files) for s in m.shards] == [BASE | TEACHER, BASE, BASE | TEACHER]
+    assert m.shards[2].files["teacher_top"].path == "shard_000002/teacher_top.npy"
+    assert m.positions_with(["teacher_logits"]) == [0, 2] and m.positions_with(["images"]) == [0, 1, 2]
+    assert m.positions_with(["images", "teacher_top"]) == [0, 2] and m.positions_with(["images", "nope"]) == []
+
+    store = ShardStore.open(grouped)
+    assert set(store.fields) == BASE and set(store.all_fields) == BASE | TEACHER
+    assert set(store.shard(1)) == BASE and set(store.sample(5)) == BASE
+    with pytest.raises(KeyError, match=r"shard 1 has no 'teacher_logits' \(its group 'teacher' was not written"):
+        store.field(1, "teacher_logits")
+
+    part = store.subset(m.positions_with(["teacher_logits", "teacher_top"]))
+    assert set(part.fields) == BASE | TEACHER and part.shard_ids.tolist() == [0, 2]
+    want = teacher_arrays(10)
+    np.testing.assert_array_equal(part.field(0, "teacher_logits"), want["teacher_logits"][0:4])
+    np.testing.assert_array_equal(part.field(1, "teacher_top"), want["teacher_top"][8:10])
+    got = part.sample(5)  # subset id 5 = shard 2, row 1 = global sample 9
+    assert got["teacher_top"].tolist() == [9, -9] and got["labels"] == 9 % 7
+    np.testing.assert_array_equal(got["teacher_logits"], want["teacher_logits"][9])
+
+    only = store.select(["images"])
+    assert list(only.fields) == ["images"] and list(only.all_fields) == ["images"]
+    assert all(list(s.files) == ["images"] for s in only.shards)
+    picked = store.subset([0, 2]).select(["teacher_top"])
+    assert list(picked.fields) == ["teacher_top"] and picked.sample(0)["teacher_top"].tolist() == [0, 0]
+
+
+def test_incomplete_or_bad_group_files_are_reported_and_the_shard_kept(tmp_path: Path) -> None:
+    root = write_native(tmp_path / "c", 24, 4)  # shards 0..5, 4 rows each
+    write_group_spec(root, GROUP)
+    fill(root, [0, 1, 2, 3, 4, 5])
+    (root / "shard_000001" / "teacher_top.npy").unlink()  # only part of the group
+    np.save(root / "shard_000002" / "teacher_logits.npy", np.zeros((4, 5), np.float32))  # wrong dtype
+    np.save(root / "shard_000003" / "teacher_top.npy", np.zeros((3, 2), np.int16))  # wrong row count
+    (root / "shard_000004" / "teacher_logits.npy").write_bytes(b"not numpy")  # unreadable
+    np.save(root / "shard_000005" / "teacher_top.npy", np.zeros((4, 3), np.int16))  # wrong shape
+    report = build_manifest(root)
+    assert report.problems == [] and [s.id for s in report.manifest.shards] == [0, 1, 2, 3, 4, 5]
+    assert [set(s.files) for s in report.manifest.shards] == [BASE | TEACHER] + [BASE] * 5
+    got = {p.shard_id: (p.path, p.reason) for p in report.incomplete_groups}
+    assert sorted(got) == [1, 2, 3, 4, 5] and len(report.incomplete_groups) == 5
+    assert got[1][0] == "shard_000001/teacher_top.npy" and got[1][1].startswith("missing")
+    assert got[2][0] == "shard_000002/teacher_logits.npy"
+    assert got[2][1].startswith("is float32[5], the group declares float16[5]")
+    assert got[3][0] == "shard_000003/teacher_top.npy" and got[3][1].startswith("has 3 rows, the shard 4")
+    assert got[4][0] == "shard_000004/teacher_logits.npy" and "unreadable .npy header" in got[4][1]
+    assert got[5][0] == "shard_000005/teacher_top.npy" and got[5][1].startswith("is int16[3], the group declares")
+    assert all(reason.endswith("the shard is used without group 'teacher'; write the group's files again")
+               for _, reason in got.values())
+    store = ShardStore.open(root)
+    assert set(store.fields) == BASE and store.manifest.positions_with(["teacher_top"]) == [0]
+
+
+def test_majority_rule_does_not_apply_to_group_fields(tmp_path: Path) -> None:
+    root = write_native(tmp_path / "c", 16, 4)  # 4 shards
+    write_group_spec(root, GROUP)
+    fill(root, [0, 1, 2])  # 3 of 4 shards have the group
+    report = build_manifest(root)
+    assert report.problems == [] and report.incomplete_groups == [] and report.ignored_fields == {}
+    assert [s.id for s in report.manifest.shards] == [0, 1, 2, 3]
+    assert report.manifest.positions_with(list(TEACHER)) == [0, 1, 2]
+    # Without the declaration the same files are ordinary majority fields and shard 3 would be left out.
+    (root / "teacher.fields.json").unlink()
+    undeclared = build_manifest(root)
+    assert [p.shard_id for p in undeclared.problems] == [3] and "is missing" in undeclared.problems[0].reason
+
+
+def test_json_round_trip_version_1_and_partial_group_rejected(grouped: Path) -> None:
+    m = build_manifest(grouped).manifest
+    again = Manifest.from_json(m.to_json())
+    assert again.to_json() == m.to_json() and again.snapshot_id == m.snapshot_id
+    assert {n: f.group for n, f in again.fields.items()} == {n: f.group for n, f in m.fields.items()}
+    assert again.fields["teacher_top"].group == "teacher" and again.positions_with(["teacher_top"]) == [0, 2]
+    doc = json.loads(m.to_json())
+    assert doc["version"] == 2 and doc["fields"]["teacher_logits"]["group"] == "teacher"
+    assert "group" not in doc["fields"]["images"]
+
+    doc["shards"][0]["files"].pop("teacher_top")  # shard 0 lists only part of the group
+    with pytest.raises(ManifestError, match=r"src.json: shard 0 lists fields .*group 'teacher' only in part"):
+        Manifest.from_json(json.dumps(doc), "src.json")
+
+    v1 = json.loads(m.to_json())
+    v1["version"] = 1
+    v1["fields"] = {n: {k: v for k, v in f.items() if k != "group"} for n, f in v1["fields"].items() if n in BASE}
+    for s in v1["shards"]:
+        s["files"] = {n: f for n, f in s["files"].items() if n in BASE}
+    old = Manifest.from_json(json.dumps(v1))
+    assert set(old.fields) == BASE and all(f.group is None for f in old.fields.values())
+    assert [s.num_samples for s in old.shards] == [4, 4, 2]
+    v1["shards"][1]["files"].pop("labels")  # in version 1 every field is required
+    with pytest.raises(ManifestError, match="shard 1 lists fields"):
+        Manifest.from_json(json.dumps(v1))
+
+
+@pytest.mark.parametrize(
+    ("files", "match"),
+    [
+        ({"teacher.fields.json": "{not json"}, r"teacher\.fields\.json: bad field-group declaration"),
+        ({"teacher.fields.json": json.dumps({"format": "other"})}, r"teacher\.fields\.json: bad field-group"),
+        ({"other.fields.json": GROUP.to_json()},
+         r"other\.fields\.json declares group 'teacher'; its file name must be teacher\.fields\.json"),
+        ({"a.fields.json": GroupSpec("a", {"x": (np.dtype(np.float16), (2,))}).to_json(),
+          "b.fields.json": GroupSpec("b", {"x": (np.dtype(np.float32), ())}).to_json()},
+         r"field 'x' is declared by both .*a\.fields\.json and .*b\.fields\.json"),
+    ],
+)
+def test_bad_declarations_fail_the_build(native_cache: Path, files: dict[str, str], match: str) -> None:
+    for name, text in files.items():
+        (native_cache / name).write_text(text)
+    with pytest.raises(ManifestError, match=match):
+        build_manifest(native_cache)
+    assert not (native_cache / "manifest.json").exists()
+
+
+def test_spec_json_round_trip(tmp_path: Path) -> None:
+    path = write_group_spec(tmp_path, GROUP)
+    assert path == tmp_path / "teacher.fields.json"
+    again = GroupSpec.from_json(path.read_text(), str(path))
+    assert again == GROUP and again.fields["teacher_top"] == (np.dtype(np.int16), (2,))
+
+
+def test_add_shard_fields_failure_leaves_no_temporary_or_partial_file(native_cache: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    shard = native_cache / "shard_000001"
+    targets = {n: shard / f"{n}.npy" for n in GROUP.fields}  # teacher_logits first, then teacher_top
+    real_replace, calls = os.replace, []
+
+    def failing_replace(src, dst):
+        calls.append(Path(dst).name)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        add_shard_fields(targets, teacher_arrays(4, 4))
+    monkeypatch.undo()
+    assert calls == ["teacher_logits.npy", "teacher_top.npy"]
+    assert not targets["teacher_top"].exists()
+    assert sorted(p.name for p in shard.iterdir() if p.name.startswith(".")) == []
+    np.testing.assert_array_equal(np.load(targets["teacher_logits"]), teacher_arrays(4, 4)["teacher_logits"])
+    write_group_spec(native_cache, GROUP)
+    report = build_manifest(native_cache)  # the half-written group is incomplete, not in the manifest
+    assert [p.shard_id for p in report.incomplete_groups] == [1] and report.problems == []
+    with pytest.raises(ValueError, match="name different fields"):
+        add_shard_fields(targets, {"teacher_top": np.zeros((4, 2), np.int16)})
+
+
+def test_remove_stale_temporaries_keeps_live_writers(tmp_path: Path) -> None:
+    dead = 2**22 + 12345
+    with pytest.raises(ProcessLookupError):
+        os.kill(dead, 0)
+    stale = tmp_path / f".teacher_top.npy.tmp-{dead}-ab12"
+    live = tmp_path / f".teacher_top.npy.tmp-{os.getpid()}-cd34"
+    other = tmp_path / "teacher_top.npy"
+    stale_dir = tmp_path / f".shard_000001.tmp-{dead}-ef56"  # a directory: not this function's business
+    for p in (stale, live, other):
+        p.write_bytes(b"x")
+    stale_dir.mkdir()
+    assert remove_stale_temporaries(tmp_path) == 1
+    assert not stale.exists() and live.exists() and other.exists() and stale_dir.exists()
+    assert remove_stale_temporaries(tmp_path) == 0
+
+
+def test_incremental_rebuild_reuses_group_files(grouped: Path) -> None:
+    first = build_manifest(grouped, incremental=False)
+    assert first.headers_read == 9 + 4 and first.files_reused == 0
+    second = build_manifest(grouped)
+    assert second.headers_read == 0 and second.files_reused == 9 + 4
+    assert second.manifest.to_json() == first.manifest.to_json()
+    fill(grouped, [1])  # the group reaches the last shard: only its two new files are read
+    third = build_manifest(grouped)
+    assert third.headers_read == 2 and third.files_reused == 13
+    assert third.manifest.positions_with(list(TEACHER)) == [0, 1, 2]
+    assert set(ShardStore.open(grouped).fields) == BASE | TEACHER
+
+
+def test_field_path_in_both_layouts_and_a_flat_group(tmp_path: Path) -> None:
+    native = build_manifest(write_native(tmp_path / "n", 16, 4)).manifest
+    assert native.shards[3].field_path("teacher_x") == "shard_000003/teacher_x.npy"
+    root = write_flat(tmp_path / "f", 16, 4)
+    flat = build_manifest(root).manifest
+    assert flat.shards[3].field_path("teacher_x") == "teacher_x_000003.npy"
+    assert flat.shards[0].field_path("images") == flat.shards[0].files["images"].path == "images_000000.npy"
+    write_group_spec(root, GROUP)
+    fill(root, [1, 3])
+    assert (root / "teacher_top_000003.npy").exists()
+    report = build_manifest(root)
+    assert report.problems == [] and report.incomplete_groups == []
+    assert report.manifest.shards[3].files["teacher_logits"].path == "teacher_logits_000003.npy"
+    store = ShardStore.open(root)
+    part = store.subset(store.manifest.positions_with(["teacher_top"]))
+    assert part.shard_ids.tolist() == [1, 3] and part.sample(4)["teacher_top"].tolist() == [12, -12]
