@@ -11,8 +11,11 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 from shardstore.errors import ManifestError, ShardstoreError
 from shardstore.manifest.build import build_manifest
@@ -39,11 +42,23 @@ def _fmt_bytes(n: float) -> str:
     return str(n)
 
 
+class _RateColumn(ProgressColumn):
+    """Items per second, e.g. ``1,234 images/s``."""
+
+    def __init__(self, unit: str) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed or 0:,.0f} {self.unit}/s")
+
+
 @contextmanager
-def _progress(description: str, total: int | None, *, bytes_: bool = False) -> Iterator[Callable[[int], None]]:
+def _progress(description: str, total: int | None, *, bytes_: bool = False,
+              rate: str | None = None) -> Iterator[Callable[[int], None]]:
     """A rich progress bar on stderr; yields ``advance(n)``. Hidden when stderr is not a terminal."""
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn() if not bytes_ else
-               TransferSpeedColumn(), TimeRemainingColumn()]
+               TransferSpeedColumn(), *([_RateColumn(rate)] if rate else []), TimeRemainingColumn()]
     with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
@@ -66,9 +81,16 @@ def print_summary(root: Path, manifest: Manifest) -> None:
     if manifest.shards:
         table.add_row("shard ids", f"{manifest.shards[0].id} .. {manifest.shards[-1].id}")
     out.print(table)
-    fields = Table("field", "dtype", "shape", "bytes/sample", title_justify="left")
+    fields = Table("field", "dtype", "shape", "bytes/sample", "group", "shards", title_justify="left")
     for name, spec in manifest.fields.items():
-        fields.add_row(name, spec.dtype.name, str(list(spec.shape)), f"{spec.sample_bytes:,}")
+        have = len(manifest.positions_with([name]))
+        fields.add_row(name, spec.dtype.name, str(list(spec.shape)), f"{spec.sample_bytes:,}", spec.group or "",
+                       f"{have:,}" if have == len(manifest.shards) else f"{have:,} of {len(manifest.shards):,}")
+    base = sum(f.sample_bytes for f in manifest.fields.values() if f.group is None)
+    fields.add_row("all own fields", "", "", f"{base:,}", "", "")
+    for group in sorted({f.group for f in manifest.fields.values() if f.group}):
+        extra = sum(f.sample_bytes for f in manifest.fields.values() if f.group == group)
+        fields.add_row(f"group {group}", "", "", f"{extra:,}", group, "")
     out.print(fields)
 
 
@@ -96,6 +118,8 @@ def build_manifest_cmd(
         err.print(f"left out: {problem}", markup=False)
     for name, count in report.ignored_fields.items():
         err.print(f"ignored field {name!r}: only {count} of the shards have it", markup=False)
+    for problem in report.incomplete_groups:
+        err.print(f"incomplete group: {problem}", markup=False)
     if not report.manifest.shards:
         raise ShardstoreError(f"no usable shards in {path} (every shard was left out, see above); fix them and rebuild")
     print_summary(path, report.manifest)
@@ -199,7 +223,8 @@ def _fail(message: str) -> int:
     return 2
 
 
-from shardstore.cli import train as _train_commands  # noqa: E402,F401  (registers train and plot)
+from shardstore.cli import train as _train_commands  # noqa: E402,F401  (registers train, plot and demo)
+from shardstore.cli import teacher as _teacher_commands  # noqa: E402,F401  (registers cache-teacher)
 
 
 def main(argv: list[str] | None = None) -> int:

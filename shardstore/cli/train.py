@@ -57,29 +57,43 @@ class RichReporter:
 
 
 
+DataConfigOption = Annotated[Optional[str], typer.Option("--data-config", "--data_config",
+                                                         help="data_config.yaml (default: configs/).")]
+TrainConfigOption = Annotated[Optional[str], typer.Option("--train-config", "--train_config",
+                                                          help="train_config_kd.yaml (default: configs/).")]
+ModelConfigOption = Annotated[Optional[str], typer.Option("--model-config", "--model_config",
+                                                          help="model_config_kd.yaml (default: configs/).")]
+SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override a key, e.g. train.lr=3e-4 "
+                                                        "or data.shards_per_epoch=8 (repeatable).")]
+
+
+def load_configs(data_config: str | None, train_config: str | None, model_config: str | None,
+                 overrides: list[str] | None) -> Any:
+    """The three configs (defaults from configs/) with ``--set`` overrides applied."""
+    from shardstore.config.resolve import (
+        DEFAULT_DATA_CONFIG, DEFAULT_MODEL_CONFIG, DEFAULT_TRAIN_CONFIG, load_run_config,
+    )
+
+    return load_run_config(data_config or DEFAULT_DATA_CONFIG, train_config or DEFAULT_TRAIN_CONFIG,
+                           model_config or DEFAULT_MODEL_CONFIG, overrides or [])
+
+
 @app.command()
 def train(
-    data_config: Annotated[Optional[str], typer.Option("--data-config", "--data_config",
-                                                       help="data_config.yaml (default: configs/).")] = None,
-    train_config: Annotated[Optional[str], typer.Option("--train-config", "--train_config",
-                                                        help="train_config_kd.yaml (default: configs/).")] = None,
-    model_config: Annotated[Optional[str], typer.Option("--model-config", "--model_config",
-                                                        help="model_config_kd.yaml (default: configs/).")] = None,
-    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key, e.g. train.lr=3e-4 "
-                                                           "or data.shards_per_epoch=8 (repeatable).")] = None,
+    data_config: DataConfigOption = None,
+    train_config: TrainConfigOption = None,
+    model_config: ModelConfigOption = None,
+    overrides: SetOption = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in train.run_dir from its latest "
                                          "checkpoint, at the exact next batch.")] = False,
     resume_from: Annotated[Optional[str], typer.Option("--resume-from", help="Continue from this checkpoint.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if any).")] = None,
 ) -> None:
     """Distill a student from a teacher over random shard epochs (also under torchrun for several GPUs)."""
-    from shardstore.config.resolve import (
-        DEFAULT_DATA_CONFIG, DEFAULT_MODEL_CONFIG, DEFAULT_TRAIN_CONFIG, load_run_config, run_config_to_yaml,
-    )
+    from shardstore.config.resolve import run_config_to_yaml
     from shardstore.kd.trainer import train as run_training
 
-    cfg = load_run_config(data_config or DEFAULT_DATA_CONFIG, train_config or DEFAULT_TRAIN_CONFIG,
-                          model_config or DEFAULT_MODEL_CONFIG, overrides or [])
+    cfg = load_configs(data_config, train_config, model_config, overrides)
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if main_rank:
         out.print("resolved configuration:", markup=False)
