@@ -90,7 +90,25 @@ DEMO_SETTINGS: dict[str, Any] = {
     "teacher": "resnet20", "teacher_epochs": 12, "student": "cnn_small", "student_width": 4,
     "student_epochs": 24, "alpha": 0.9, "temperature": 2.0, "shards_per_epoch": 8, "shard_size": 120,
     "image_size": 16, "lr": 0.005, "scale": [0.6, 1.0], "flip": False, "labeled_fraction": 0.1,
+    # Teacher outputs cached once for K views per image (`shardstore cache-teacher`); 0 skips that row.
+    "cached_views": 10, "cached_topk": 10,
 }
+
+
+def demo_overrides(s: dict[str, Any], cache: Path) -> list[str]:
+    """``--set`` overrides of every demo run: the cache, epochs of shards, augmentation, input sizes."""
+    return [f"data.cache_root={cache}", f"data.shards_per_epoch={s['shards_per_epoch']}",
+            "train.eval.held_out_shards=2", "train.log.tensorboard=false", f"model.teacher.name={s['teacher']}",
+            f"train.lr={s['lr']}", f"train.augment.scale={s['scale']}", f"train.augment.flip={s['flip']}",
+            f"model.teacher.input.size={s['image_size']}", f"model.student.input.size={s['image_size']}"]
+
+
+def student_overrides(s: dict[str, Any], run_dir: Path, seed: int, alpha: float, teacher_file: Path) -> list[str]:
+    """``--set`` overrides of one student run of the demo."""
+    return [f"train.run_dir={run_dir}", f"train.seed={seed}", f"data.random_subset_seed={seed}",
+            f"train.epochs={s['student_epochs']}", f"train.loss.alpha={alpha}",
+            f"train.loss.temperature={s['temperature']}", f"model.teacher.checkpoint={teacher_file}",
+            f"model.student.name={s['student']}", f"model.student.kwargs={{width: {s['student_width']}}}"]
 
 
 def _export_student(run_dir: Path, target: Path) -> Path:
@@ -118,6 +136,7 @@ def run_kd_demo(base: str | os.PathLike[str], *, seeds: tuple[int, ...] = (0, 1,
     from shardstore.config.resolve import DEFAULT_DATA_CONFIG, DEFAULT_MODEL_CONFIG, DEFAULT_TRAIN_CONFIG, load_run_config
     from shardstore.kd.components import build_student, build_teacher
     from shardstore.kd.evaluate import evaluate
+    from shardstore.kd.teacher_cache import fill_teacher_cache
     from shardstore.kd.trainer import train
     from shardstore.manifest.reader import ShardStore
 
@@ -127,32 +146,36 @@ def run_kd_demo(base: str | os.PathLike[str], *, seeds: tuple[int, ...] = (0, 1,
     cache, test_cache = write_digits_caches(base, shard_size=s["shard_size"], size=s["image_size"],
                                             labeled_fraction=s["labeled_fraction"])
     configs = [DEFAULT_DATA_CONFIG, DEFAULT_TRAIN_CONFIG, DEFAULT_MODEL_CONFIG]
-    common = [f"data.cache_root={cache}", f"data.shards_per_epoch={s['shards_per_epoch']}",
-              "train.eval.held_out_shards=2", "train.log.tensorboard=false", f"model.teacher.name={s['teacher']}",
-              f"train.lr={s['lr']}", f"train.augment.scale={s['scale']}", f"train.augment.flip={s['flip']}",
-              f"model.teacher.input.size={s['image_size']}", f"model.student.input.size={s['image_size']}"]
+    common = demo_overrides(s, cache)
 
     progress(f"teacher: {s['teacher']} on labels, {s['teacher_epochs']} epochs")
     teacher_cfg = load_run_config(*configs, common + [
         f"train.run_dir={base / 'runs' / 'teacher'}", f"train.epochs={s['teacher_epochs']}", "train.loss.alpha=0",
         "model.teacher.checkpoint=null",
         f"model.student.name={s['teacher']}", "model.student.kwargs={}"])
+    _fresh(teacher_cfg.train.run_dir)
     train(teacher_cfg, reporter=reporter)
     teacher_file = _export_student(base / "runs" / "teacher", base / "teacher.pt")
 
+    modes: list[tuple[str, float, list[str]]] = [("labels only", 0.0, []), ("distilled", s["alpha"], [])]
+    if s["cached_views"]:
+        views = s["cached_views"]
+        progress(f"teacher targets: {views} views per image, top-{s['cached_topk']} (cache-teacher)")
+        fill_cfg = load_run_config(*configs, common + [f"train.run_dir={base / 'runs' / 'cache_teacher'}",
+                                                       f"model.teacher.checkpoint={teacher_file}"])
+        fill_teacher_cache(fill_cfg, name="teacher", views=views, topk=s["cached_topk"], device="cpu", overwrite=True)
+        modes.append((f"distilled, cached {views} views", s["alpha"], ["data.teacher_targets=teacher"]))
     rows: dict[str, dict[str, list[float]]] = {}
     test_store = ShardStore.open(test_cache)
     teacher = None  # built once, for every student's evaluation
     teacher_top1 = 0.0
-    for mode, alpha in (("labels only", 0.0), ("distilled", s["alpha"])):
+    for mode, alpha, extra in modes:
         for seed in seeds:
             progress(f"student ({mode}), seed {seed}: {s['student']} width {s['student_width']}, "
                      f"{s['student_epochs']} epochs")
-            cfg = load_run_config(*configs, common + [
-                f"train.run_dir={base / 'runs' / (mode.replace(' ', '_') + f'_seed{seed}')}", f"train.seed={seed}",
-                f"data.random_subset_seed={seed}", f"train.epochs={s['student_epochs']}", f"train.loss.alpha={alpha}",
-                f"train.loss.temperature={s['temperature']}", f"model.teacher.checkpoint={teacher_file}",
-                f"model.student.name={s['student']}", f"model.student.kwargs={{width: {s['student_width']}}}"])
+            run_dir = base / "runs" / (mode.replace(", ", "_").replace(" ", "_") + f"_seed{seed}")
+            cfg = load_run_config(*configs, common + student_overrides(s, run_dir, seed, alpha, teacher_file) + extra)
+            _fresh(cfg.train.run_dir)
             train(cfg, reporter=reporter)
             student = build_student(cfg)
             student.load_state_dict(_load_latest_student(cfg.train.run_dir))
@@ -164,6 +187,13 @@ def run_kd_demo(base: str | os.PathLike[str], *, seeds: tuple[int, ...] = (0, 1,
             for key in ("top1", "agreement", "kl"):
                 rows.setdefault(mode, {}).setdefault(key, []).append(m[key])
     return DemoResult(teacher_top1, rows, time.perf_counter() - start, s)
+
+
+def _fresh(run_dir: str | os.PathLike[str]) -> None:
+    """Delete a run directory of an earlier demo (the demo's own output) so the run starts from scratch."""
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _load_latest_student(run_dir: str | os.PathLike[str]) -> dict[str, Any]:

@@ -23,6 +23,8 @@ def cache_teacher(
     dense: Annotated[bool, typer.Option("--dense", help="Store all logits in float16 instead of the top-k.")] = False,
     logits: Annotated[bool, typer.Option("--logits/--no-logits", help="Store logits at all.")] = True,
     embeddings: Annotated[bool, typer.Option("--embeddings", help="Also store the teacher's pooled embedding.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the targets stored under NAME first and "
+                                            "fill every shard again (new teacher or settings).")] = False,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the views (default: train.seed).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Views per teacher batch.")] = 256,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if any).")] = None,
@@ -62,7 +64,7 @@ def cache_teacher(
             for failure in report.failures:
                 err.print(f"FAILED: {failure}", markup=False)
             err.print(f"the cached targets {name!r} do not match the live teacher; do not train from them "
-                      "(delete the group's files and run cache-teacher again)", markup=False)
+                      "(run cache-teacher again with --overwrite)", markup=False)
             raise typer.Exit(1)
         out.print("check passed", markup=False)
         return
@@ -72,6 +74,7 @@ def cache_teacher(
     with _progress("teacher", store.num_samples, rate="images") as advance:
         report = fill_teacher_cache(cfg, name=name, views=views, topk=topk, dense=dense, logits=logits,
                                     embeddings=embeddings, seed=seed, batch_size=batch_size, device=device,
+                                    overwrite=overwrite,
                                     progress=advance)
     spec = report.spec
     out.print(f"filled {len(report.shards_filled):,} shard(s) ({report.images:,} images x {spec.views} views, "

@@ -63,7 +63,8 @@ class CheckpointManager:
             os.replace(tmp, self.dir / "best.pt")
         self._point_latest(path, int(state["global_step"]))
         (self.dir / "recovery.pt").unlink(missing_ok=True)
-        epochs = sorted(p for p in self.dir.iterdir() if EPOCH_RE.match(p.name))
+        # Only epochs up to this one: a run resumed from an older checkpoint must not prune the file it just wrote.
+        epochs = sorted(p for p in self.dir.iterdir() if (m := EPOCH_RE.match(p.name)) and int(m.group(1)) <= epoch)
         for old in epochs[: max(0, len(epochs) - self.keep_last)]:
             old.unlink(missing_ok=True)
         fsync_dir(self.dir)
@@ -76,6 +77,10 @@ class CheckpointManager:
         _save_atomic(state, path)
         self._point_latest(path, int(state["global_step"]))
         return path
+
+    def latest_pointer_exists(self) -> bool:
+        """True when the run directory already records a checkpoint (of this run or an earlier one)."""
+        return (self.dir / "latest.json").exists()
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint, or None when the run has none."""

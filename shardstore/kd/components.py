@@ -102,12 +102,16 @@ def build_teacher(cfg: RunConfig, device: torch.device) -> InputAdapter | None:
     """The frozen teacher with its own input pipeline; None when the targets come from the cache.
 
     With cached teacher targets (``data.teacher_targets``) the teacher is loaded only for
-    hybrid teaching (``loss.live_fraction`` > 0).
+    hybrid teaching (``loss.live_fraction`` > 0); training on labels alone (``alpha: 0``)
+    loads it only when it has a checkpoint (evaluation then reports agreement with it).
     """
     if cfg.train.loss.target_field:
         return None
     if cfg.data.teacher_targets and cfg.train.loss.live_fraction == 0:
         return None
+    loss = cfg.train.loss
+    if loss.alpha == 0 and loss.feature_loss == "none" and not cfg.model.teacher.checkpoint:
+        return None  # labels only, and no trained teacher to report agreement with
     return load_teacher(cfg, device)
 
 

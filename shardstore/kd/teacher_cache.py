@@ -46,7 +46,9 @@ from shardstore.kd.target_spec import SAME_SETTINGS, TargetSpec, read_target_spe
 from shardstore.kd.targets import SparseLogits, encode_topk, teacher_log_probs
 from shardstore.manifest.build import build_manifest
 from shardstore.manifest.reader import ShardStore
-from shardstore.store.groups import add_shard_fields, group_file, read_group_specs, remove_stale_temporaries, write_group_spec
+from shardstore.store.groups import (
+    add_shard_fields, group_file, read_group_specs, remove_group, remove_stale_temporaries, write_group_spec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,18 +138,20 @@ def _agree_with_existing(new: TargetSpec, old: TargetSpec, source: Path) -> None
     if differ:
         key = differ[0]
         raise ConfigError(f"{source} holds targets made with {key}={old_d[key]!r}, this run has {new_d[key]!r}; "
-                          f"use another --name, or delete the group's files to start over")
+                          f"use another --name, or --overwrite to replace them")
 
 
 def fill_teacher_cache(cfg: RunConfig, *, name: str = "teacher", views: int = 4, topk: int = 10, dense: bool = False,
                        embeddings: bool = False, logits: bool = True, seed: int | None = None, batch_size: int = 256,
-                       device: str | torch.device | None = None, fsync: bool = True,
+                       device: str | torch.device | None = None, fsync: bool = True, overwrite: bool = False,
                        progress: Callable[[int], None] | None = None,
                        on_shard: Callable[[int], None] | None = None) -> FillReport:
     """Add teacher targets to every shard of ``cfg.data.cache_root`` that lacks them, then rebuild the manifest.
 
     ``progress`` gets the number of images finished after each batch, ``on_shard`` the id of
-    each shard written. ``seed`` defaults to ``cfg.train.seed``.
+    each shard written. ``seed`` defaults to ``cfg.train.seed``. Targets already stored under
+    ``name`` must have been made with the same settings and teacher, unless ``overwrite``
+    deletes them first.
     """
     start = time.perf_counter()
     root = Path(cfg.data.cache_root)
@@ -158,6 +162,11 @@ def fill_teacher_cache(cfg: RunConfig, *, name: str = "teacher", views: int = 4,
     spec = new_target_spec(cfg, store, teacher, name=name, views=views, topk=topk, dense=dense,
                            embeddings=embeddings, logits=logits, seed=cfg.train.seed if seed is None else seed)
     source = group_file(root, name)
+    if overwrite and source.exists():
+        removed = remove_group(root, read_group_specs(root)[name])
+        log.info("removed %d files of the earlier targets %r", removed, name)
+        build_manifest(root)
+        store = ShardStore.open(root)
     if source.exists():
         _agree_with_existing(spec, read_target_spec(root, name), source)
     else:

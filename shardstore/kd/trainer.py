@@ -16,10 +16,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from shardstore.config.resolve import RunConfig, run_config_to_yaml
+from shardstore.errors import ConfigError
 from shardstore.kd import distributed
-from shardstore.kd.augment import AugmentSpec, DeviceAugment
 from shardstore.kd.checkpoint import CheckpointManager, load_checkpoint
-from shardstore.kd.augment import apply_views, view_generator
+from shardstore.kd.augment import AugmentSpec, DeviceAugment, apply_views, view_generator
 from shardstore.kd.components import (
     IMAGE_FIELD, LABEL_FIELD, Trainable, build_criterion, build_data, build_optimizer, build_student, build_teacher,
     render_teacher_input, teacher_forward,
@@ -168,6 +168,9 @@ class _Run:
     def run(self, resume: str | Path | bool | None) -> TrainResult:
         t = self.cfg.train
         start_epoch, mid_epoch = 0, False
+        if not resume and self.ckpt.latest_pointer_exists():
+            raise ConfigError(f"{self.run_dir} holds checkpoints of an earlier run; continue it with --resume, or "
+                              "choose a new train.run_dir (or delete its checkpoints/ folder)")
         if resume:
             path = self.ckpt.latest() if resume is True or resume == "auto" else Path(resume)
             if path is not None:

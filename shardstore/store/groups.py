@@ -151,3 +151,28 @@ def add_shard_fields(targets: dict[str, Path], arrays: dict[str, np.ndarray], *,
         for directory in {p.parent for p in targets.values()}:
             fsync_dir(directory)
 
+
+
+def remove_group(root: str | os.PathLike[str], spec: GroupSpec) -> int:
+    """Delete a group's files from every shard directory (or flat file) under ``root``, then its declaration.
+
+    Files go first: a crash midway leaves a declared group that some shards lack (filled
+    again by its writer), never undeclared files that would pass for the cache's own fields.
+    Returns the number of files deleted. Rebuild the manifest afterwards.
+    """
+    root = Path(root)
+    names = set(spec.fields)
+    removed = 0
+    for entry in os.scandir(root):
+        if entry.is_dir():
+            for name in names:
+                path = Path(entry.path) / f"{name}.npy"
+                if path.is_file():
+                    path.unlink()
+                    removed += 1
+        elif entry.name.endswith(".npy") and entry.name.rsplit("_", 1)[0] in names:
+            os.unlink(entry.path)
+            removed += 1
+    group_file(root, spec.name).unlink(missing_ok=True)
+    fsync_dir(root)
+    return removed

@@ -10,7 +10,8 @@ import pytest
 from shardstore import ShardWriter, build_manifest
 from shardstore.cli import main
 from shardstore.config.resolve import DEFAULT_DATA_CONFIG, DEFAULT_MODEL_CONFIG, DEFAULT_TRAIN_CONFIG, load_run_config
-from shardstore.kd.checkpoint import load_checkpoint
+from shardstore.errors import ConfigError
+from shardstore.kd.checkpoint import CheckpointManager, load_checkpoint
 from shardstore.kd.metrics import read_metrics
 from shardstore.kd.trainer import train
 
@@ -83,3 +84,24 @@ def test_tensorboard_scalars_when_installed(tiny_cache: Path, tmp_path: Path) ->
     train(cfg)
     events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 100
+
+
+def test_a_fresh_run_into_a_used_run_dir_is_refused(tiny_cache: Path, tmp_path: Path) -> None:
+    cfg = load_run_config(DEFAULT_DATA_CONFIG, DEFAULT_TRAIN_CONFIG, DEFAULT_MODEL_CONFIG,
+                          overrides(tmp_path / "run", tiny_cache, train__epochs=1))
+    train(cfg)
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    with pytest.raises(ConfigError, match="--resume"):
+        train(cfg)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before  # nothing lost
+
+
+def test_an_earlier_epoch_checkpoint_is_never_pruned_by_later_stale_ones(tmp_path: Path) -> None:
+    # A run resumed from an old checkpoint writes epoch 0 next to stale epochs 9-11 of its abandoned future.
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    manager.dir.mkdir(parents=True)
+    for epoch in (9, 10, 11):
+        (manager.dir / f"epoch_{epoch:04d}.pt").write_bytes(b"stale")
+    path = manager.save_epoch({"global_step": 1, "student": {}}, 0, is_best=False)
+    assert path.exists() and manager.latest() == path
+    assert load_checkpoint(path)["global_step"] == 1
