@@ -248,3 +248,45 @@ def test_field_path_in_both_layouts_and_a_flat_group(tmp_path: Path) -> None:
     store = ShardStore.open(root)
     part = store.subset(store.manifest.positions_with(["teacher_top"]))
     assert part.shard_ids.tolist() == [1, 3] and part.sample(4)["teacher_top"].tolist() == [12, -12]
+
+
+def test_impossible_pids_in_temporary_names_count_as_dead(tmp_path: Path) -> None:
+    (tmp_path / f".x.npy.tmp-{2**31}-ab").write_bytes(b"x")  # os.kill raises OverflowError for it
+    assert remove_stale_temporaries(tmp_path) == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_rewriting_a_group_never_leaves_old_and_new_files_as_a_complete_set(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = write_native(tmp_path / "cache", 8, 4)
+    write_group_spec(root, GROUP)
+    m = fill(root, [0, 1])
+    shard = m.shards[0]
+    targets = {n: root / shard.field_path(n) for n in GROUP.fields}
+    calls = {"n": 0}
+    real_replace = os.replace
+
+    def failing_replace(src, dst):  # noqa: ANN001
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("simulated crash between renames")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr("shardstore.store.groups.os.replace", failing_replace)
+    new = {n: np.ones_like(a) for n, a in teacher_arrays(shard.num_samples).items()}
+    with pytest.raises(OSError, match="simulated"):
+        add_shard_fields(targets, new, fsync=False)
+    monkeypatch.undo()
+    report = build_manifest(root)
+    assert not TEACHER <= set(report.manifest.shards[0].files)  # incomplete, so rewritten by its writer
+    assert [p.shard_id for p in report.incomplete_groups] == [shard.id]
+
+
+def test_a_cache_of_group_fields_only_is_a_clear_error(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    (root / "shard_000000").mkdir(parents=True)
+    for name, arr in teacher_arrays(4).items():
+        np.save(root / "shard_000000" / f"{name}.npy", arr)
+    write_group_spec(root, GROUP)
+    with pytest.raises(ManifestError, match="only fields of declared groups"):
+        build_manifest(root)
