@@ -118,7 +118,8 @@ def test_demo_trains_a_teacher_and_both_students(tmp_path: Path, capsys: pytest.
     code, out, _ = run(["demo", str(tmp_path / "d"), "--seeds", "1", "--teacher-epochs", "1", "--student-epochs", "1"],
                        capsys)
     assert code == 0, out
-    assert "teacher resnet20" in out and "labels only" in out and "distilled" in out
+    assert "teacher resnet20" in out and "labels only" in out and "distilled, cached 10 views" in out
     assert (tmp_path / "d" / "cache" / "manifest.json").exists() and (tmp_path / "d" / "teacher.pt").exists()
-    assert sorted(p.name for p in (tmp_path / "d" / "runs").iterdir()) == ["distilled_seed0", "labels_only_seed0",
-                                                                         "teacher"]
+    assert (tmp_path / "d" / "cache" / "teacher.fields.json").exists()
+    assert sorted(p.name for p in (tmp_path / "d" / "runs").iterdir()) == [
+        "distilled_cached_10_views_seed0", "distilled_seed0", "labels_only_seed0", "teacher"]

@@ -7,7 +7,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 from collections.abc import Callable, Iterator
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -30,7 +30,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-out = Console(soft_wrap=True, highlight=False)
+# Piped or logged output gets room for the wider tables (rich would assume 80 columns).
+out = Console(soft_wrap=True, highlight=False, width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True, soft_wrap=True, highlight=False)
 
 
@@ -53,15 +54,27 @@ class _RateColumn(ProgressColumn):
         return Text(f"{task.speed or 0:,.0f} {self.unit}/s")
 
 
+class _Advance:
+    """``advance(n)`` for a library's progress callback; ``advance.set_total(n)`` when the total is known late."""
+
+    def __init__(self, bar: Progress, task: Any) -> None:
+        self.bar, self.task = bar, task
+
+    def __call__(self, n: int) -> None:
+        self.bar.advance(self.task, n)
+
+    def set_total(self, total: int) -> None:
+        self.bar.update(self.task, total=total)
+
+
 @contextmanager
 def _progress(description: str, total: int | None, *, bytes_: bool = False,
-              rate: str | None = None) -> Iterator[Callable[[int], None]]:
+              rate: str | None = None) -> Iterator[_Advance]:
     """A rich progress bar on stderr; yields ``advance(n)``. Hidden when stderr is not a terminal."""
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn() if not bytes_ else
                TransferSpeedColumn(), *([_RateColumn(rate)] if rate else []), TimeRemainingColumn()]
     with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
+        yield _Advance(bar, bar.add_task(description, total=total))
 
 
 def print_summary(root: Path, manifest: Manifest) -> None:

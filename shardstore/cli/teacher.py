@@ -68,14 +68,10 @@ def cache_teacher(
             raise typer.Exit(1)
         out.print("check passed", markup=False)
         return
-    from shardstore.manifest.reader import ShardStore
-
-    store = ShardStore.open(cfg.data.cache_root)
-    with _progress("teacher", store.num_samples, rate="images") as advance:
+    with _progress("teacher", None, rate="images") as advance:
         report = fill_teacher_cache(cfg, name=name, views=views, topk=topk, dense=dense, logits=logits,
                                     embeddings=embeddings, seed=seed, batch_size=batch_size, device=device,
-                                    overwrite=overwrite,
-                                    progress=advance)
+                                    overwrite=overwrite, progress=advance, on_plan=advance.set_total)
     spec = report.spec
     out.print(f"filled {len(report.shards_filled):,} shard(s) ({report.images:,} images x {spec.views} views, "
               f"{report.images_per_s:,.0f} images/s); {report.shards_present:,} already had them", markup=False)

@@ -123,16 +123,17 @@ def load_teacher(cfg: RunConfig, device: torch.device) -> InputAdapter:
             raise ConfigError("model_config: teacher.checkpoint_format is torchscript but teacher.checkpoint is "
                               "not set; name the TorchScript file")
         model: nn.Module = load_torchscript(t.checkpoint)
-    elif t.checkpoint:
-        model = build_model(t.name, cfg.model.num_classes, image_size=t.input.size, **t.kwargs)
-        load_checkpoint_into(model, t.checkpoint)
     else:
-        # No checkpoint (tests, smoke runs): the same random teacher from the run's seed wherever it is built.
-        log.warning("model_config: teacher.checkpoint is not set; the teacher is randomly initialised (seed %d)",
-                    cfg.train.seed)
+        # On its own random stream: whether a teacher is built must not change the student's initial weights.
+        # Without a checkpoint (tests, smoke runs) that also makes it the same random teacher wherever it is built.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.train.seed)
             model = build_model(t.name, cfg.model.num_classes, image_size=t.input.size, **t.kwargs)
+        if t.checkpoint:
+            load_checkpoint_into(model, t.checkpoint)
+        else:
+            log.warning("model_config: teacher.checkpoint is not set; the teacher is randomly initialised (seed %d)",
+                        cfg.train.seed)
     teacher = InputAdapter(model, size=t.input.size, mean=t.input.mean, std=t.input.std)
     teacher = freeze(teacher).to(device)
     if t.dtype == "bfloat16":

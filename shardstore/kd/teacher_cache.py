@@ -61,12 +61,17 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def teacher_identity(cfg: RunConfig) -> dict[str, Any]:
+#: what makes two teachers the same (the checkpoint is known by its content, not its path)
+TEACHER_KEYS = ("name", "checkpoint_sha256", "init_seed", "input_size", "mean", "std", "dtype")
+
+
+def teacher_identity(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+    """The teacher as the targets record it: ``TEACHER_KEYS``, and where it was and how it ran, for information."""
     t = cfg.model.teacher
-    return {"name": t.name, "checkpoint": t.checkpoint,
-            "checkpoint_sha256": file_sha256(t.checkpoint) if t.checkpoint else None,
+    return {"name": t.name, "checkpoint_sha256": file_sha256(t.checkpoint) if t.checkpoint else None,
+            "init_seed": None if t.checkpoint else cfg.train.seed,  # a random teacher (tests) is its seed
             "input_size": t.input.size, "mean": list(t.input.mean), "std": list(t.input.std), "dtype": t.dtype,
-            "amp": cfg.train.amp}
+            "checkpoint": t.checkpoint, "precision": "bf16" if _amp_on(cfg, device) else "fp32"}
 
 
 @dataclass
@@ -82,9 +87,12 @@ class FillReport:
         return self.images / self.seconds if self.seconds else 0.0
 
 
+def _amp_on(cfg: RunConfig, device: torch.device) -> bool:
+    return cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda")
+
+
 def _autocast(cfg: RunConfig, device: torch.device) -> Any:
-    amp = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16) if _amp_on(cfg, device) else nullcontext()
 
 
 @torch.no_grad()
@@ -109,7 +117,7 @@ def _teacher_targets(teacher: InputAdapter, spec: TargetSpec, images: Tensor, vi
 
 
 def new_target_spec(cfg: RunConfig, store: ShardStore, teacher: InputAdapter, *, name: str, views: int, topk: int,
-                    dense: bool, embeddings: bool, seed: int, logits: bool = True) -> TargetSpec:
+                    dense: bool, embeddings: bool, seed: int, device: torch.device, logits: bool = True) -> TargetSpec:
     if views < 1:
         raise ConfigError(f"--views must be at least 1, got {views}")
     if IMAGE_FIELD not in store.fields:
@@ -129,27 +137,38 @@ def new_target_spec(cfg: RunConfig, store: ShardStore, teacher: InputAdapter, *,
         embedding_dim=teacher.num_features if embeddings else 0, seed=seed,
         augment={"random_resized_crop": a.random_resized_crop, "scale": list(a.scale), "ratio": list(a.ratio),
                  "flip": a.flip},
-        image_field=IMAGE_FIELD, image_shape=tuple(image.shape), teacher=teacher_identity(cfg))
+        image_field=IMAGE_FIELD, image_shape=tuple(image.shape), teacher=teacher_identity(cfg, device))
 
 
 def _agree_with_existing(new: TargetSpec, old: TargetSpec, source: Path) -> None:
     new_d, old_d = asdict(new), asdict(old)
+    new_d["teacher"] = {k: new.teacher.get(k) for k in TEACHER_KEYS}
+    old_d["teacher"] = {k: old.teacher.get(k) for k in TEACHER_KEYS}
     differ = [key for key in SAME_SETTINGS if new_d[key] != old_d[key]]
     if differ:
         key = differ[0]
-        raise ConfigError(f"{source} holds targets made with {key}={old_d[key]!r}, this run has {new_d[key]!r}; "
+        if key == "teacher":
+            inner = next(k for k in TEACHER_KEYS if new_d[key][k] != old_d[key][k])
+            key, old_value, new_value = f"teacher.{inner}", old_d["teacher"][inner], new_d["teacher"][inner]
+        else:
+            old_value, new_value = old_d[key], new_d[key]
+        raise ConfigError(f"{source} holds targets made with {key}={old_value!r}, this run has {new_value!r}; "
                           f"use another --name, or --overwrite to replace them")
+    if new.teacher.get("precision") != old.teacher.get("precision"):
+        log.warning("%s: earlier shards were filled in %s, these in %s (targets differ by rounding only)", source,
+                    old.teacher.get("precision"), new.teacher.get("precision"))
 
 
 def fill_teacher_cache(cfg: RunConfig, *, name: str = "teacher", views: int = 4, topk: int = 10, dense: bool = False,
                        embeddings: bool = False, logits: bool = True, seed: int | None = None, batch_size: int = 256,
                        device: str | torch.device | None = None, fsync: bool = True, overwrite: bool = False,
                        progress: Callable[[int], None] | None = None,
-                       on_shard: Callable[[int], None] | None = None) -> FillReport:
+                       on_shard: Callable[[int], None] | None = None,
+                       on_plan: Callable[[int], None] | None = None) -> FillReport:
     """Add teacher targets to every shard of ``cfg.data.cache_root`` that lacks them, then rebuild the manifest.
 
-    ``progress`` gets the number of images finished after each batch, ``on_shard`` the id of
-    each shard written. ``seed`` defaults to ``cfg.train.seed``. Targets already stored under
+    ``on_plan`` gets the number of images to fill once it is known, ``progress`` the number
+    finished after each batch, ``on_shard`` the id of each shard written. ``seed`` defaults to ``cfg.train.seed``. Targets already stored under
     ``name`` must have been made with the same settings and teacher, unless ``overwrite``
     deletes them first.
     """
@@ -160,7 +179,8 @@ def fill_teacher_cache(cfg: RunConfig, *, name: str = "teacher", views: int = 4,
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = load_teacher(cfg, dev)
     spec = new_target_spec(cfg, store, teacher, name=name, views=views, topk=topk, dense=dense,
-                           embeddings=embeddings, logits=logits, seed=cfg.train.seed if seed is None else seed)
+                           embeddings=embeddings, logits=logits, seed=cfg.train.seed if seed is None else seed,
+                           device=dev)
     source = group_file(root, name)
     if overwrite and source.exists():
         removed = remove_group(root, read_group_specs(root)[name])
@@ -181,6 +201,8 @@ def fill_teacher_cache(cfg: RunConfig, *, name: str = "teacher", views: int = 4,
     names = spec.field_names()
     todo = [p for p, s in enumerate(store.shards) if not all(f in s.files for f in names.values())]
     report.shards_present = store.num_shards - len(todo)
+    if on_plan is not None:
+        on_plan(sum(store.shards[p].num_samples for p in todo))
     amp = _autocast(cfg, dev)
     dtype = next(teacher.parameters()).dtype
     per_batch = max(1, batch_size // spec.views)
@@ -266,8 +288,8 @@ def check_teacher_cache(cfg: RunConfig, *, name: str = "teacher", samples: int =
     at = np.searchsorted(starts, picks, side="right") - 1
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = load_teacher(cfg, dev)
-    identity = teacher_identity(cfg)
-    differ = [k for k in ("name", "checkpoint_sha256", "input_size", "mean", "std") if identity[k] != spec.teacher[k]]
+    identity = teacher_identity(cfg, dev)
+    differ = [k for k in TEACHER_KEYS if identity[k] != spec.teacher.get(k)]
     if differ:
         report.teacher_differs = (f"the model config's teacher differs from the one that made the targets in "
                                   f"{differ[0]} ({identity[differ[0]]!r} vs {spec.teacher[differ[0]]!r})")
