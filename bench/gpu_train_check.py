@@ -7,6 +7,9 @@ Writes a synthetic cache (random uint8 3x224x224 images, 2048 per shard) on the 
 disk, trains from it through ``shardstore.kd.trainer.train`` and prints a table: images/s,
 the share of step time the trainer waited for data (target < 2%), and the share of step
 time spent in the teacher's forward (timed separately with CUDA events on the same batches).
+Then (``--cached-views K``, default 2) it caches the teacher's top-10 for K views per image,
+checks 256 stored targets against the live teacher in the same precision, and trains the
+same student from the cached targets: images/s with and without the teacher's forward.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -75,6 +79,27 @@ def teacher_share(cfg, device: torch.device, batch: int, size: int, steps: int =
     return t_teacher / (t_teacher + t_student)
 
 
+def cached_pass(sets: list[str], root: Path, views: int, batch: int) -> list[tuple[str, str]]:
+    """cache-teacher (K views, top-10) on the same cache, the check in this precision, and training from it."""
+    from shardstore.kd.teacher_cache import check_teacher_cache, fill_teacher_cache
+
+    cfg = load_run_config(DEFAULT_DATA_CONFIG, DEFAULT_TRAIN_CONFIG, DEFAULT_MODEL_CONFIG, sets)
+    fill = fill_teacher_cache(cfg, name="gpu_check", views=views, topk=10, batch_size=4 * batch, fsync=False,
+                              overwrite=True)
+    check = check_teacher_cache(cfg, name="gpu_check", samples=256)
+    cached_cfg = load_run_config(DEFAULT_DATA_CONFIG, DEFAULT_TRAIN_CONFIG, DEFAULT_MODEL_CONFIG,
+                                 sets + [f"train.run_dir={root / 'run_cached'}", "data.teacher_targets=gpu_check"])
+    train(cached_cfg)
+    last = [r for r in read_metrics(root / "run_cached") if r["kind"] == "epoch"][-1]
+    return [
+        ("cache-teacher", f"{fill.images_per_s:,.0f} images/s x {views} views ({fill.spec.bytes_per_sample():,} B/image)"),
+        ("check, 256 stored views", f"top-1 match {100 * (check.top1_match or 0):.1f}%, worst KL {check.worst_kl:.2g} "
+                                    f"nats, passed {check.passed}"),
+        ("images/s from cached targets (last epoch)", f"{last['samples_per_s']:,.0f} (data wait "
+                                                      f"{100 * last['wait_frac']:.2f}%)"),
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=int, default=8)
@@ -83,6 +108,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--root", type=Path, default=None)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: 32 px, small models, few steps")
+    parser.add_argument("--cached-views", type=int, default=2,
+                        help="also cache the teacher for K views per image and train from it (0 = skip)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     if not cuda and not args.tiny:
@@ -105,11 +132,14 @@ def main() -> int:
             *[f"model.{n}.input.{k}={v}" for n in ("teacher", "student") for k, v in
               (("size", size), ("mean", [0.485, 0.456, 0.406]), ("std", [0.229, 0.224, 0.225]))]]
     cfg = load_run_config(DEFAULT_DATA_CONFIG, DEFAULT_TRAIN_CONFIG, DEFAULT_MODEL_CONFIG, sets)
+    for old in ("run", "run_cached"):
+        shutil.rmtree(root / old, ignore_errors=True)  # this script's own runs of an earlier call
     started = time.perf_counter()
     train(cfg)
     wall = time.perf_counter() - started
     epochs = [r for r in read_metrics(root / "run") if r["kind"] == "epoch"]
     last = epochs[-1]  # the first epoch pays for cuDNN autotuning and warm-up
+    cached_rows = cached_pass(sets, root, args.cached_views, batch) if args.cached_views else []
     share = teacher_share(cfg, torch.device("cuda" if cuda else "cpu"), batch, size)
     rows = [
         ("device", torch.cuda.get_device_name() if cuda else "cpu (--tiny)"),
@@ -120,6 +150,7 @@ def main() -> int:
         ("data wait, share of step time", f"{100 * last['wait_frac']:.2f}%  (target < 2%)"),
         ("teacher forward, share of step time", f"{100 * share:.1f}%"),
         ("epochs / wall", f"{len(epochs)} x {last['batches']} steps / {wall:.1f} s"),
+        *cached_rows,
     ]
     print("| what | value |\n|---|---|")
     for key, value in rows:
