@@ -39,13 +39,9 @@ class TargetSpec:
     augment: dict[str, Any]  # random_resized_crop, scale, ratio, flip
     image_field: str
     image_shape: tuple[int, int, int]  # C, H, W of the cached images
-    teacher: dict[str, Any]  # name, checkpoint, checkpoint_sha256, input_size, mean, std, dtype, amp
+    teacher: dict[str, Any]  # which teacher, how it ran (see teacher_cache.teacher_identity)
 
     # -- fields ----------------------------------------------------------------------------
-
-    @property
-    def views_field(self) -> str:
-        return f"{self.name}_views"
 
     def field_names(self) -> dict[str, str]:
         """Role (``views``, ``index``, ``logp``, ``tail``, ``logits``, ``embedding``) to field name."""

@@ -168,9 +168,10 @@ def fill_teacher_cache(cfg: RunConfig, *, name: str = "teacher", views: int = 4,
     """Add teacher targets to every shard of ``cfg.data.cache_root`` that lacks them, then rebuild the manifest.
 
     ``on_plan`` gets the number of images to fill once it is known, ``progress`` the number
-    finished after each batch, ``on_shard`` the id of each shard written. ``seed`` defaults to ``cfg.train.seed``. Targets already stored under
-    ``name`` must have been made with the same settings and teacher, unless ``overwrite``
-    deletes them first.
+    finished after each batch, ``on_shard`` the id of each shard written. ``seed`` defaults
+    to ``cfg.train.seed``. Targets already stored under ``name`` must have been made with the
+    same settings and teacher, unless ``overwrite`` deletes them first. ``report.seconds``
+    covers the whole call (loading the teacher and rebuilding the manifest included).
     """
     start = time.perf_counter()
     root = Path(cfg.data.cache_root)

@@ -73,10 +73,10 @@ def recompute(cfg, root: Path, name: str) -> dict[int, dict[str, torch.Tensor]]:
     store = ShardStore.open(root)
     teacher = load_teacher(cfg, torch.device("cpu"))
     out = {}
-    for p in store.manifest.positions_with([spec.views_field]):
+    for p in store.manifest.positions_with([spec.field_names()["views"]]):
         entry = store.shards[p]
         images = torch.from_numpy(np.array(store.field(p, "images")))
-        views = torch.from_numpy(np.array(store.field(p, spec.views_field)))
+        views = torch.from_numpy(np.array(store.field(p, spec.field_names()["views"])))
         n, k = views.shape[:2]
         with torch.no_grad():
             x = render_teacher_input(images.repeat_interleave(k, 0), views.reshape(n * k, 5), teacher)
