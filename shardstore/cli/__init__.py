@@ -22,6 +22,7 @@ from shardstore.manifest.build import build_manifest
 from shardstore.manifest.model import Manifest, manifest_path
 from shardstore.manifest.reader import load_manifest
 from shardstore.manifest.verify import verify_checksums
+from shardstore.store.groups import read_group_specs
 
 app = typer.Typer(
     name="shardstore",
@@ -151,6 +152,14 @@ def info(root: Annotated[str, typer.Argument(help="Cache directory holding manif
     path = _root(root)
     manifest = load_manifest(path)
     print_summary(path, manifest)
+    for name, group in read_group_specs(path).items():
+        settings = []
+        for key, value in group.meta.items():
+            if isinstance(value, dict) and "name" in value:
+                value = value["name"]  # e.g. the teacher, by name
+            if key != "format" and isinstance(value, (str, int, float)):
+                settings.append(f"{key}={value}")
+        out.print(f"group {name} ({name}.fields.json): " + ", ".join(settings), markup=False)
     for problem in manifest.left_out:
         out.print(f"left out: {problem}", markup=False)
 

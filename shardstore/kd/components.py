@@ -68,6 +68,9 @@ def build_data(cfg: RunConfig, info: DistInfo) -> Data:
     The loader reads only the fields training uses: images, labels, the logits of
     ``loss.target_field`` and, with ``data.teacher_targets``, the cached targets.
     """
+    if cfg.train.loss.target_field and cfg.data.teacher_targets:
+        raise ConfigError(f"train_config: loss.target_field ({cfg.train.loss.target_field}) and data_config: "
+                          f"teacher_targets ({cfg.data.teacher_targets}) both name cached teacher outputs; keep one")
     store = ShardStore.open(cfg.data.cache_root)
     needed = [IMAGE_FIELD, LABEL_FIELD] + ([cfg.train.loss.target_field] if cfg.train.loss.target_field else [])
     for name in needed:

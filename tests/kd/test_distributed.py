@@ -27,3 +27,32 @@ def test_two_cpu_ranks_take_the_same_steps_and_end_identical(tiny_cache: Path, t
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
     assert proc.stdout.count("resolved configuration:") == 1  # rank 0 alone prints and logs
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("epoch_*.pt")) == ["epoch_0000.pt", "epoch_0001.pt"]
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_train_in_lockstep_from_cached_targets(tiny_cache: Path, tmp_path: Path) -> None:
+    """Each rank picks its samples' stored views from its own stream; DDP keeps the weights identical."""
+    import shutil
+
+    from shardstore.config.resolve import DEFAULT_DATA_CONFIG, DEFAULT_MODEL_CONFIG, DEFAULT_TRAIN_CONFIG, load_run_config
+    from shardstore.kd.teacher_cache import fill_teacher_cache
+
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache, cache)
+    fill_teacher_cache(load_run_config(DEFAULT_DATA_CONFIG, DEFAULT_TRAIN_CONFIG, DEFAULT_MODEL_CONFIG,
+                                       overrides(tmp_path / "fill", cache)), views=3, topk=4, embeddings=True,
+                       fsync=False)
+    run_dir = tmp_path / "ddp"
+    sets = [a for o in overrides(run_dir, cache, train__epochs=2, data__teacher_targets="teacher",
+                                 train__loss__feature_loss="cosine", train__loss__feature_weight=0.5,
+                                 model__teacher__name="no_such_model") for a in ("--set", o)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "shardstore", "train", "--device", "cpu", *sets]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((run_dir / f"final_rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 2 * 4
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all({"kd", "feature"} <= set(r) for r in steps if r["kind"] == "step")  # both cached targets teach

@@ -644,6 +644,7 @@ def test_cache_teacher_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     out = capsys.readouterr().out
     for f in ("teacher_views", "teacher_topk_index", "teacher_topk_logp", "teacher_tail_logp", "group teacher"):
         assert f in out
+    assert "group teacher (teacher.fields.json): name=teacher, views=2, logits=topk, topk=3" in out
 
     for args, message in [(["--name", "nope", "--check", "5"], "has no teacher targets named 'nope'"),
                           (["--views", "3", "--topk", "3"], "views=2, this run has 3"),

@@ -105,3 +105,11 @@ def test_an_earlier_epoch_checkpoint_is_never_pruned_by_later_stale_ones(tmp_pat
     path = manager.save_epoch({"global_step": 1, "student": {}}, 0, is_best=False)
     assert path.exists() and manager.latest() == path
     assert load_checkpoint(path)["global_step"] == 1
+
+
+def test_two_sources_of_cached_teacher_outputs_are_refused(tiny_cache: Path, tmp_path: Path) -> None:
+    cfg = load_run_config(DEFAULT_DATA_CONFIG, DEFAULT_TRAIN_CONFIG, DEFAULT_MODEL_CONFIG,
+                          overrides(tmp_path / "run", tiny_cache, train__loss__target_field="logits",
+                                    data__teacher_targets="teacher"))
+    with pytest.raises(ConfigError, match="keep one"):
+        train(cfg)
