@@ -69,12 +69,12 @@ class _Advance:
 
 
 @contextmanager
-def _progress(description: str, total: int | None, *, bytes_: bool = False,
-              rate: str | None = None) -> Iterator[_Advance]:
-    """A rich progress bar on stderr; yields ``advance(n)``. Hidden when stderr is not a terminal."""
+def _progress(description: str, total: int | None, *, bytes_: bool = False, rate: str | None = None,
+              hidden: bool = False) -> Iterator[_Advance]:
+    """A rich progress bar on stderr; yields ``advance(n)``. Hidden when stderr is not a terminal (or ``hidden``)."""
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn() if not bytes_ else
                TransferSpeedColumn(), *([_RateColumn(rate)] if rate else []), TimeRemainingColumn()]
-    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
+    with Progress(*columns, console=err, transient=True, disable=hidden or not err.is_terminal) as bar:
         yield _Advance(bar, bar.add_task(description, total=total))
 
 

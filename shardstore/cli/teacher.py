@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Optional
 
 import typer
@@ -37,7 +38,7 @@ def cache_teacher(
     """Run the teacher on K seeded views of every sample and store its outputs next to the images.
 
     Only shards without the targets are filled, each whole or not at all: run it again after
-    a crash, or when new shards arrive. Train from the targets with
+    a crash, or when new shards arrive. Under torchrun each GPU fills its share of the shards. Train from the targets with
     `--set data.teacher_targets=NAME` (no teacher is loaded then).
     """
     from shardstore.kd.teacher_cache import check_teacher_cache, fill_teacher_cache
@@ -68,10 +69,13 @@ def cache_teacher(
             raise typer.Exit(1)
         out.print("check passed", markup=False)
         return
-    with _progress("teacher", None, rate="images") as advance:
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun every rank fills its share of the shards
+    with _progress("teacher", None, rate="images", hidden=not main_rank) as advance:
         report = fill_teacher_cache(cfg, name=name, views=views, topk=topk, dense=dense, logits=logits,
                                     embeddings=embeddings, seed=seed, batch_size=batch_size, device=device,
                                     overwrite=overwrite, progress=advance, on_plan=advance.set_total)
+    if not main_rank:
+        return
     spec = report.spec
     out.print(f"filled {len(report.shards_filled):,} shard(s) ({report.images:,} images x {spec.views} views, "
               f"{report.images_per_s:,.0f} images/s); {report.shards_present:,} already had them", markup=False)

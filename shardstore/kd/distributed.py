@@ -68,6 +68,24 @@ def all_reduce_mean(value: float, info: DistInfo) -> float:
     return float(t.item()) / info.world_size
 
 
+def broadcast_object(value: object, info: DistInfo) -> object:
+    """Rank 0's ``value`` on every rank (any picklable object; itself on a single process)."""
+    if not info.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(value: object, info: DistInfo) -> list[object]:
+    """Every rank's ``value``, in rank order, on every rank (``[value]`` on a single process)."""
+    if not info.distributed:
+        return [value]
+    out: list[object] = [None] * info.world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
 def teardown(info: DistInfo) -> None:
     if info.distributed and dist.is_initialized():
         dist.destroy_process_group()

@@ -39,7 +39,8 @@ import torch
 from torch import Tensor
 
 from shardstore.config.resolve import RunConfig
-from shardstore.errors import ConfigError
+from shardstore.errors import ConfigError, ShardstoreError
+from shardstore.kd import distributed
 from shardstore.kd.components import IMAGE_FIELD, load_teacher, render_teacher_input, teacher_forward
 from shardstore.kd.models.io import InputAdapter
 from shardstore.kd.target_spec import SAME_SETTINGS, TargetSpec, read_target_spec, shard_views
@@ -172,66 +173,108 @@ def fill_teacher_cache(cfg: RunConfig, *, name: str = "teacher", views: int = 4,
     to ``cfg.train.seed``. Targets already stored under ``name`` must have been made with the
     same settings and teacher, unless ``overwrite`` deletes them first. ``report.seconds``
     covers the whole call (loading the teacher and rebuilding the manifest included).
+
+    Under torchrun every process calls it: rank 0 prepares the group, each rank fills every
+    ``world_size``-th of the shards that lack it on its own device (``cuda:LOCAL_RANK``), and
+    rank 0 rebuilds the manifest; the report counts all ranks. The result does not depend on
+    the number of processes: a shard's views come from its id alone.
     """
     start = time.perf_counter()
-    root = Path(cfg.data.cache_root)
-    build_manifest(root)  # picks up shards written since the last build
-    store = ShardStore.open(root)
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher = load_teacher(cfg, dev)
-    spec = new_target_spec(cfg, store, teacher, name=name, views=views, topk=topk, dense=dense,
-                           embeddings=embeddings, logits=logits, seed=cfg.train.seed if seed is None else seed,
-                           device=dev)
-    source = group_file(root, name)
-    if overwrite and source.exists():
-        removed = remove_group(root, read_group_specs(root)[name])
-        log.info("removed %d files of the earlier targets %r", removed, name)
-        build_manifest(root)
+    owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    info = distributed.setup(None if device is None else str(device))
+    try:
+        teacher = load_teacher(cfg, info.device)
+        spec = _prepare_group(cfg, info, teacher, name=name, views=views, topk=topk, dense=dense,
+                              embeddings=embeddings, logits=logits, seed=cfg.train.seed if seed is None else seed,
+                              overwrite=overwrite)
+        root = Path(cfg.data.cache_root)
         store = ShardStore.open(root)
-    if source.exists():
-        _agree_with_existing(spec, read_target_spec(root, name), source)
-    else:
-        other = read_group_specs(root)
-        clash = [f for g in other.values() for f in g.fields if f in spec.field_specs()]
-        if clash:
-            raise ConfigError(f"field {clash[0]!r} already belongs to another group of {root}; choose another --name")
-        write_group_spec(root, spec.to_group())
-        build_manifest(root)
-        store = ShardStore.open(root)
-    report = FillReport(spec)
-    names = spec.field_names()
-    todo = [p for p, s in enumerate(store.shards) if not all(f in s.files for f in names.values())]
-    report.shards_present = store.num_shards - len(todo)
-    if on_plan is not None:
-        on_plan(sum(store.shards[p].num_samples for p in todo))
-    amp = _autocast(cfg, dev)
-    dtype = next(teacher.parameters()).dtype
-    per_batch = max(1, batch_size // spec.views)
-    for position in todo:
-        entry = store.shards[position]
-        targets = {f: root / entry.field_path(f) for f in names.values()}
-        remove_stale_temporaries(next(iter(targets.values())).parent)
-        images = store.field(position, IMAGE_FIELD)
-        shard_v = shard_views(spec, entry.id, entry.num_samples)
-        parts: dict[str, list[np.ndarray]] = {}
-        for lo in range(0, entry.num_samples, per_batch):
-            hi = min(lo + per_batch, entry.num_samples)
-            batch = torch.from_numpy(np.array(images[lo:hi])).to(dev)
-            for role, arr in _teacher_targets(teacher, spec, batch, shard_v[lo:hi], amp, dtype).items():
-                parts.setdefault(role, []).append(arr)
-            report.images += hi - lo
-            if progress is not None:
-                progress(hi - lo)
-        arrays = {names[role]: np.concatenate(chunks) for role, chunks in parts.items()}
-        view_dtype = spec.field_specs()[names["views"]][0]
-        arrays[names["views"]] = shard_v.numpy().astype(view_dtype)
-        add_shard_fields(targets, arrays, fsync=fsync)
-        report.shards_filled.append(entry.id)
-        if on_shard is not None:
-            on_shard(entry.id)
-    build_manifest(root)
+        names = spec.field_names()
+        todo = [p for p, s in enumerate(store.shards) if not all(f in s.files for f in names.values())]
+        mine = todo[info.rank::info.world_size]
+        if on_plan is not None:
+            on_plan(sum(store.shards[p].num_samples for p in mine))
+        filled, images = [], 0
+        for position in mine:
+            entry = store.shards[position]
+            images += _fill_shard(cfg, info.device, teacher, spec, store, position, batch_size, fsync, progress)
+            filled.append(entry.id)
+            if on_shard is not None:
+                on_shard(entry.id)
+        report = FillReport(spec, shards_present=store.num_shards - len(todo))
+        for ids, count in distributed.gather_objects((filled, images), info):
+            report.shards_filled += ids
+            report.images += count
+        report.shards_filled.sort()
+        if info.is_main:
+            build_manifest(root)
+        distributed.barrier(info)
+    finally:
+        if owns_group:
+            distributed.teardown(info)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _prepare_group(cfg: RunConfig, info: distributed.DistInfo, teacher: InputAdapter, *, name: str,
+                   overwrite: bool, **settings: Any) -> TargetSpec:
+    """On rank 0: the manifest brought up to date and the group declared (or checked); its settings on every rank."""
+    root = Path(cfg.data.cache_root)
+    error: str | None = None
+    spec: TargetSpec | None = None
+    if info.is_main:
+        try:
+            build_manifest(root)  # picks up shards written since the last build
+            store = ShardStore.open(root)
+            spec = new_target_spec(cfg, store, teacher, name=name, device=info.device, **settings)
+            source = group_file(root, name)
+            if overwrite and source.exists():
+                removed = remove_group(root, read_group_specs(root)[name])
+                log.info("removed %d files of the earlier targets %r", removed, name)
+            if source.exists():
+                _agree_with_existing(spec, read_target_spec(root, name), source)
+            else:
+                clash = [f for g in read_group_specs(root).values() for f in g.fields if f in spec.field_specs()]
+                if clash:
+                    raise ConfigError(f"field {clash[0]!r} already belongs to another group of {root}; "
+                                      "choose another --name")
+                write_group_spec(root, spec.to_group())
+            build_manifest(root)
+        except ShardstoreError as exc:
+            if not info.distributed:
+                raise
+            error = str(exc)
+    error, spec = distributed.broadcast_object((error, spec), info)
+    if error is not None:
+        raise ConfigError(error)
+    assert spec is not None
+    return spec
+
+
+def _fill_shard(cfg: RunConfig, device: torch.device, teacher: InputAdapter, spec: TargetSpec, store: ShardStore,
+                position: int, batch_size: int, fsync: bool, progress: Callable[[int], None] | None) -> int:
+    """Compute and write the group's files of one shard; returns its number of images."""
+    entry = store.shards[position]
+    names = spec.field_names()
+    targets = {f: store.root / entry.field_path(f) for f in names.values()}
+    remove_stale_temporaries(next(iter(targets.values())).parent)
+    amp = _autocast(cfg, device)
+    dtype = next(teacher.parameters()).dtype
+    per_batch = max(1, batch_size // spec.views)
+    images = store.field(position, IMAGE_FIELD)
+    shard_v = shard_views(spec, entry.id, entry.num_samples)
+    parts: dict[str, list[np.ndarray]] = {}
+    for lo in range(0, entry.num_samples, per_batch):
+        hi = min(lo + per_batch, entry.num_samples)
+        batch = torch.from_numpy(np.array(images[lo:hi])).to(device)
+        for role, arr in _teacher_targets(teacher, spec, batch, shard_v[lo:hi], amp, dtype).items():
+            parts.setdefault(role, []).append(arr)
+        if progress is not None:
+            progress(hi - lo)
+    arrays = {names[role]: np.concatenate(chunks) for role, chunks in parts.items()}
+    arrays[names["views"]] = shard_v.numpy().astype(spec.field_specs()[names["views"]][0])
+    add_shard_fields(targets, arrays, fsync=fsync)
+    return entry.num_samples
 
 
 @dataclass
