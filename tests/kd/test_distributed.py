@@ -13,15 +13,21 @@ import pytest
 from .conftest import overrides
 
 
+def torchrun(command: str, sets: list[str], *args: str) -> subprocess.CompletedProcess:
+    """``shardstore COMMAND`` on two gloo ranks (CPU); asserts it succeeded."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "shardstore", command, "--device", "cpu", *args, *sets]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 @pytest.mark.slow
 def test_two_cpu_ranks_take_the_same_steps_and_end_identical(tiny_cache: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "ddp"
     sets = [a for o in overrides(run_dir, tiny_cache, train__epochs=2) for a in ("--set", o)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "shardstore", "train", "--device", "cpu", *sets]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = torchrun("train", sets)
     ranks = [json.loads((run_dir / f"final_rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == 2 * 4  # 128 samples / (2 ranks x 16) per epoch
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
@@ -46,11 +52,7 @@ def test_two_cpu_ranks_train_in_lockstep_from_cached_targets(tiny_cache: Path, t
     sets = [a for o in overrides(run_dir, cache, train__epochs=2, data__teacher_targets="teacher",
                                  train__loss__feature_loss="cosine", train__loss__feature_weight=0.5,
                                  model__teacher__name="no_such_model") for a in ("--set", o)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "shardstore", "train", "--device", "cpu", *sets]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = torchrun("train", sets)
     ranks = [json.loads((run_dir / f"final_rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == 2 * 4
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
@@ -76,11 +78,7 @@ def test_two_ranks_fill_the_teacher_cache_like_one_process(tiny_cache: Path, tmp
                                                 overrides(tmp_path / "r", single)), views=2, topk=3, fsync=False)
     assert report.shards_filled == list(range(8))
     sets = [a for o in overrides(tmp_path / "r", multi) for a in ("--set", o)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "shardstore", "cache-teacher", "--device", "cpu", "--views", "2", "--topk", "3", *sets]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = torchrun("cache-teacher", sets, "--views", "2", "--topk", "3")
     assert proc.stdout.count("filled 8 shard(s) (256 images x 2 views") == 1  # rank 0 reports for both
     a, b = ShardStore.open(single), ShardStore.open(multi)
     names = ["teacher_views", "teacher_topk_index", "teacher_topk_logp", "teacher_tail_logp"]
