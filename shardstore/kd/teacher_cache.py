@@ -98,8 +98,8 @@ def _autocast(cfg: RunConfig, device: torch.device) -> Any:
 
 @torch.no_grad()
 def _teacher_targets(teacher: InputAdapter, spec: TargetSpec, images: Tensor, views: Tensor, amp: Any,
-                     dtype: torch.dtype) -> dict[str, np.ndarray]:
-    """Teacher outputs for images ``[n, C, H, W]`` (uint8, on the device) x views ``[n, K, 5]``, by role."""
+                     dtype: torch.dtype) -> dict[str, Tensor]:
+    """Teacher outputs (on the device) for uint8 images ``[n, C, H, W]`` x views ``[n, K, 5]``, by role."""
     n, k = views.shape[:2]
     flat_images = images.repeat_interleave(k, dim=0)
     x = render_teacher_input(flat_images, views.reshape(n * k, 5).to(images.device), teacher)
@@ -114,7 +114,7 @@ def _teacher_targets(teacher: InputAdapter, spec: TargetSpec, images: Tensor, vi
         out["logits"] = logits.to(torch.float16).view(n, k, -1)
     if features is not None:
         out["embedding"] = features.to(torch.float16).view(n, k, -1)
-    return {role: t.cpu().numpy() for role, t in out.items()}
+    return out
 
 
 def new_target_spec(cfg: RunConfig, store: ShardStore, teacher: InputAdapter, *, name: str, views: int, topk: int,
@@ -263,7 +263,7 @@ def _fill_shard(cfg: RunConfig, device: torch.device, teacher: InputAdapter, spe
     per_batch = max(1, batch_size // spec.views)
     images = store.field(position, IMAGE_FIELD)
     shard_v = shard_views(spec, entry.id, entry.num_samples)
-    parts: dict[str, list[np.ndarray]] = {}
+    parts: dict[str, list[Tensor]] = {}  # kept on the device: one copy back per shard, no sync per batch
     for lo in range(0, entry.num_samples, per_batch):
         hi = min(lo + per_batch, entry.num_samples)
         batch = torch.from_numpy(np.array(images[lo:hi])).to(device)
@@ -271,7 +271,7 @@ def _fill_shard(cfg: RunConfig, device: torch.device, teacher: InputAdapter, spe
             parts.setdefault(role, []).append(arr)
         if progress is not None:
             progress(hi - lo)
-    arrays = {names[role]: np.concatenate(chunks) for role, chunks in parts.items()}
+    arrays = {names[role]: torch.cat(chunks).cpu().numpy() for role, chunks in parts.items()}
     arrays[names["views"]] = shard_v.numpy().astype(spec.field_specs()[names["views"]][0])
     add_shard_fields(targets, arrays, fsync=fsync)
     return entry.num_samples
