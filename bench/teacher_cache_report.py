@@ -72,11 +72,16 @@ def main() -> int:
     parser.add_argument("--views", type=int, nargs="+", default=[1, 4, 10])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--scale", type=float, nargs=2, default=None, help="crop area range (default: the demo's)")
+    parser.add_argument("--flip", action="store_true", help="also flip half of the views")
     args = parser.parse_args()
     base = Path(args.demo_dir).absolute()
     if not (base / "teacher.pt").exists():
         sys.exit(f"{base} has no teacher.pt; run `shardstore demo {base}` first")
     s = dict(DEMO_SETTINGS)
+    if args.scale:
+        s["scale"] = list(args.scale)
+    s["flip"] = s["flip"] or args.flip
     test_store = ShardStore.open(base / "test_cache")
     eval_cfg = load_run_config(*CONFIGS, demo_overrides(s, base / "cache")
                                + [f"model.teacher.checkpoint={base / 'teacher.pt'}"])
@@ -93,7 +98,8 @@ def main() -> int:
         rows.append((f"cached, K={k}", f"{per_image:,.0f} B ({report.spec.bytes_per_sample():,} B data)",
                      f"{report.images_per_s:,.0f} images/s", runs))
     print(f"\ndemo student {s['student']} width {s['student_width']}, {s['student_epochs']} epochs, "
-          f"alpha {s['alpha']}, T {s['temperature']}, top-{s['cached_topk']} of 10 classes; seeds {args.seeds}; "
+          f"alpha {s['alpha']}, T {s['temperature']}, crops scale {s['scale']} flip {s['flip']}, "
+          f"top-{s['cached_topk']} of 10 classes; seeds {args.seeds}; "
           f"test split; teacher top-1 {100 * live[0][0]['teacher_top1']:.2f}%; {os.cpu_count()} CPUs")
     print(f"{'mode':<14} {'targets/image on disk':<28} {'fill rate':<18} {'top-1':<16} {'agreement':<16} "
           f"{'KL':<12} {'train samples/s (median epoch)'}")

@@ -689,3 +689,20 @@ def test_cli_fills_a_cache_that_has_no_manifest_yet(tmp_path: Path, capsys: pyte
     code = main(["cache-teacher", *sets, "--device", "cpu", "--views", "1", "--topk", "2"])
     assert code == 0, capsys.readouterr().err
     assert "filled 8 shard(s)" in capsys.readouterr().out
+
+
+def test_a_flat_cache_gets_its_targets_as_flat_files_and_trains_from_them(tmp_path: Path) -> None:
+    """np.save-style caches (<field>_<id>.npy in the root) get <name>_<field>_<id>.npy files, same digits."""
+    native = write_tiny_cache(tmp_path / "native", num_shards=6)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    store = ShardStore.open(native)
+    for p in range(store.num_shards):
+        for field_name in ("images", "labels"):
+            np.save(flat / f"{field_name}_{p:04d}.npy", np.array(store.field(p, field_name)))
+    report = fill_teacher_cache(make_cfg(flat), views=2, topk=3, fsync=False)
+    assert report.shards_filled == list(range(6))
+    assert (flat / "teacher_views_0003.npy").exists() and not any(p.is_dir() for p in flat.iterdir())
+    result = train(make_cfg(flat, train__epochs=1, data__teacher_targets="teacher",
+                            model__teacher__name="no_such_model"))
+    assert result.global_step > 0
