@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from shardstore.cli import app, err, out
+
+if TYPE_CHECKING:
+    from shardstore.config.resolve import RunConfig
 
 
 class RichReporter:
@@ -68,7 +71,7 @@ SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override 
 
 
 def load_configs(data_config: str | None, train_config: str | None, model_config: str | None,
-                 overrides: list[str] | None) -> Any:
+                 overrides: list[str] | None) -> RunConfig:
     """The three configs (defaults from configs/) with ``--set`` overrides applied."""
     from shardstore.config.resolve import (
         DEFAULT_DATA_CONFIG, DEFAULT_MODEL_CONFIG, DEFAULT_TRAIN_CONFIG, load_run_config,

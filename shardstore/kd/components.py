@@ -54,9 +54,10 @@ def _with_targets(cfg: RunConfig, store: ShardStore) -> tuple[ShardStore, Target
         shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
         what = (f"the cached targets {name!r} cover {len(have)} of the {store.num_shards} training shards of "
                 f"{store.root} (missing: {shown})")
-        if cfg.data.missing_targets == "error" or not have:
-            raise ConfigError(f"{what}; fill them with {fix}, or set data.missing_targets: skip to train on the others"
-                              if have or cfg.data.missing_targets == "error" else f"{what}; fill them with {fix}")
+        if not have:
+            raise ConfigError(f"{what}; fill them with {fix}")
+        if cfg.data.missing_targets == "error":
+            raise ConfigError(f"{what}; fill them with {fix}, or set data.missing_targets: skip to train on the others")
         log.warning("%s; training on those %d shards only (data.missing_targets: skip)", what, len(have))
         store = store.subset(have)
     return store, spec
