@@ -33,6 +33,8 @@ class Data:
     eval_store: ShardStore | None
     held_out_ids: list[int]
     targets: TargetSpec | None = None
+    #: the evaluation store also holds the cached targets (in every shard)
+    eval_has_targets: bool = False
 
 
 def _with_targets(cfg: RunConfig, store: ShardStore) -> tuple[ShardStore, TargetSpec]:
@@ -85,21 +87,26 @@ def build_data(cfg: RunConfig, info: DistInfo) -> Data:
             raise ConfigError(f"train_config: eval.held_out_shards={held} leaves no training shard "
                               f"(the cache has {store.num_shards}); lower it")
         held_ids = [int(i) for i in store.shard_ids[-held:]]
-        eval_store = store.subset(range(store.num_shards - held, store.num_shards)).select(needed)
+        eval_store = store.subset(range(store.num_shards - held, store.num_shards))
         store = store.subset(range(store.num_shards - held))
     elif cfg.train.eval.cache_root:
         eval_store = ShardStore.open(cfg.train.eval.cache_root)
-    spec = None
+    spec, eval_has_targets = None, False
     if cfg.data.teacher_targets:
         store, spec = _with_targets(cfg, store)
-        needed += list(spec.field_names().values())
+        target_fields = list(spec.field_names().values())
+        # Evaluation compares with the stored targets when every evaluation shard has them (cache-teacher fills all).
+        eval_has_targets = eval_store is not None and all(f in eval_store.fields for f in target_fields)
+        needed += target_fields
+    if eval_store is not None:
+        eval_store = eval_store.select([f for f in needed if f in eval_store.fields])
     store = store.select(needed)
     d = cfg.data
     train = RandomShardSubsetCachedDataset(
         store, d.shards_per_epoch, d.random_subset_seed, d.shard_policy, order=d.sample_order,
         active_shards=d.active_shards, batch_size=cfg.train.batch_size,
         max_steps_per_epoch=cfg.train.max_steps_per_epoch, rank=info.rank, world_size=info.world_size)
-    return Data(train, eval_store, held_ids, spec)
+    return Data(train, eval_store, held_ids, spec, eval_has_targets)
 
 
 def build_teacher(cfg: RunConfig, device: torch.device) -> InputAdapter | None:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from shardstore.kd.augment import apply_views, center_views
+from shardstore.kd.target_spec import CachedTargets
 from shardstore.loader import ShardLoader
 from shardstore.manifest.reader import ShardStore
 
@@ -15,11 +16,15 @@ from shardstore.manifest.reader import ShardStore
 @torch.no_grad()
 def evaluate(student: nn.Module, teacher: nn.Module | None, store: ShardStore, *, image_field: str,
              label_field: str, size: int, batch_size: int, device: torch.device, max_batches: int | None = None,
-             autocast: bool = False, teacher_logits_field: str | None = None) -> dict[str, float]:
+             autocast: bool = False, teacher_logits_field: str | None = None,
+             cached: CachedTargets | None = None) -> dict[str, float]:
     """Metrics over ``store`` read whole in id order; each image is resized to ``size`` (no crop, no flip).
 
     Returns ``top1`` and, with a teacher (or its cached logits), ``agreement`` (same argmax),
-    ``kl`` (KL(teacher || student) at temperature 1, per sample) and ``teacher_top1``.
+    ``kl`` (KL(teacher || student) at temperature 1, per sample) and ``teacher_top1``. With
+    ``cached`` teacher targets (and no live teacher) those three compare the student with the
+    stored targets of each image's first stored view, on that view replayed: the teacher's
+    outputs exist only for the stored views, not for the whole image.
     """
     was_training = student.training
     student.eval()
@@ -37,25 +42,34 @@ def evaluate(student: nn.Module, teacher: nn.Module | None, store: ShardStore, *
             x = apply_views(images, center_views(images.shape[0], images.shape[2], images.shape[3]).to(device), size)
             with amp:
                 logits = student(x).float()
+                compared, log_p_t = logits, None  # the student's logits on the input the teacher's refer to
                 if teacher_logits_field is not None:
-                    t_logits = batch[teacher_logits_field].to(device).float()
+                    log_p_t = torch.log_softmax(batch[teacher_logits_field].to(device).float(), 1)
                 elif teacher is not None:
-                    t_logits = teacher(x.to(teacher_dtype)).float()
-                else:
-                    t_logits = None
+                    log_p_t = torch.log_softmax(teacher(x.to(teacher_dtype)).float(), 1)
+                elif cached is not None:
+                    first = cached.take({k: batch[k].to(device) for k in cached.names.values()},
+                                        torch.zeros(labels.shape[0], dtype=torch.long), 1.0)
+                    compared = student(apply_views(images, first.views, size)).float()
+                    if first.logits is not None:
+                        log_p_t = torch.log_softmax(first.logits, 1)
+                    else:
+                        log_p_t = first.log_probs  # None when only embeddings were cached
             n = labels.shape[0]
             count += n
             sums["top1"] += (logits.argmax(1) == labels).sum().item()
-            if t_logits is not None:
-                sums["agreement"] += (logits.argmax(1) == t_logits.argmax(1)).sum().item()
-                sums["teacher_top1"] += (t_logits.argmax(1) == labels).sum().item()
-                log_p_t = torch.log_softmax(t_logits, 1)
-                sums["kl"] += (log_p_t.exp() * (log_p_t - torch.log_softmax(logits, 1))).sum().item()
+            if log_p_t is not None:
+                teacher_pick = log_p_t.argmax(1)
+                sums["agreement"] += (compared.argmax(1) == teacher_pick).sum().item()
+                sums["teacher_top1"] += (teacher_pick == labels).sum().item()
+                kl = log_p_t.exp() * (log_p_t - torch.log_softmax(compared, 1))
+                sums["kl"] += kl.nan_to_num(0.0).sum().item()
     student.train(was_training)
     if count == 0:
         return {}
     out = {"top1": sums["top1"] / count}
-    if teacher is not None or teacher_logits_field is not None:
+    has_logits = cached is not None and cached.spec.logits != "none"
+    if teacher is not None or teacher_logits_field is not None or has_logits:
         out |= {k: sums[k] / count for k in ("agreement", "kl", "teacher_top1")}
     out["samples"] = float(count)
     return out

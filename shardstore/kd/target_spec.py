@@ -148,11 +148,16 @@ class CachedTargets:
         return torch.randint(self.spec.views, (batch_size,), generator=view_generator(self.seed, step))
 
     def pick(self, batch: dict[str, Tensor], step: int) -> PickedTargets:
+        """Each sample's view at ``step`` and its targets (log-probabilities at the training temperature)."""
+        n = batch[self.names["views"]].shape[0]
+        return self.take(batch, self.choose(n, step), self.temperature)
+
+    def take(self, batch: dict[str, Tensor], which: Tensor, temperature: float) -> PickedTargets:
+        """View ``which[i]`` of sample ``i`` and its targets, top-k ones as log-probabilities at ``temperature``."""
         stored_views = batch[self.names["views"]]
-        n = stored_views.shape[0]
         device = stored_views.device
-        rows = torch.arange(n, device=device)
-        which = self.choose(n, step).to(device)
+        rows = torch.arange(stored_views.shape[0], device=device)
+        which = which.to(device)
 
         def take(role: str) -> Tensor:
             return batch[self.names[role]][rows, which]
@@ -160,7 +165,7 @@ class CachedTargets:
         log_probs = logits = features = None
         if self.spec.logits == "topk":
             sparse = SparseLogits(take("index"), take("logp"), take("tail"), self.spec.num_classes)
-            log_probs = teacher_log_probs(sparse, self.temperature, self.tail)
+            log_probs = teacher_log_probs(sparse, temperature, self.tail)
         elif self.spec.logits == "dense":
             logits = take("logits").float()
         if self.spec.embedding_dim:

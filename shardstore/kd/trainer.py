@@ -306,7 +306,8 @@ class _Run:
             result = evaluate(model, self.teacher, self.data.eval_store, image_field=IMAGE_FIELD,
                               label_field=LABEL_FIELD, size=self.cfg.model.student.input.size,
                               batch_size=t.eval.batch_size, device=self.device, max_batches=t.eval.max_batches,
-                              autocast=self.autocast, teacher_logits_field=t.loss.target_field)
+                              autocast=self.autocast, teacher_logits_field=t.loss.target_field,
+                              cached=self.cached if self.teacher is None and self.data.eval_has_targets else None)
             if "teacher_top1" in result:
                 self.teacher_top1 = result["teacher_top1"]
         distributed.barrier(self.info)

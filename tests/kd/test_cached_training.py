@@ -23,8 +23,9 @@ import torch
 
 from shardstore import ConfigError, build_manifest
 from shardstore.config.resolve import DEFAULT_DATA_CONFIG, DEFAULT_MODEL_CONFIG, DEFAULT_TRAIN_CONFIG, load_run_config
-from shardstore.kd import components, trainer
+from shardstore.kd import components, distributed, trainer
 from shardstore.kd.checkpoint import CheckpointManager, load_checkpoint
+from shardstore.kd.evaluate import evaluate
 from shardstore.kd.metrics import read_metrics
 from shardstore.kd.target_spec import CachedTargets, read_target_spec
 from shardstore.kd.teacher_cache import fill_teacher_cache
@@ -144,7 +145,8 @@ def test_cached_targets_teach_without_loading_the_teacher(taught: Taught, cached
     assert result.epochs_done == STUDENT_EPOCHS and result.global_step == STUDENT_EPOCHS * len(TRAIN_SHARDS) * 3
     # Only the KD term trained it (alpha 1), so the accuracy is what the cached targets taught: far above chance.
     assert result.last_eval["top1"] > MIN_TOP1, result.last_eval
-    assert "teacher_top1" not in result.last_eval  # evaluated without a teacher
+    # Evaluated without a teacher: agreement and KL against the held-out shards' stored targets (first view).
+    assert result.last_eval["agreement"] > MIN_TOP1 and 0.0 <= result.last_eval["kl"] < 0.5, result.last_eval
     steps = [r for r in read_metrics(result.run_dir) if r["kind"] == "step"]
     assert steps and all("kd" in r and "ce" not in r for r in steps)
     assert steps[-1]["kd"] < steps[0]["kd"] / 2  # the student moved towards the stored targets
@@ -359,3 +361,29 @@ def test_loading_the_teacher_does_not_change_the_students_initial_weights(monkey
     assert len(initial) == 2
     # train.seed alone decides the student's initialisation, whether or not the teacher is loaded
     assert initial["0.0"] == initial["0.5"]
+
+
+def test_evaluation_against_stored_targets_replays_the_stored_view(taught: Taught) -> None:
+    """The teacher evaluated as the student against its own stored targets agrees everywhere, KL ~ 0."""
+    run_cfg = cfg(taught.cache.parent / "unused", taught.cache, data__teacher_targets="teacher",
+                  **taught.live_teacher())
+    data = components.build_data(run_cfg, distributed.DistInfo(0, 1, 0, torch.device("cpu")))
+    assert data.eval_has_targets and data.eval_store is not None
+    teacher = components.load_teacher(run_cfg, torch.device("cpu"))
+    cached = CachedTargets(read_target_spec(taught.cache, "teacher"), 0, temperature=2.0, tail="spread")
+    m = evaluate(teacher, None, data.eval_store, image_field="images", label_field="labels", size=16,
+                 batch_size=32, device=torch.device("cpu"), cached=cached)
+    assert m["agreement"] == 1.0 and m["kl"] < 0.05, m  # only top-5 spread and float16 rounding remain
+    # Replaying another view than the stored one's breaks it: shift view 0 by a column.
+    real_take = cached.take
+
+    def shifted(batch, which, temperature):
+        picked = real_take(batch, which, temperature)
+        picked.views[:, 1] = (picked.views[:, 1] + 3).clamp(max=16 - picked.views[:, 3])
+        picked.views[:, 4] = 1 - picked.views[:, 4]
+        return picked
+
+    cached.take = shifted  # type: ignore[method-assign]
+    worse = evaluate(teacher, None, data.eval_store, image_field="images", label_field="labels", size=16,
+                     batch_size=32, device=torch.device("cpu"), cached=cached)
+    assert worse["kl"] > 2 * m["kl"] + 0.01, (m, worse)
