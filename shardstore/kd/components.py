@@ -152,6 +152,11 @@ def load_teacher(cfg: RunConfig, device: torch.device) -> InputAdapter:
     return teacher
 
 
+def amp_enabled(cfg: RunConfig, device: torch.device) -> bool:
+    """Whether teacher and student run under bf16 autocast: ``train.amp`` bf16, or auto on CUDA."""
+    return cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda")
+
+
 def render_teacher_input(images: Tensor, views: Tensor, teacher: InputAdapter) -> Tensor:
     """uint8 ``[B, C, H, W]`` and views ``[B, 5]`` -> the float views at the teacher's own input size.
 

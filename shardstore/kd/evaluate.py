@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from shardstore.kd.augment import apply_views, center_views
+from shardstore.kd.losses import kl_per_sample
 from shardstore.kd.target_spec import CachedTargets
 from shardstore.loader import ShardLoader
 from shardstore.manifest.reader import ShardStore
@@ -62,8 +63,7 @@ def evaluate(student: nn.Module, teacher: nn.Module | None, store: ShardStore, *
                 teacher_pick = log_p_t.argmax(1)
                 sums["agreement"] += (compared.argmax(1) == teacher_pick).sum().item()
                 sums["teacher_top1"] += (teacher_pick == labels).sum().item()
-                kl = log_p_t.exp() * (log_p_t - torch.log_softmax(compared, 1))
-                sums["kl"] += kl.nan_to_num(0.0).sum().item()
+                sums["kl"] += kl_per_sample(log_p_t, torch.log_softmax(compared, 1)).sum().item()
     student.train(was_training)
     if count == 0:
         return {}

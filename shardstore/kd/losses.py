@@ -39,8 +39,12 @@ def kd_kl_from_log_probs(student_logits: Tensor, teacher_log_probs_t: Tensor, te
     Classes the teacher gives probability 0 (``-inf``, a renormalised top-k) add nothing.
     """
     log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    kl = (teacher_log_probs_t.exp() * (teacher_log_probs_t - log_p_student)).nan_to_num(0.0).sum(-1)
-    return kl.mean() * temperature**2
+    return kl_per_sample(teacher_log_probs_t, log_p_student).mean() * temperature**2
+
+
+def kl_per_sample(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p || q) of each row (last dimension) from log-probabilities; classes p gives 0 (``-inf``) add nothing."""
+    return (log_p.exp() * (log_p - log_q)).nan_to_num(0.0).sum(-1)
 
 
 UNLABELED = -1

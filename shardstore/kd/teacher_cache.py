@@ -25,7 +25,6 @@ a sample of the stored targets with the live teacher to prove the replay is exac
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -41,25 +40,21 @@ from torch import Tensor
 from shardstore.config.resolve import RunConfig
 from shardstore.errors import ConfigError, ShardstoreError
 from shardstore.kd import distributed
-from shardstore.kd.components import IMAGE_FIELD, load_teacher, render_teacher_input, teacher_forward
+from shardstore.kd.components import (
+    IMAGE_FIELD, amp_enabled, load_teacher, render_teacher_input, teacher_forward,
+)
+from shardstore.kd.losses import kl_per_sample
 from shardstore.kd.models.io import InputAdapter
 from shardstore.kd.target_spec import SAME_SETTINGS, TargetSpec, read_target_spec, shard_views
 from shardstore.kd.targets import SparseLogits, encode_topk, teacher_log_probs
 from shardstore.manifest.build import build_manifest
+from shardstore.manifest.checksum import file_checksum
 from shardstore.manifest.reader import ShardStore
 from shardstore.store.groups import (
     add_shard_fields, group_file, read_group_specs, remove_group, remove_stale_temporaries, write_group_spec,
 )
 
 log = logging.getLogger(__name__)
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 #: what makes two teachers the same (the checkpoint is known by its content, not its path)
@@ -69,10 +64,10 @@ TEACHER_KEYS = ("name", "checkpoint_sha256", "init_seed", "input_size", "mean", 
 def teacher_identity(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
     """The teacher as the targets record it: ``TEACHER_KEYS``, and where it was and how it ran, for information."""
     t = cfg.model.teacher
-    return {"name": t.name, "checkpoint_sha256": file_sha256(t.checkpoint) if t.checkpoint else None,
+    return {"name": t.name, "checkpoint_sha256": file_checksum(Path(t.checkpoint)) if t.checkpoint else None,
             "init_seed": None if t.checkpoint else cfg.train.seed,  # a random teacher (tests) is its seed
             "input_size": t.input.size, "mean": list(t.input.mean), "std": list(t.input.std), "dtype": t.dtype,
-            "checkpoint": t.checkpoint, "precision": "bf16" if _amp_on(cfg, device) else "fp32"}
+            "checkpoint": t.checkpoint, "precision": "bf16" if amp_enabled(cfg, device) else "fp32"}
 
 
 @dataclass
@@ -88,12 +83,8 @@ class FillReport:
         return self.images / self.seconds if self.seconds else 0.0
 
 
-def _amp_on(cfg: RunConfig, device: torch.device) -> bool:
-    return cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda")
-
-
 def _autocast(cfg: RunConfig, device: torch.device) -> Any:
-    return torch.autocast(device.type, dtype=torch.bfloat16) if _amp_on(cfg, device) else nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16) if amp_enabled(cfg, device) else nullcontext()
 
 
 @torch.no_grad()
@@ -239,7 +230,7 @@ def _prepare_group(cfg: RunConfig, info: distributed.DistInfo, teacher: InputAda
                     raise ConfigError(f"field {clash[0]!r} already belongs to another group of {root}; "
                                       "choose another --name")
                 write_group_spec(root, spec.to_group())
-            build_manifest(root)
+                build_manifest(root)  # the new declaration decides which files are the group's
         except ShardstoreError as exc:
             if not info.distributed:
                 raise
@@ -294,11 +285,6 @@ class CheckReport:
     @property
     def passed(self) -> bool:
         return self.checked > 0 and not self.failures
-
-
-def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """KL(p || q) per row, in nats; zero-probability classes of p add nothing."""
-    return (log_p.exp() * (log_p - log_q)).nan_to_num(0.0).sum(-1)
 
 
 @torch.no_grad()
@@ -361,11 +347,11 @@ def check_teacher_cache(cfg: RunConfig, *, name: str = "teacher", samples: int =
             live = encode_topk(logits, spec.topk)
             mine = SparseLogits(got["index"], got["logp"], got["tail"], spec.num_classes)
             log_live, log_stored = teacher_log_probs(live, 1.0), teacher_log_probs(mine, 1.0)
-            rows["kl"].append(_kl_rows(log_live, log_stored))
+            rows["kl"].append(kl_per_sample(log_live, log_stored))
             rows["top1"].append((got["index"][:, 0].long() == logits.argmax(-1)).float())
         elif spec.logits == "dense":
             log_live, log_stored = torch.log_softmax(logits, -1), torch.log_softmax(got["logits"].float(), -1)
-            rows["kl"].append(_kl_rows(log_live, log_stored))
+            rows["kl"].append(kl_per_sample(log_live, log_stored))
             rows["top1"].append((got["logits"].float().argmax(-1) == logits.argmax(-1)).float())
         if features is not None:
             rows["cos"].append(torch.nn.functional.cosine_similarity(features, got["embedding"].float(), dim=-1))

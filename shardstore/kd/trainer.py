@@ -21,8 +21,8 @@ from shardstore.kd import distributed
 from shardstore.kd.checkpoint import CheckpointManager, load_checkpoint
 from shardstore.kd.augment import AugmentSpec, DeviceAugment, apply_views, view_generator
 from shardstore.kd.components import (
-    IMAGE_FIELD, LABEL_FIELD, Trainable, build_criterion, build_data, build_optimizer, build_student, build_teacher,
-    render_teacher_input, teacher_forward,
+    IMAGE_FIELD, LABEL_FIELD, Trainable, amp_enabled, build_criterion, build_data, build_optimizer, build_student,
+    build_teacher, render_teacher_input, teacher_forward,
 )
 from shardstore.kd.target_spec import CachedTargets
 from shardstore.kd.ema import ModelEma
@@ -112,7 +112,7 @@ class _Run:
             wrapped = DistributedDataParallel(self.trainable, device_ids=ids)
         self.ddp = wrapped if info.distributed else None
         self.forward = torch.compile(wrapped) if t.compile else wrapped
-        self.autocast = t.amp == "bf16" or (t.amp == "auto" and self.device.type == "cuda")
+        self.autocast = amp_enabled(cfg, self.device)
         a = t.augment
         self.augment = DeviceAugment(
             AugmentSpec(size=cfg.model.student.input.size, random_resized_crop=a.random_resized_crop,
