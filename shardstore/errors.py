@@ -21,3 +21,7 @@ class CorruptShardError(ShardstoreError):
 
 class WriterError(ShardstoreError):
     """A shard writer was given inconsistent samples or a shard range that is already used."""
+
+
+class DiskFullError(ShardstoreError):
+    """A write ran out of space; the message names the path and the space it needed. Nothing was replaced."""

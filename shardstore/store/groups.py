@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from shardstore.errors import ManifestError
-from shardstore.store.atomic import fsync_dir, pid_alive, temporary_sibling, write_bytes_atomic
-from shardstore.store.layout import FIELD_NAME, TEMP_FILE
+from shardstore.store.atomic import fsync_dir, remove_stale_temporaries, temporary_sibling, write_bytes_atomic
+from shardstore.store.layout import FIELD_NAME
 
 GROUP_FORMAT = "shardstore-field-group"
 GROUP_VERSION = 1
@@ -105,17 +105,6 @@ def write_group_spec(root: str | os.PathLike[str], spec: GroupSpec) -> Path:
     path = group_file(root, spec.name)
     write_bytes_atomic(path, spec.to_json().encode())
     return path
-
-
-def remove_stale_temporaries(directory: Path) -> int:
-    """Delete ``.<name>.tmp-<pid>-<hex>`` files in ``directory`` whose writer process is gone; returns the count."""
-    removed = 0
-    for entry in directory.iterdir():
-        m = TEMP_FILE.match(entry.name)
-        if m and entry.is_file() and not pid_alive(int(m.group(1))):
-            entry.unlink(missing_ok=True)
-            removed += 1
-    return removed
 
 
 def add_shard_fields(targets: dict[str, Path], arrays: dict[str, np.ndarray], *, fsync: bool = True) -> None:
