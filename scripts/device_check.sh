@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build and test shardstore on a lent GPU machine (Python 3.12, its own NumPy/torch, no registry),
-# run the GPU loader check, then the benchmarks; prints short tables.
+# run the GPU checks first (what only a GPU can show), then the test suite and the benchmarks; prints short tables.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/shardstore-device}
@@ -12,8 +12,8 @@ print(f"python {platform.python_version()}  numpy {numpy.__version__}  torch {to
       f"  cuda {torch.cuda.is_available()} {torch.cuda.get_device_name(0) if torch.cuda.is_available() else ''}"
       f"  cpus {os.cpu_count()}")
 PY
-python3 -m pytest tests -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -3
 python3 bench/gpu_check.py 2>&1 | tee "$OUT/gpu_check.log"
 python3 bench/gpu_train_check.py 2>&1 | tee "$OUT/gpu_train_check.log" | grep -E "^\|"
+python3 -m pytest tests -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -3
 python3 -m pytest bench -q -p no:cacheprovider --benchmark-only --benchmark-columns=median,min,max \
     --benchmark-json="$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | grep -E "GB/s|shards/s|passed|failed|error"
