@@ -12,16 +12,15 @@ from pathlib import Path
 import numpy as np
 
 from shardstore.errors import ManifestError
-from shardstore.manifest.checksum import checksum_files
-from shardstore.manifest.discover import Candidate, discover_shards
+from shardstore.manifest.checksum import checksum_files, fd_checksum
+from shardstore.manifest.discover import LEFT_OUT, Candidate, discover_shards
 from shardstore.manifest.model import FieldSpec, FileEntry, Manifest, Problem, ShardEntry, manifest_path
-from shardstore.store.atomic import write_bytes_atomic
+from shardstore.store.atomic import remove_stale_temporaries, write_bytes_atomic
 from shardstore.store.groups import GroupSpec, read_group_specs
-from shardstore.store.npy import NpyHeader, read_head, read_header_bytes
+from shardstore.store.layout import MANIFEST_NAME, OUTSIDE_ROOT_FIX, OutsideRootError, open_within
+from shardstore.store.npy import NotNpyError, header_problem, read_head_fd, read_header_bytes
 
 log = logging.getLogger(__name__)
-
-LEFT_OUT = "the shard is left out"
 
 
 @dataclass(frozen=True)
@@ -31,6 +30,8 @@ class _FileInfo:
     entry: FileEntry
     dtype: np.dtype
     shape: tuple[int, ...]
+    #: same size and mtime as in the previous manifest (its checksum carried over)
+    unchanged: bool = False
 
 
 @dataclass
@@ -39,12 +40,16 @@ class BuildReport:
 
     manifest: Manifest
     path: Path | None
+    #: every file's header is read: values are never taken from the previous manifest unchecked
     headers_read: int = 0
+    #: files with the size and mtime the previous manifest recorded (their checksum is carried over)
     files_reused: int = 0
     files_checksummed: int = 0
     ignored_fields: dict[str, int] = field(default_factory=dict)
     #: shards that are used without (part of) a field group, and why: missing or bad files of the group
     incomplete_groups: list[Problem] = field(default_factory=list)
+    #: files whose content no longer matches the checksum recorded for them; the old checksum is kept
+    changed: list[Problem] = field(default_factory=list)
 
     @property
     def problems(self) -> list[Problem]:
@@ -56,64 +61,87 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _check_header(header: NpyHeader, size: int) -> str | None:
-    if header.dtype.hasobject:
-        return f"dtype {header.dtype} holds Python objects, which are never loaded (no pickle); store numeric arrays"
-    if header.dtype.fields is not None or header.dtype.subdtype is not None:
-        return f"structured dtype {header.dtype} is not supported; store one plain array per field"
-    if not header.shape:
-        return "holds a 0-d array; a field needs a first (sample) dimension"
-    if header.fortran_order and len(header.shape) > 1:
-        return "is stored in Fortran order, which cannot be read row by row; re-save it with np.ascontiguousarray"
-    need = header.file_bytes
-    if size < need:
-        return f"header promises {need:,} bytes, file has {size:,} (truncated)"
-    if size > need:
-        return f"header promises {need:,} bytes, file has {size:,} ({size - need:,} unexpected bytes after the data)"
-    return None
+class _Scan:
+    """Reads each candidate file's header (through the one inside-the-root check) against the previous manifest."""
+
+    def __init__(self, root: Path, previous: dict[str, FileEntry]) -> None:
+        self.root = str(root)
+        self.resolved_root = os.path.realpath(root)
+        self.previous = previous
+        self.changed: list[tuple[str, str]] = []  # (path, why) of files whose recorded checksum no longer holds
+
+    def read(self, rel: str) -> _FileInfo | str | None:
+        """``_FileInfo`` if good, a reason if bad, None if the file vanished meanwhile."""
+        path = os.path.join(self.root, rel)
+        try:
+            fd = open_within(self.resolved_root, path, rel, parents_checked=True)
+        except FileNotFoundError:
+            return None
+        except OutsideRootError as exc:
+            return f"resolves to {exc.real}, outside the cache root; {OUTSIDE_ROOT_FIX}"
+        except OSError as exc:
+            return f"cannot be read ({_one_line(exc)})"
+        try:
+            try:
+                head, st = read_head_fd(fd)  # st describes the file that was read, even if it is replaced meanwhile
+            except OSError as exc:
+                return f"cannot be read ({_one_line(exc)})"
+            try:
+                header = read_header_bytes(head)
+            except NotNpyError as exc:
+                return str(exc)
+            except Exception as exc:  # noqa: BLE001 - any parse failure of foreign bytes is a bad shard, never a crash
+                return f"unreadable .npy header ({_one_line(exc)})"
+            reason = header_problem(header, st.st_size)
+            if reason is not None:
+                return reason
+            checksum, unchanged = self._checksum(rel, fd, st)
+        finally:
+            os.close(fd)
+        entry = FileEntry(rel, st.st_size, st.st_mtime_ns, header.data_offset, checksum)
+        return _FileInfo(entry, header.dtype, header.shape, unchanged)
+
+    def _checksum(self, rel: str, fd: int, st: os.stat_result) -> tuple[str | None, bool]:
+        """The checksum the new entry carries, and whether the file is unchanged since the previous manifest.
+
+        A checksum is never dropped because a file changed: a changed file with a recorded
+        checksum is hashed again; if the content differs, the old checksum stays (so
+        ``verify`` fails on it) and the file is reported, until it is restored or the new
+        content is accepted by a full rebuild.
+        """
+        old = self.previous.get(rel)
+        if old is None:
+            return None, False
+        if old.bytes == st.st_size and old.mtime_ns == st.st_mtime_ns:
+            return old.checksum, True
+        if old.checksum is None:
+            return None, False
+        if old.bytes != st.st_size:
+            self.changed.append((rel, f"changed size since its checksum was recorded ({old.bytes:,} -> {st.st_size:,} bytes)"))
+            return old.checksum, False
+        digest = fd_checksum(fd)
+        if digest != old.checksum:
+            self.changed.append((rel, f"content changed since its checksum was recorded "
+                                      f"(manifest {old.checksum[:23]}..., file {digest[:23]}...)"))
+        return old.checksum, False
 
 
-def _read_file(root: str, rel: str, previous: dict[str, _FileInfo]) -> _FileInfo | str | None:
-    """Per-file checks. ``_FileInfo`` if good, a reason if bad, None if the file vanished meanwhile."""
-    path = os.path.join(root, rel)
-    old = previous.get(rel)
-    try:
-        if old is not None:
-            st = os.stat(path)
-            if old.entry.bytes == st.st_size and old.entry.mtime_ns == st.st_mtime_ns:
-                return old
-        head, st = read_head(path)  # st describes the file that was read, even if it is replaced meanwhile
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        return f"cannot be read ({_one_line(exc)})"
-    try:
-        header = read_header_bytes(head)
-    except Exception as exc:  # noqa: BLE001 - any parse failure of foreign bytes is a bad shard, never a crash
-        return f"unreadable .npy header ({_one_line(exc)})"
-    reason = _check_header(header, st.st_size)
-    if reason is not None:
-        return reason
-    entry = FileEntry(rel, st.st_size, st.st_mtime_ns, header.data_offset)
-    return _FileInfo(entry, header.dtype, header.shape)
+def _previous_files(root: Path) -> dict[str, FileEntry]:
+    """File entries of the existing manifest by path (empty if there is none or it is bad).
 
-
-def _previous_files(root: Path) -> dict[str, _FileInfo]:
-    """File entries of the existing manifest, for an incremental rebuild (empty if there is none or it is bad)."""
+    Only what says whether a file changed (size, mtime) and its checksum are used from
+    it; dtype, shape, rows and offsets always come from the file's own header.
+    """
     path = manifest_path(root)
     if not path.exists():
         return {}
     try:
         old = Manifest.from_json(path.read_text(), str(path))
     except (ManifestError, OSError, UnicodeDecodeError) as exc:
-        log.warning("ignoring the existing manifest (%s); every shard is read again", exc)
+        log.warning("ignoring the existing manifest, every shard is read again and its checksums are not kept: %s",
+                    _one_line(exc))
         return {}
-    out = {}
-    for shard in old.shards:
-        for name, f in shard.files.items():
-            spec = old.fields[name]
-            out[f.path] = _FileInfo(f, spec.dtype, (shard.num_samples, *spec.shape))
-    return out
+    return {f.path: f for shard in old.shards for f in shard.files.values()}
 
 
 def _majority_specs(shards: dict[int, dict[str, _FileInfo]]) -> tuple[dict[str, FieldSpec], dict[str, int]]:
@@ -143,10 +171,15 @@ def build_manifest(
 ) -> BuildReport:
     """Discover and validate the shards under ``root`` and write ``root/manifest.json`` atomically.
 
-    Only ``.npy`` headers are read, and only for files whose size or mtime changed since
-    the previous manifest (all of them with ``incremental=False``). Bad shards are left
-    out and listed in ``report.problems``; a cache that is still growing is normal.
+    Only ``.npy`` headers are read (a page per file); every entry is derived from its file,
+    and the previous manifest only tells which files are unchanged (same size and mtime),
+    so their checksums carry over. A changed file with a recorded checksum is hashed again
+    and, if its content differs, keeps the old checksum and is listed in ``report.changed``
+    (``verify`` then fails on it). ``incremental=False`` ignores the previous manifest and
+    its checksums (with ``checksum`` the new content is recorded instead). Bad shards are
+    left out and listed in ``report.problems``; a cache that is still growing is normal.
     With ``checksum`` every file without a checksum is hashed (``progress`` gets bytes).
+    Temporaries of earlier manifest writers that were killed are removed.
     """
     root = Path(root)
     if not root.exists():
@@ -163,7 +196,15 @@ def build_manifest(
     groups = read_group_specs(root)
     group_of = {name: g.name for g in groups.values() for name in g.fields}
     report = BuildReport(Manifest({}, []), None)
-    root_str = str(root)
+    scan = _Scan(root, previous)
+
+    def read(rel: str) -> _FileInfo | str | None:
+        result = scan.read(rel)
+        if isinstance(result, _FileInfo):
+            report.headers_read += 1
+            report.files_reused += result.unchanged
+        return result
+
     good: dict[int, dict[str, _FileInfo]] = {}
     group_files: dict[int, dict[str, _FileInfo | str]] = {}
     for shard_id, cand in candidates.items():
@@ -172,24 +213,17 @@ def build_manifest(
         extra: dict[str, _FileInfo | str] = {}
         for name, rel in sorted(cand.files.items()):
             if name in group_of:  # a missing or bad group file costs the shard the group, not its place
-                result = _read_file(root_str, rel, previous)
+                result = read(rel)
                 if result is not None:
                     extra[name] = result
-                    if isinstance(result, _FileInfo):
-                        report.files_reused += result is previous.get(rel)
-                        report.headers_read += result is not previous.get(rel)
                 continue
-            result = _read_file(root_str, rel, previous)
+            result = read(rel)
             if result is None:  # deleted between listing and reading: the cache is changing, not corrupt
                 bad = Problem(rel, f"vanished while the manifest was built; {LEFT_OUT}", shard_id)
                 break
             if isinstance(result, str):
                 bad = Problem(rel, f"{result}; {LEFT_OUT}", shard_id)
                 break
-            if result is previous.get(rel):
-                report.files_reused += 1
-            else:
-                report.headers_read += 1
             files[name] = result
         if bad is None:
             lengths = {name: info.shape[0] for name, info in files.items()}
@@ -244,12 +278,18 @@ def build_manifest(
             entries |= _group_entries(g, group_files[shard_id], cand, num_samples, report.incomplete_groups, shard_id)
         shards.append(ShardEntry(shard_id, num_samples, cand.layout, entries))
 
+    fix = f"restore the file, or accept its new content with `shardstore build-manifest --full --checksum {root}`"
+    for rel, why in scan.changed:
+        report.changed.append(Problem(rel, f"{why}; the recorded checksum is kept so `shardstore verify` fails "
+                                           f"until you {fix}"))
+        log.warning("%s", report.changed[-1])
     if checksum:
         shards, failed = _add_checksums(root, shards, progress, report)
         problems.extend(failed)
     problems.sort(key=lambda p: (p.shard_id if p.shard_id is not None else -1, p.path))
     report.manifest = Manifest(specs, shards, problems)
     if write and shards:
+        remove_stale_temporaries(root, MANIFEST_NAME)
         path = manifest_path(root)
         write_bytes_atomic(path, report.manifest.to_json().encode())
         report.path = path
@@ -284,13 +324,17 @@ def _add_checksums(
     root: Path, shards: list[ShardEntry], progress: Callable[[int], None] | None, report: BuildReport
 ) -> tuple[list[ShardEntry], list[Problem]]:
     todo = [root / f.path for s in shards for f in s.files.values() if f.checksum is None]
-    digests = checksum_files(todo, progress=progress)
+    digests = checksum_files(todo, progress=progress, resolved_root=os.path.realpath(root))
     report.files_checksummed = len(todo)
     out, failed = [], []
     for s in shards:
         files = {}
         for name, f in s.files.items():
             digest = f.checksum or digests[root / f.path]
+            if isinstance(digest, OutsideRootError):
+                failed.append(Problem(f.path, f"resolves to {digest.real}, outside the cache root; {OUTSIDE_ROOT_FIX}; "
+                                              f"{LEFT_OUT}", s.id))
+                break
             if isinstance(digest, OSError):
                 failed.append(Problem(f.path, f"cannot be read ({_one_line(digest)}); {LEFT_OUT}", s.id))
                 break

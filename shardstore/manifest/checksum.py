@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from shardstore.manifest.model import CHECKSUM_ALGORITHM
+from shardstore.store.layout import OutsideRootError, open_within
 
 CHUNK_BYTES = 8 << 20  # matches the disk's read-ahead; large enough that hashing dominates
 
@@ -25,17 +26,35 @@ def _chunk_buffer() -> bytearray:
     return buf
 
 
-def file_checksum(path: Path, progress: Callable[[int], None] | None = None) -> str:
-    """``"sha256:<hex>"`` of the file at ``path``; ``progress`` is called with each chunk's byte count."""
+def fd_checksum(fd: int, progress: Callable[[int], None] | None = None) -> str:
+    """``"sha256:<hex>"`` of the whole open file ``fd`` (read from its start, whatever its position)."""
     h = hashlib.new(CHECKSUM_ALGORITHM)
     buf = _chunk_buffer()
     view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-            if progress is not None:
-                progress(n)
+    offset = 0
+    while n := os.preadv(fd, [buf], offset):
+        h.update(view[:n])
+        offset += n
+        if progress is not None:
+            progress(n)
     return f"{CHECKSUM_ALGORITHM}:{h.hexdigest()}"
+
+
+def file_checksum(path: Path, progress: Callable[[int], None] | None = None, *,
+                  resolved_root: str | None = None) -> str:
+    """``"sha256:<hex>"`` of the file at ``path``; ``progress`` is called with each chunk's byte count.
+
+    With ``resolved_root`` (a cache's realpath) a path that resolves outside it is refused
+    with ``OutsideRootError`` before anything is read.
+    """
+    if resolved_root is None:
+        fd = os.open(path, os.O_RDONLY)
+    else:
+        fd = open_within(resolved_root, path, os.path.relpath(path, resolved_root))
+    try:
+        return fd_checksum(fd, progress)
+    finally:
+        os.close(fd)
 
 
 def checksum_files(
@@ -43,15 +62,16 @@ def checksum_files(
     *,
     workers: int | None = None,
     progress: Callable[[int], None] | None = None,
-) -> dict[Path, str | OSError]:
-    """Checksum every path; a file that cannot be read maps to its ``OSError`` instead of a digest."""
+    resolved_root: str | None = None,
+) -> dict[Path, str | OSError | OutsideRootError]:
+    """Checksum every path; a file that cannot be read (or lies outside ``resolved_root``) maps to the error."""
     paths = list(paths)
     workers = workers or min(4, os.cpu_count() or 1)
 
-    def one(path: Path) -> str | OSError:
+    def one(path: Path) -> str | OSError | OutsideRootError:
         try:
-            return file_checksum(path, progress)
-        except OSError as exc:
+            return file_checksum(path, progress, resolved_root=resolved_root)
+        except (OSError, OutsideRootError) as exc:
             return exc
 
     with ThreadPoolExecutor(max_workers=workers) as pool:

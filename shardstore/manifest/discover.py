@@ -1,4 +1,4 @@
-"""Finding shards under a cache root in the native and the flat layout, by name only (nothing is opened)."""
+"""Finding shards under a cache root in the native and the flat layout, by name (no file is read)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardstore.manifest.model import Problem
-from shardstore.store.layout import FLAT_FILE, NATIVE_DIR, NATIVE_FILE, is_temporary
+from shardstore.store.layout import (
+    FLAT_FILE, NATIVE_DIR, NATIVE_FILE, OutsideRootError, check_within, is_temporary, parse_shard_id,
+)
+
+LEFT_OUT = "the shard is left out"
 
 
 @dataclass
@@ -20,23 +24,47 @@ class Candidate:
     files: dict[str, str] = field(default_factory=dict)
 
 
-def _native_files(dir_path: str, dir_name: str) -> dict[str, str]:
+def _escape(resolved_root: str, entry: os.DirEntry, rel: str) -> OutsideRootError | None:
+    # Only symlinks can lead out of the root, and scandir knows which entries are links at no cost.
+    if not entry.is_symlink():
+        return None
+    try:
+        check_within(resolved_root, entry.path, rel)
+    except OutsideRootError as exc:
+        return exc
+    return None
+
+
+def _native_files(resolved_root: str, dir_path: str, dir_name: str) -> tuple[dict[str, str], OutsideRootError | None]:
     files = {}
     with os.scandir(dir_path) as inner:
         for f in inner:
             m = NATIVE_FILE.match(f.name)
             if m and not is_temporary(f.name) and f.is_file():
-                files[m.group(1)] = f"{dir_name}/{f.name}"
-    return files
+                rel = f"{dir_name}/{f.name}"
+                escape = _escape(resolved_root, f, rel)
+                if escape is not None:
+                    return {}, escape
+                files[m.group(1)] = rel
+    return files, None
+
+
+def _bad_id(name: str, digits: str) -> Problem:
+    return Problem(name, f"shard id {digits[:24]}{'...' if len(digits) > 24 else ''} is larger than {2**63 - 1:,} "
+                         f"(ids are 64-bit); rename it with a smaller id; {LEFT_OUT}")
 
 
 def discover_shards(root: Path) -> tuple[dict[int, Candidate], list[Problem]]:
     """Return the shards under ``root`` by id (sorted), and the names that cannot be used as a shard.
 
-    Temporary names of unfinished writers (hidden, ``.tmp``) are skipped silently.
+    Temporary names of unfinished writers (hidden, ``.tmp``) are skipped silently. A shard
+    directory or file that is a symlink to somewhere outside the root is left out (and never
+    read): a cache only ever serves what lies inside it.
     """
+    resolved_root = os.path.realpath(root)
     found: dict[int, Candidate] = {}
     conflicts: dict[int, Problem] = {}
+    problems: list[Problem] = []
     with os.scandir(root) as entries:
         for entry in sorted(entries, key=lambda e: e.name):
             name = entry.name
@@ -45,16 +73,33 @@ def discover_shards(root: Path) -> tuple[dict[int, Candidate], list[Problem]]:
             native = NATIVE_DIR.match(name)
             flat = FLAT_FILE.match(name)
             if native and entry.is_dir():
-                shard_id = int(native.group(1))
+                shard_id = parse_shard_id(native.group(1))
+                if shard_id is None:
+                    problems.append(_bad_id(name, native.group(1)))
+                    continue
+                escape = _escape(resolved_root, entry, name)
+                files, inner_escape = ({}, None) if escape else _native_files(resolved_root, entry.path, name)
+                if escape or inner_escape:
+                    problems.append(Problem(name, f"{escape or inner_escape}; {LEFT_OUT}", shard_id))
+                    conflicts[shard_id] = problems[-1]
+                    continue
                 other = found.get(shard_id)
                 if other is not None:
                     conflicts[shard_id] = Problem(
                         name, f"shard id {shard_id} is also {other.where}; keep one of the two", shard_id
                     )
                     continue
-                found[shard_id] = Candidate(shard_id, "native", name, _native_files(entry.path, name))
+                found[shard_id] = Candidate(shard_id, "native", name, files)
             elif flat and entry.is_file():
-                field_name, shard_id = flat.group(1), int(flat.group(2))
+                field_name, shard_id = flat.group(1), parse_shard_id(flat.group(2))
+                if shard_id is None:
+                    problems.append(_bad_id(name, flat.group(2)))
+                    continue
+                escape = _escape(resolved_root, entry, name)
+                if escape is not None:
+                    problems.append(Problem(name, f"{escape}; {LEFT_OUT}", shard_id))
+                    conflicts[shard_id] = problems[-1]
+                    continue
                 cand = found.setdefault(shard_id, Candidate(shard_id, "flat", name))
                 if cand.layout != "flat":
                     conflicts[shard_id] = Problem(
@@ -67,7 +112,7 @@ def discover_shards(root: Path) -> tuple[dict[int, Candidate], list[Problem]]:
                     )
                 else:
                     cand.files[field_name] = name
-    problems = list(conflicts.values())
+    problems += [p for p in conflicts.values() if p not in problems]
     shards: dict[int, Candidate] = {}
     for shard_id in sorted(found):
         cand = found[shard_id]

@@ -11,7 +11,7 @@ import numpy as np
 from shardstore import kernels
 from shardstore.errors import ManifestError
 from shardstore.manifest.model import FieldSpec, Manifest, ShardEntry, manifest_path
-from shardstore.store.layout import is_within
+from shardstore.store.layout import OutsideRootError, check_within
 from shardstore.store.mmaps import MapCache
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,12 @@ class ShardStore:
         for shard in manifest.shards:
             for f in shard.files.values():
                 path = root / f.path
-                if not is_within(resolved_root, path):
-                    raise ManifestError(f"{manifest_path(root)}: {f.path} points outside the cache root; rebuild it")
+                try:
+                    check_within(resolved_root, path, f.path)
+                except OutsideRootError as exc:
+                    # Not "rebuild it": the symlink is still there and a rebuild leaves the shard out.
+                    raise ManifestError(f"{manifest_path(root)} lists {exc}, then run "
+                                        f"`shardstore build-manifest {root}`") from None
                 if not check_files:
                     continue
                 try:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import io
-import os
 import math
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 from numpy.lib import format as npformat
+
+from shardstore.errors import ShardstoreError
 
 MAGIC = b"\x93NUMPY"
 MAX_HEADER_BYTES = 10_000  # NumPy's own default limit for untrusted headers
@@ -44,10 +46,17 @@ def _parse(version: tuple[int, int], length_and_header: bytes) -> tuple[tuple[in
     return tuple(int(d) for d in shape), bool(fortran_order), np.dtype(dtype)
 
 
+class NotNpyError(ValueError):
+    """The bytes are not an ``.npy`` file at all (empty, or without the magic), as opposed to a damaged header."""
+
+
 def read_header_bytes(head: bytes) -> NpyHeader:
     """Parse a header from the first bytes of a file (at least the whole header; extra bytes are ignored)."""
+    if not head:
+        raise NotNpyError("empty file (0 bytes)")
     if len(head) < 8 or head[:6] != MAGIC:
-        raise ValueError(f"not a .npy file (starts with {head[:8]!r})")
+        # Only the name of what was found, never advice to unpickle: a cache is someone else's data.
+        raise NotNpyError(f"not an .npy file (it starts with {head[:8]!r}, not the .npy magic {MAGIC!r})")
     version = (head[6], head[7])
     if version not in ((1, 0), (2, 0)):
         raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
@@ -73,16 +82,70 @@ def read_header_at(path: str) -> NpyHeader:
 HEAD_BYTES = 4096  # one page: holds any header np.save writes for the dtypes a cache may use
 
 
+def read_head_fd(fd: int) -> tuple[bytes, os.stat_result]:
+    """The first bytes of the open file ``fd`` and its stat, in one fstat/pread (the scan's hot path)."""
+    st = os.fstat(fd)
+    head = os.pread(fd, HEAD_BYTES, 0)
+    if len(head) == HEAD_BYTES and len(head) < st.st_size:
+        # A header longer than a page: give the parser everything it may ask for.
+        head += os.pread(fd, MAX_HEADER_BYTES + 16 - HEAD_BYTES, HEAD_BYTES)
+    return head, st
+
+
 def read_head(path: str) -> tuple[bytes, os.stat_result]:
-    """The first bytes of ``path`` and the stat of that very file, in one open/fstat/pread (the scan's hot path)."""
+    """The first bytes of ``path`` and the stat of that very file (which may be replaced meanwhile)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        st = os.fstat(fd)
-        size = st.st_size
-        head = os.pread(fd, HEAD_BYTES, 0)
-        if len(head) == HEAD_BYTES and len(head) < size:
-            # A header longer than a page: give the parser everything it may ask for.
-            head += os.pread(fd, MAX_HEADER_BYTES + 16 - HEAD_BYTES, HEAD_BYTES)
-        return head, st
+        return read_head_fd(fd)
     finally:
         os.close(fd)
+
+
+def header_problem(header: NpyHeader, size: int) -> str | None:
+    """Why an array with this header cannot be a field read row by row from a file of ``size`` bytes, or None."""
+    if header.dtype.hasobject:
+        return f"dtype {header.dtype} holds Python objects, which are never loaded (no pickle); store numeric arrays"
+    if header.dtype.fields is not None or header.dtype.subdtype is not None:
+        return f"structured dtype {header.dtype} is not supported; store one plain array per field"
+    if not header.shape:
+        return "holds a 0-d array; a field needs a first (sample) dimension"
+    if header.fortran_order and len(header.shape) > 1:
+        return "is stored in Fortran order, which cannot be read row by row; re-save it with np.ascontiguousarray"
+    need = header.file_bytes
+    if size < need:
+        return f"header promises {need:,} bytes, file has {size:,} (truncated)"
+    if size > need:
+        return f"header promises {need:,} bytes, file has {size:,} ({size - need:,} unexpected bytes after the data)"
+    return None
+
+
+def open_npy(path: str | os.PathLike[str]) -> np.ndarray:
+    """Map the ``.npy`` array at ``path`` read-only, or ``ShardstoreError`` saying in one line what the file is.
+
+    For input files a user names (``--from-npy``): an empty file, a text file or an object
+    array each get their own message; nothing is ever unpickled.
+    """
+    where = os.fspath(path)
+    try:
+        head, st = read_head(where)
+    except FileNotFoundError:
+        raise ShardstoreError(f"{where}: no such file; pass FIELD=PATH for an existing .npy file") from None
+    except OSError as exc:
+        raise ShardstoreError(f"{where}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        header = read_header_bytes(head)
+    except NotNpyError as exc:
+        raise ShardstoreError(f"{where}: {exc}; pass a file written by numpy.save") from None
+    except Exception as exc:  # noqa: BLE001 - any parse failure of foreign bytes is one line, never a traceback
+        raise ShardstoreError(f"{where}: unreadable .npy header ({' '.join(str(exc).split())}); "
+                              "pass a file written by numpy.save") from None
+    if header.dtype.hasobject:
+        raise ShardstoreError(f"{where}: dtype {header.dtype} holds Python objects, which are never loaded "
+                              "(no pickle); save a numeric array")
+    if st.st_size < header.file_bytes:
+        raise ShardstoreError(f"{where}: header promises {header.file_bytes:,} bytes, file has {st.st_size:,} "
+                              "(truncated); write the file again")
+    try:
+        return np.load(where, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:  # changed since the header was read
+        raise ShardstoreError(f"{where}: not a readable .npy array ({' '.join(str(exc).split())})") from None

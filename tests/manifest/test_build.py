@@ -83,7 +83,19 @@ def test_extra_bytes_after_data(native_cache: Path) -> None:
 
 def test_unreadable_header(native_cache: Path) -> None:
     (native_cache / "shard_000002" / "feats.npy").write_bytes(b"this is not numpy at all")
+    assert only_problem(native_cache).startswith(
+        "shard_000002/feats.npy: not an .npy file (it starts with b'this is ', not the .npy magic"
+    )
+    (native_cache / "shard_000002" / "feats.npy").write_bytes(b"\x93NUMPY\x01\x00\x04\x00{'a'")
     assert only_problem(native_cache).startswith("shard_000002/feats.npy: unreadable .npy header (")
+
+
+def test_empty_and_text_files_are_named_for_what_they_are(native_cache: Path) -> None:
+    (native_cache / "shard_000001" / "labels.npy").write_bytes(b"")
+    assert only_problem(native_cache) == "shard_000001/labels.npy: empty file (0 bytes); the shard is left out"
+    (native_cache / "shard_000001" / "labels.npy").write_text("id,label\n1,cat\n" * 20)
+    problem = only_problem(native_cache)
+    assert "not an .npy file" in problem and "pickle" not in problem and "interrupted" not in problem
 
 
 def test_unequal_lengths(flat_cache: Path) -> None:
@@ -177,28 +189,27 @@ def test_growing_cache_is_rebuilt_incrementally(tmp_path: Path) -> None:
     assert first.headers_read == 6 and first.files_reused == 0
     write_native(root, 12, 4, start_shard=2)  # a second writer adds shards 2, 3, 4
     second = build_manifest(root)
-    assert second.headers_read == 9 and second.files_reused == 6
+    # Every header is read (a page each): nothing is taken from the old manifest unchecked.
+    assert second.headers_read == 15 and second.files_reused == 6
     assert [s.id for s in second.manifest.shards] == [0, 1, 2, 3, 4] and second.manifest.num_samples == 20
     third = build_manifest(root)
-    assert third.headers_read == 0 and third.files_reused == 15
+    assert third.headers_read == 15 and third.files_reused == 15
     assert third.manifest.snapshot_id == second.manifest.snapshot_id
 
 
-def test_changed_file_is_read_again_and_checksum_dropped(native_cache: Path) -> None:
-    build_manifest(native_cache, checksum=True)
+def test_new_file_content_without_recorded_checksum_is_read_again(native_cache: Path) -> None:
+    build_manifest(native_cache)
     path = native_cache / "shard_000001" / "labels.npy"
-    np.save(path, np.arange(4, dtype=np.int64) + 100)
-    os.utime(path, ns=(1, 1))
+    np.save(path, np.arange(5, dtype=np.int64))
     report = build_manifest(native_cache)
-    assert report.headers_read == 1
-    entry = report.manifest.shards[1].files["labels"]
-    assert entry.mtime_ns == 1 and entry.checksum is None
-    assert report.manifest.shards[0].files["labels"].checksum is not None  # unchanged keep theirs
+    assert report.files_reused == 8 and report.changed == []
+    assert [s.id for s in report.manifest.shards] == [0, 2] and "unequal length" in str(report.problems[0])
 
 
 def test_full_rebuild_reads_every_header(native_cache: Path) -> None:
     build_manifest(native_cache)
-    assert build_manifest(native_cache, incremental=False).headers_read == 9
+    full = build_manifest(native_cache, incremental=False)
+    assert full.headers_read == 9 and full.files_reused == 0
 
 
 def test_corrupt_previous_manifest_means_full_rebuild(native_cache: Path, caplog: pytest.LogCaptureFixture) -> None:

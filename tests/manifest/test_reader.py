@@ -54,14 +54,25 @@ def test_paths_outside_root_are_refused(native_cache: Path, bad_path: str) -> No
         ShardStore.open(native_cache)
 
 
-def test_symlink_escaping_root_is_refused(native_cache: Path, tmp_path: Path) -> None:
+def test_symlink_escaping_root_is_refused_with_a_fix_that_works(native_cache: Path, tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
+    build_manifest(native_cache)  # the shard was inside when the manifest was built
     (native_cache / "shard_000002").rename(outside / "shard_000002")
     (native_cache / "shard_000002").symlink_to(outside / "shard_000002")
-    build_manifest(native_cache)
-    with pytest.raises(ManifestError, match="points outside the cache root"):
+    with pytest.raises(ManifestError, match=r"manifest.json lists shard_000002/\w+.npy resolves to .*outside/"
+                       r"shard_000002/\w+.npy, outside the cache root; replace the symlink with the file itself, or "
+                       r"move what it points to inside the cache root, then run `shardstore build-manifest .*`"):
         ShardStore.open(native_cache)
+    # Doing what the message says works (no loop): a rebuild alone leaves the linked shard out ...
+    report = build_manifest(native_cache)
+    assert [s.id for s in report.manifest.shards] == [0, 1] and "outside the cache root" in str(report.problems[0])
+    assert ShardStore.open(native_cache).num_shards == 2
+    # ... and replacing the symlink with the files brings it back.
+    (native_cache / "shard_000002").unlink()
+    (outside / "shard_000002").rename(native_cache / "shard_000002")
+    build_manifest(native_cache)
+    assert ShardStore.open(native_cache).num_shards == 3
 
 
 @pytest.mark.parametrize(
