@@ -12,26 +12,15 @@ from pathlib import Path
 import numpy as np
 
 from shardstore.errors import ManifestError
-from shardstore.manifest.checksum import checksum_files, fd_checksum
+from shardstore.manifest.checksum import checksum_files
 from shardstore.manifest.discover import LEFT_OUT, Candidate, discover_shards
 from shardstore.manifest.model import FieldSpec, FileEntry, Manifest, Problem, ShardEntry, manifest_path
+from shardstore.manifest.scan import FileInfo, Scan, one_line, previous_files
 from shardstore.store.atomic import remove_stale_temporaries, write_bytes_atomic
 from shardstore.store.groups import GroupSpec, read_group_specs
-from shardstore.store.layout import MANIFEST_NAME, OUTSIDE_ROOT_FIX, OutsideRootError, open_within
-from shardstore.store.npy import NotNpyError, header_problem, read_head_fd, read_header_bytes
+from shardstore.store.layout import MANIFEST_NAME, OUTSIDE_ROOT_FIX, OutsideRootError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class _FileInfo:
-    """A field file that passed the per-file checks: its manifest entry and what its header says."""
-
-    entry: FileEntry
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    #: same size and mtime as in the previous manifest (its checksum carried over)
-    unchanged: bool = False
 
 
 @dataclass
@@ -57,94 +46,7 @@ class BuildReport:
         return self.manifest.left_out
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
-class _Scan:
-    """Reads each candidate file's header (through the one inside-the-root check) against the previous manifest."""
-
-    def __init__(self, root: Path, previous: dict[str, FileEntry]) -> None:
-        self.root = str(root)
-        self.resolved_root = os.path.realpath(root)
-        self.previous = previous
-        self.changed: list[tuple[str, str]] = []  # (path, why) of files whose recorded checksum no longer holds
-
-    def read(self, rel: str) -> _FileInfo | str | None:
-        """``_FileInfo`` if good, a reason if bad, None if the file vanished meanwhile."""
-        path = os.path.join(self.root, rel)
-        try:
-            fd = open_within(self.resolved_root, path, rel, parents_checked=True)
-        except FileNotFoundError:
-            return None
-        except OutsideRootError as exc:
-            return f"resolves to {exc.real}, outside the cache root; {OUTSIDE_ROOT_FIX}"
-        except OSError as exc:
-            return f"cannot be read ({_one_line(exc)})"
-        try:
-            try:
-                head, st = read_head_fd(fd)  # st describes the file that was read, even if it is replaced meanwhile
-            except OSError as exc:
-                return f"cannot be read ({_one_line(exc)})"
-            try:
-                header = read_header_bytes(head)
-            except NotNpyError as exc:
-                return str(exc)
-            except Exception as exc:  # noqa: BLE001 - any parse failure of foreign bytes is a bad shard, never a crash
-                return f"unreadable .npy header ({_one_line(exc)})"
-            reason = header_problem(header, st.st_size)
-            if reason is not None:
-                return reason
-            checksum, unchanged = self._checksum(rel, fd, st)
-        finally:
-            os.close(fd)
-        entry = FileEntry(rel, st.st_size, st.st_mtime_ns, header.data_offset, checksum)
-        return _FileInfo(entry, header.dtype, header.shape, unchanged)
-
-    def _checksum(self, rel: str, fd: int, st: os.stat_result) -> tuple[str | None, bool]:
-        """The checksum the new entry carries, and whether the file is unchanged since the previous manifest.
-
-        A checksum is never dropped because a file changed: a changed file with a recorded
-        checksum is hashed again; if the content differs, the old checksum stays (so
-        ``verify`` fails on it) and the file is reported, until it is restored or the new
-        content is accepted by a full rebuild.
-        """
-        old = self.previous.get(rel)
-        if old is None:
-            return None, False
-        if old.bytes == st.st_size and old.mtime_ns == st.st_mtime_ns:
-            return old.checksum, True
-        if old.checksum is None:
-            return None, False
-        if old.bytes != st.st_size:
-            self.changed.append((rel, f"changed size since its checksum was recorded ({old.bytes:,} -> {st.st_size:,} bytes)"))
-            return old.checksum, False
-        digest = fd_checksum(fd)
-        if digest != old.checksum:
-            self.changed.append((rel, f"content changed since its checksum was recorded "
-                                      f"(manifest {old.checksum[:23]}..., file {digest[:23]}...)"))
-        return old.checksum, False
-
-
-def _previous_files(root: Path) -> dict[str, FileEntry]:
-    """File entries of the existing manifest by path (empty if there is none or it is bad).
-
-    Only what says whether a file changed (size, mtime) and its checksum are used from
-    it; dtype, shape, rows and offsets always come from the file's own header.
-    """
-    path = manifest_path(root)
-    if not path.exists():
-        return {}
-    try:
-        old = Manifest.from_json(path.read_text(), str(path))
-    except (ManifestError, OSError, UnicodeDecodeError) as exc:
-        log.warning("ignoring the existing manifest, every shard is read again and its checksums are not kept: %s",
-                    _one_line(exc))
-        return {}
-    return {f.path: f for shard in old.shards for f in shard.files.values()}
-
-
-def _majority_specs(shards: dict[int, dict[str, _FileInfo]]) -> tuple[dict[str, FieldSpec], dict[str, int]]:
+def _majority_specs(shards: dict[int, dict[str, FileInfo]]) -> tuple[dict[str, FieldSpec], dict[str, int]]:
     """Fields present in at least half of the shards, each with its most common dtype and per-sample shape."""
     presence = Counter(name for files in shards.values() for name in files)
     required = {n for n, c in presence.items() if 2 * c >= len(shards)}
@@ -186,7 +88,7 @@ def build_manifest(
         raise ManifestError(f"{root} does not exist; pass the directory that holds the shards")
     if not root.is_dir():
         raise ManifestError(f"{root} is not a directory; pass the directory that holds the shards")
-    previous = _previous_files(root) if incremental else {}
+    previous = previous_files(root) if incremental else {}
     candidates, problems = discover_shards(root)
     if not candidates and not problems:
         raise ManifestError(
@@ -196,21 +98,21 @@ def build_manifest(
     groups = read_group_specs(root)
     group_of = {name: g.name for g in groups.values() for name in g.fields}
     report = BuildReport(Manifest({}, []), None)
-    scan = _Scan(root, previous)
+    scan = Scan(root, previous)
 
-    def read(rel: str) -> _FileInfo | str | None:
+    def read(rel: str) -> FileInfo | str | None:
         result = scan.read(rel)
-        if isinstance(result, _FileInfo):
+        if isinstance(result, FileInfo):
             report.headers_read += 1
             report.files_reused += result.unchanged
         return result
 
-    good: dict[int, dict[str, _FileInfo]] = {}
-    group_files: dict[int, dict[str, _FileInfo | str]] = {}
+    good: dict[int, dict[str, FileInfo]] = {}
+    group_files: dict[int, dict[str, FileInfo | str]] = {}
     for shard_id, cand in candidates.items():
-        files: dict[str, _FileInfo] = {}
+        files: dict[str, FileInfo] = {}
         bad: Problem | None = None
-        extra: dict[str, _FileInfo | str] = {}
+        extra: dict[str, FileInfo | str] = {}
         for name, rel in sorted(cand.files.items()):
             if name in group_of:  # a missing or bad group file costs the shard the group, not its place
                 result = read(rel)
@@ -296,7 +198,7 @@ def build_manifest(
     return report
 
 
-def _group_entries(group: GroupSpec, found: dict[str, _FileInfo | str], cand: Candidate, num_samples: int,
+def _group_entries(group: GroupSpec, found: dict[str, FileInfo | str], cand: Candidate, num_samples: int,
                    incomplete: list[Problem], shard_id: int) -> dict[str, FileEntry]:
     """The group's file entries of one shard if every one is there and as declared, else none (with the reason)."""
     if not any(name in found for name in group.fields):
@@ -314,7 +216,7 @@ def _group_entries(group: GroupSpec, found: dict[str, _FileInfo | str], cand: Ca
         elif info.shape[0] != num_samples:
             reason = f"has {info.shape[0]:,} rows, the shard {num_samples:,}"
         if reason is not None:
-            path = info.entry.path if isinstance(info, _FileInfo) else cand.files.get(name, _missing_name(cand, name))
+            path = info.entry.path if isinstance(info, FileInfo) else cand.files.get(name, _missing_name(cand, name))
             incomplete.append(Problem(path, f"{reason}; {fix}", shard_id))
             return {}
     return {name: found[name].entry for name in group.fields}  # type: ignore[union-attr]
@@ -336,7 +238,7 @@ def _add_checksums(
                                               f"{LEFT_OUT}", s.id))
                 break
             if isinstance(digest, OSError):
-                failed.append(Problem(f.path, f"cannot be read ({_one_line(digest)}); {LEFT_OUT}", s.id))
+                failed.append(Problem(f.path, f"cannot be read ({one_line(digest)}); {LEFT_OUT}", s.id))
                 break
             files[name] = FileEntry(f.path, f.bytes, f.mtime_ns, f.data_offset, digest)
         else:
