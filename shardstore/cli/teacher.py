@@ -42,7 +42,9 @@ def cache_teacher(
     `--set data.teacher_targets=NAME` (no teacher is loaded then).
     """
     from shardstore.kd.teacher_cache import check_teacher_cache, fill_teacher_cache
+    from shardstore.store.groups import check_group_name
 
+    check_group_name(name)  # the name becomes file names in the cache: one line and exit 2 before any work
     cfg = load_configs(data_config, train_config, model_config, overrides)
     if check:
         if check < 0:

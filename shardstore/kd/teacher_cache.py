@@ -26,6 +26,7 @@ a sample of the stored targets with the live teacher to prove the replay is exac
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -38,7 +39,7 @@ import torch
 from torch import Tensor
 
 from shardstore.config.resolve import RunConfig
-from shardstore.errors import ConfigError, ShardstoreError
+from shardstore.errors import ConfigError, ManifestError, ShardstoreError
 from shardstore.kd import distributed
 from shardstore.kd.components import (
     IMAGE_FIELD, amp_enabled, load_teacher, render_teacher_input, teacher_forward,
@@ -51,8 +52,10 @@ from shardstore.manifest.build import build_manifest
 from shardstore.manifest.checksum import file_checksum
 from shardstore.manifest.reader import ShardStore
 from shardstore.store.groups import (
-    add_shard_fields, group_file, read_group_specs, remove_group, remove_stale_temporaries, write_group_spec,
+    add_shard_fields, check_group_name, group_file, read_group_specs, remove_group,
+    remove_stale_declaration_temporaries, remove_stale_temporaries, write_group_spec,
 )
+from shardstore.store.layout import is_within
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +174,7 @@ def fill_teacher_cache(cfg: RunConfig, *, name: str = "teacher", views: int = 4,
     the number of processes: a shard's views come from its id alone.
     """
     start = time.perf_counter()
+    check_group_name(name)  # before the teacher is loaded: the name becomes file names in the cache
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     info = distributed.setup(None if device is None else str(device))
     try:
@@ -215,20 +219,24 @@ def _prepare_group(cfg: RunConfig, info: distributed.DistInfo, teacher: InputAda
     spec: TargetSpec | None = None
     if info.is_main:
         try:
+            remove_stale_declaration_temporaries(root)  # of earlier runs that were killed
             build_manifest(root)  # picks up shards written since the last build
             store = ShardStore.open(root)
             spec = new_target_spec(cfg, store, teacher, name=name, device=info.device, **settings)
             source = group_file(root, name)
             if overwrite and source.exists():
-                removed = remove_group(root, read_group_specs(root)[name])
+                removed = remove_group(root, name)
                 log.info("removed %d files of the earlier targets %r", removed, name)
             if source.exists():
                 _agree_with_existing(spec, read_target_spec(root, name), source)
             else:
-                clash = [f for g in read_group_specs(root).values() for f in g.fields if f in spec.field_specs()]
+                taken = {f: g.name for g in read_group_specs(root).values() for f in g.fields}
+                taken |= {f: None for f, s in store.all_fields.items() if s.group is None}
+                clash = [f for f in spec.field_specs() if f in taken]
                 if clash:
-                    raise ConfigError(f"field {clash[0]!r} already belongs to another group of {root}; "
-                                      "choose another --name")
+                    owner = "a field of the cache itself" if taken[clash[0]] is None else \
+                        f"a field of group {taken[clash[0]]!r}"
+                    raise ConfigError(f"field {clash[0]!r} is already {owner} in {root}; choose another --name")
                 write_group_spec(root, spec.to_group())
                 build_manifest(root)  # the new declaration decides which files are the group's
         except ShardstoreError as exc:
@@ -248,7 +256,11 @@ def _fill_shard(cfg: RunConfig, device: torch.device, teacher: InputAdapter, spe
     entry = store.shards[position]
     names = spec.field_names()
     targets = {f: store.root / entry.field_path(f) for f in names.values()}
-    remove_stale_temporaries(next(iter(targets.values())).parent)
+    directory = next(iter(targets.values())).parent
+    if directory != store.root and (directory.is_symlink() or not is_within(os.path.realpath(store.root), directory)):
+        raise ManifestError(f"{directory} is a symbolic link (or leads outside {store.root}); cache-teacher writes "
+                            "only into the cache's own shard directories: replace the link with the directory itself")
+    remove_stale_temporaries(directory)
     amp = _autocast(cfg, device)
     dtype = next(teacher.parameters()).dtype
     per_batch = max(1, batch_size // spec.views)
@@ -302,7 +314,7 @@ def check_teacher_cache(cfg: RunConfig, *, name: str = "teacher", samples: int =
     logits are compared by the KL of their softmaxes; embeddings by cosine similarity.
     """
     root = Path(cfg.data.cache_root)
-    spec = read_target_spec(root, name)
+    spec = read_target_spec(root, check_group_name(name))
     store = ShardStore.open(root)
     names = spec.field_names()
     positions = store.manifest.positions_with(list(names.values()))

@@ -22,7 +22,7 @@ import shardstore.store.groups as groups_module
 from shardstore import ShardWriter
 from shardstore.cli import main
 from shardstore.config.resolve import DEFAULT_DATA_CONFIG, DEFAULT_MODEL_CONFIG, DEFAULT_TRAIN_CONFIG, load_run_config
-from shardstore.errors import ConfigError
+from shardstore.errors import ConfigError, DiskFullError
 from shardstore.kd.augment import apply_views
 from shardstore.kd.components import load_teacher, render_teacher_input, teacher_forward
 from shardstore.kd.target_spec import CachedTargets, read_target_spec, shard_views
@@ -364,7 +364,8 @@ def test_a_crash_between_renames_leaves_the_shard_incomplete_and_it_is_rewritten
 
     monkeypatch.setattr(groups_module, "os", FlakyOs())
     cfg = make_cfg(cache)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(DiskFullError, match=r"no space left on device: renaming .*shard_000003/teacher_topk_index\.npy "
+                                            r"into place; the shard now lacks this group \(the next run writes it"):
         fill_teacher_cache(cfg, views=2, topk=3, fsync=False)
     monkeypatch.undo()
     shard3 = cache / "shard_000003"
