@@ -245,7 +245,10 @@ def _parse_field(name: Any, spec: Any) -> FieldSpec:
     dtype_text = _text(spec["dtype"], f"field {name!r} dtype")
     if len(dtype_text) > 16:
         raise ManifestError(f"field {name!r} has dtype {dtype_text[:20]!r}..., which is not allowed")
-    dtype = np.dtype(dtype_text)
+    try:
+        dtype = np.dtype(dtype_text)
+    except (TypeError, ValueError, OverflowError, MemoryError):
+        raise ManifestError(f"field {name!r} has dtype {dtype_text!r}, which is not allowed (not a NumPy dtype)") from None
     if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None or dtype.itemsize == 0:
         raise ManifestError(f"field {name!r} has dtype {dtype}, which is not allowed (plain numbers only, no objects)")
     shape = spec["shape"]
@@ -286,6 +289,8 @@ def _parse(doc: Any) -> Manifest:
         if layout not in ("native", "flat"):
             raise ManifestError(f"shard {shard_id} has layout {layout!r:.40}, not 'native' or 'flat'")
         num_samples = _int(s["num_samples"], f"shard {shard_id} num_samples")
+        if not isinstance(s["files"], dict):
+            raise ManifestError(f"shard {shard_id} files is not an object")
         names = set(s["files"])
         partial = [g for g, members in groups.items() if names & members and not members <= names]
         if not required <= names or not names <= set(fields) or partial:

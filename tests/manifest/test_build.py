@@ -180,6 +180,26 @@ def test_majority_decides_the_reference_dtype(native_cache: Path) -> None:
     assert [p.shard_id for p in report.problems] == [0]
 
 
+@pytest.mark.parametrize(
+    ("num_shards", "with_extra", "required"),
+    [(4, 2, True), (4, 1, False), (3, 2, True), (3, 1, False), (2, 1, True), (4, 3, True)],
+)
+def test_majority_rule_boundary(tmp_path: Path, num_shards: int, with_extra: int, required: bool) -> None:
+    # A field in at least half of the shards is required (the shards without it are left out); below half it is ignored.
+    root = write_native(tmp_path / "c", 4 * num_shards, 4)
+    for shard_id in range(with_extra):
+        np.save(root / f"shard_{shard_id:06d}" / "extra.npy", np.zeros(4, np.int32))
+    report = build_manifest(root)
+    if required:
+        assert "extra" in report.manifest.fields and report.ignored_fields == {}
+        assert [s.id for s in report.manifest.shards] == list(range(with_extra))
+        assert [p.shard_id for p in report.problems] == list(range(with_extra, num_shards))
+        assert all("field 'extra' is missing (the other shards have it)" in p.reason for p in report.problems)
+    else:
+        assert "extra" not in report.manifest.fields and report.ignored_fields == {"extra": with_extra}
+        assert len(report.manifest.shards) == num_shards and report.problems == []
+
+
 # -- incremental rebuilds of a growing cache -------------------------------------------------
 
 
