@@ -15,6 +15,7 @@ import numpy as np
 from shardstore.errors import ShardstoreError
 from shardstore.store.atomic import write_bytes_atomic
 from shardstore.store.layout import check_field_name, field_file_name, shard_dir_name
+from shardstore.store.npy import open_npy
 from shardstore.store.writer import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -62,12 +63,7 @@ def open_npy_inputs(specs: dict[str, str | os.PathLike[str]]) -> dict[str, np.nd
     arrays = {}
     for name, path in specs.items():
         check_field_name(name)
-        try:
-            arrays[name] = np.load(path, mmap_mode="r", allow_pickle=False)
-        except FileNotFoundError:
-            raise ShardstoreError(f"{path}: no such file; pass FIELD=PATH for an existing .npy file") from None
-        except (OSError, ValueError) as exc:
-            raise ShardstoreError(f"{path}: not a readable .npy array ({' '.join(str(exc).split())})") from None
+        arrays[name] = open_npy(path)  # an empty or text file is named for what it is, never "unpickle it"
         if arrays[name].ndim == 0:
             raise ShardstoreError(f"{path}: holds a 0-d array; a dataset needs a first (sample) dimension")
     lengths = {name: a.shape[0] for name, a in arrays.items()}
