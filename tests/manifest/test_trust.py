@@ -50,13 +50,13 @@ def test_changed_content_keeps_its_checksum_and_verify_fails(native_cache: Path,
     path = native_cache / "shard_000001" / "labels.npy"
     flip_in_place(path)
     report = build_manifest(native_cache)  # what `write` and `cache-teacher` run
+    assert report.manifest.shards[1].files["labels"].checksum == recorded
     assert [str(p) for p in report.changed] == [
         "shard_000001/labels.npy: content changed since its checksum was recorded (manifest "
         f"{recorded[:23]}..., file {file_checksum(path)[:23]}...); the recorded checksum is kept so `shardstore "
         f"verify` fails until you restore the file, or accept its new content with `shardstore build-manifest "
         f"--full --checksum {native_cache}`"
     ]
-    assert report.manifest.shards[1].files["labels"].checksum == recorded
     for _ in range(2):  # and the next rebuild does not launder it either
         build_manifest(native_cache)
         bad = verify_checksums(native_cache, ShardStore.open(native_cache).manifest).mismatches
@@ -71,7 +71,7 @@ def test_touched_but_unchanged_file_keeps_its_checksum(native_cache: Path) -> No
     os.utime(native_cache / "shard_000000" / "images.npy", ns=(7, 7))
     report = build_manifest(native_cache)
     entry = report.manifest.shards[0].files["images"]
-    assert report.changed == [] and entry.checksum == before and entry.mtime_ns == 7
+    assert entry.checksum == before and entry.mtime_ns == 7 and report.changed == []
     assert verify_checksums(native_cache, report.manifest).ok
 
 
@@ -81,9 +81,9 @@ def test_changed_size_with_recorded_checksum_is_reported(native_cache: Path) -> 
     for name, arr in arrays.items():  # the whole shard rewritten with another row count
         np.save(native_cache / "shard_000002" / f"{name}.npy", arr)
     report = build_manifest(native_cache)
+    assert not verify_checksums(native_cache, report.manifest).ok
     assert sorted(p.path for p in report.changed) == [f"shard_000002/{n}.npy" for n in sorted(arrays)]
     assert all("changed size since its checksum was recorded" in p.reason for p in report.changed)
-    assert not verify_checksums(native_cache, report.manifest).ok
 
 
 def test_restoring_or_accepting_a_change_clears_it(native_cache: Path) -> None:
@@ -91,13 +91,13 @@ def test_restoring_or_accepting_a_change_clears_it(native_cache: Path) -> None:
     path = native_cache / "shard_000001" / "labels.npy"
     original = path.read_bytes()
     flip_in_place(path)
-    assert build_manifest(native_cache).changed
+    assert not verify_checksums(native_cache, build_manifest(native_cache).manifest).ok
     path.write_bytes(original)  # restored: same content, new mtime
     restored = build_manifest(native_cache)
-    assert restored.changed == [] and verify_checksums(native_cache, restored.manifest).ok
+    assert verify_checksums(native_cache, restored.manifest).ok and restored.changed == []
     flip_in_place(path)
     accepted = build_manifest(native_cache, incremental=False, checksum=True)  # the fix the line names
-    assert accepted.changed == [] and verify_checksums(native_cache, accepted.manifest).ok
+    assert verify_checksums(native_cache, accepted.manifest).ok and accepted.changed == []
     assert accepted.manifest.shards[1].files["labels"].checksum == file_checksum(path)
 
 
