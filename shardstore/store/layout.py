@@ -58,10 +58,13 @@ def parse_shard_id(digits: str) -> int | None:
     return value if value <= MAX_SHARD_ID else None
 
 
+def _inside(resolved_root: str, real: str) -> bool:
+    return real == resolved_root or real.startswith(resolved_root.rstrip(os.sep) + os.sep)
+
+
 def is_within(resolved_root: str, path: str | Path) -> bool:
     """True if ``path`` (after resolving links and ``..``) lies inside ``resolved_root`` (already resolved)."""
-    real = os.path.realpath(path)
-    return real == resolved_root or real.startswith(resolved_root.rstrip(os.sep) + os.sep)
+    return _inside(resolved_root, os.path.realpath(path))
 
 
 OUTSIDE_ROOT_FIX = "replace the symlink with the file itself, or move what it points to inside the cache root"
@@ -84,7 +87,7 @@ def check_within(resolved_root: str, path: str | Path, rel: str | None = None) -
     outside the root is read, hashed or printed.
     """
     real = os.path.realpath(path)
-    if real != resolved_root and not real.startswith(resolved_root.rstrip(os.sep) + os.sep):
+    if not _inside(resolved_root, real):
         raise OutsideRootError(rel if rel is not None else str(path), real)
     return real
 
