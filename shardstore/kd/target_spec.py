@@ -17,7 +17,7 @@ from torch import Tensor
 from shardstore.errors import ConfigError
 from shardstore.kd.augment import AugmentSpec, draw_views, view_generator
 from shardstore.kd.targets import SparseLogits, index_dtype, teacher_log_probs
-from shardstore.store.groups import GroupSpec, group_file, read_group_specs
+from shardstore.store.groups import GroupSpec, check_group_name, group_file, read_group_specs
 
 META_FORMAT = "shardstore-teacher-targets"
 #: settings that must match for a run to add shards to an existing group
@@ -99,6 +99,7 @@ class TargetSpec:
 
 def read_target_spec(root: str | Path, name: str) -> TargetSpec:
     """The teacher-target group ``name`` of the cache at ``root``; ``ConfigError`` with the fix if there is none."""
+    check_group_name(name)  # a name from a config or the command line: an identifier, never a path
     groups = read_group_specs(root)
     if name not in groups:
         have = ", ".join(sorted(groups)) or "none"

@@ -174,3 +174,21 @@ def test_cache_teacher_on_a_really_full_tmpfs(tmp_path: Path, capsys: pytest.Cap
     finally:
         if subprocess.run(["umount", str(mount)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_training_from_targets_with_a_bad_name_is_one_line(cache: Path) -> None:
+    from shardstore.errors import ConfigError
+    from shardstore.kd.target_spec import read_target_spec
+
+    with pytest.raises(ConfigError, match=r"group name '\.\./cache/x' is not allowed"):
+        read_target_spec(cache, "../cache/x")
+
+
+def test_the_fill_does_not_write_through_a_linked_shard_directory(cache: Path, capsys: pytest.CaptureFixture) -> None:
+    (cache / "shard_000001").rename(cache / "kept_here")
+    (cache / "shard_000001").symlink_to("kept_here")  # inside the root, so the store opens it
+    assert main(["build-manifest", str(cache)]) == 0
+    capsys.readouterr()
+    one_line_error(*run(capsys, cache, *FILL), "shard_000001 is a symbolic link",
+                   "replace the link with the directory itself")
+    assert sorted(p.name for p in (cache / "kept_here").iterdir()) == ["images.npy", "labels.npy"]
