@@ -101,7 +101,7 @@ def test_incomplete_or_bad_group_files_are_reported_and_the_shard_kept(tmp_path:
     assert got[2][1].startswith("is float32[5], the group declares float16[5]")
     assert got[3][0] == "shard_000003/teacher_top.npy" and got[3][1].startswith("has 3 rows, the shard 4")
     assert got[4][0] == "shard_000004/teacher_logits.npy"
-    assert "unreadable .npy header" in got[4][1] or "not an .npy file" in got[4][1]
+    assert got[4][1].startswith("not an .npy file")
     assert got[5][0] == "shard_000005/teacher_top.npy" and got[5][1].startswith("is int16[3], the group declares")
     assert all(reason.endswith("the shard is used without group 'teacher'; write the group's files again")
                for _, reason in got.values())
