@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -65,9 +66,36 @@ def _with_targets(cfg: RunConfig, store: ShardStore) -> tuple[ShardStore, Target
     return store, spec
 
 
-def build_data(cfg: RunConfig, info: DistInfo) -> Data:
-    """Open the cache; hold out its last ``eval.held_out_shards`` shards (by id) or open the evaluation cache.
+def _held_out_positions(cfg: RunConfig, store: ShardStore, recorded: list[int] | None) -> list[int]:
+    """Positions of the evaluation shards: the run's recorded ones (by id) or, in a new run, the last N."""
+    held = cfg.train.eval.held_out_shards
+    if recorded is None:
+        if held and held >= store.num_shards:
+            raise ConfigError(f"train_config: eval.held_out_shards={held} leaves no training shard "
+                              f"(the cache has {store.num_shards}); lower it")
+        return list(range(store.num_shards - held, store.num_shards)) if held else []
+    shown = ", ".join(map(str, recorded[:8])) + (" ..." if len(recorded) > 8 else "")
+    if len(recorded) != held:
+        raise ConfigError(f"train_config: eval.held_out_shards is {held}, but this run holds out {len(recorded)} "
+                          f"shards (ids {shown or 'none'}, recorded in its checkpoint); set it back to "
+                          f"{len(recorded)}, or start a new run in another train.run_dir")
+    where = {int(i): p for p, i in enumerate(store.shard_ids)}
+    missing = [i for i in recorded if i not in where]
+    if missing:
+        raise ConfigError(f"the run's held-out shards (ids {shown}, recorded in its checkpoint) are not all in "
+                          f"{store.root}: shard {missing[0]} is missing; restore it, or start a new run in "
+                          "another train.run_dir")
+    if len(recorded) >= store.num_shards:
+        raise ConfigError(f"train_config: eval.held_out_shards={held} leaves no training shard "
+                          f"(the cache has {store.num_shards}); lower it")
+    return sorted(where[i] for i in recorded)
 
+
+def build_data(cfg: RunConfig, info: DistInfo, *, held_out_ids: list[int] | None = None) -> Data:
+    """Open the cache; hold out shards for evaluation (by id) or open the evaluation cache.
+
+    A new run holds out the cache's last ``eval.held_out_shards`` shards; a resumed one passes
+    the ids it recorded (``held_out_ids``), so shards added since then never move the split.
     The loader reads only the fields training uses: images, labels, the logits of
     ``loss.target_field`` and, with ``data.teacher_targets``, the cached targets.
     """
@@ -80,15 +108,12 @@ def build_data(cfg: RunConfig, info: DistInfo) -> Data:
         if name not in store.fields:
             raise ConfigError(f"the cache {store.root} has no field {name!r} (it has {sorted(store.fields)}); "
                               "write it, or fix the configuration")
-    held = cfg.train.eval.held_out_shards
     eval_store, held_ids = None, []
-    if held:
-        if held >= store.num_shards:
-            raise ConfigError(f"train_config: eval.held_out_shards={held} leaves no training shard "
-                              f"(the cache has {store.num_shards}); lower it")
-        held_ids = [int(i) for i in store.shard_ids[-held:]]
-        eval_store = store.subset(range(store.num_shards - held, store.num_shards))
-        store = store.subset(range(store.num_shards - held))
+    held_positions = _held_out_positions(cfg, store, held_out_ids)
+    if held_positions:
+        held_ids = [int(store.shard_ids[p]) for p in held_positions]
+        eval_store = store.subset(held_positions)
+        store = store.subset(sorted(set(range(store.num_shards)) - set(held_positions)))
     elif cfg.train.eval.cache_root:
         eval_store = ShardStore.open(cfg.train.eval.cache_root)
     spec, eval_has_targets = None, False
@@ -101,12 +126,26 @@ def build_data(cfg: RunConfig, info: DistInfo) -> Data:
     if eval_store is not None:
         eval_store = eval_store.select([f for f in needed if f in eval_store.fields])
     store = store.select(needed)
+    return Data(train_dataset(cfg, store, info), eval_store, held_ids, spec, eval_has_targets)
+
+
+def train_dataset(cfg: RunConfig, store: ShardStore, info: DistInfo) -> RandomShardSubsetCachedDataset:
+    """The shard-epoch dataset over ``store`` with the run's epoch settings (this rank's part of each epoch)."""
     d = cfg.data
-    train = RandomShardSubsetCachedDataset(
+    return RandomShardSubsetCachedDataset(
         store, d.shards_per_epoch, d.random_subset_seed, d.shard_policy, order=d.sample_order,
         active_shards=d.active_shards, batch_size=cfg.train.batch_size,
         max_steps_per_epoch=cfg.train.max_steps_per_epoch, rank=info.rank, world_size=info.world_size)
-    return Data(train, eval_store, held_ids, spec, eval_has_targets)
+
+
+def missing_shards(store: ShardStore, shard_ids: np.ndarray) -> list[int]:
+    """The ids among ``shard_ids`` that ``store`` does not have."""
+    return [int(i) for i in np.setdiff1d(np.asarray(shard_ids, dtype=np.int64), store.shard_ids)]
+
+
+def restrict_to_shards(store: ShardStore, shard_ids: np.ndarray) -> ShardStore:
+    """``store`` with only the shards ``shard_ids`` (all of which it must have; see ``missing_shards``)."""
+    return store.subset(np.flatnonzero(np.isin(store.shard_ids, np.asarray(shard_ids, dtype=np.int64))))
 
 
 def build_teacher(cfg: RunConfig, device: torch.device) -> InputAdapter | None:

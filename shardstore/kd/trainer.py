@@ -18,16 +18,19 @@ from torch.nn.parallel import DistributedDataParallel
 from shardstore.config.resolve import RunConfig, run_config_to_yaml
 from shardstore.errors import ConfigError
 from shardstore.kd import distributed
-from shardstore.kd.checkpoint import CheckpointManager, load_checkpoint
+from shardstore.kd.checkpoint import CheckpointManager
 from shardstore.kd.augment import AugmentSpec, DeviceAugment, apply_views, view_generator
 from shardstore.kd.components import (
     IMAGE_FIELD, LABEL_FIELD, Trainable, amp_enabled, build_criterion, build_data, build_optimizer, build_student,
-    build_teacher, render_teacher_input, teacher_forward,
+    build_teacher, render_teacher_input, teacher_forward, train_dataset,
 )
+from shardstore.kd.divergence import diverged, finite_weights
 from shardstore.kd.target_spec import CachedTargets
 from shardstore.kd.ema import ModelEma
 from shardstore.kd.evaluate import evaluate
-from shardstore.kd.metrics import MetricsLog
+from shardstore.kd.metrics import EpochTally, MetricsLog
+from shardstore.kd.resume import checkpoint_to_resume, epoch_store, held_out_ids, split_record
+from shardstore.kd.run_dir import check_seed, prepare_run_dir
 from shardstore.kd.schedule import scaled_lr, warmup_cosine
 from shardstore.loader import ShardLoader
 from shardstore.store.atomic import write_bytes_atomic
@@ -75,12 +78,22 @@ def weights_digest(module: torch.nn.Module) -> str:
 
 
 class _Run:
-    def __init__(self, cfg: RunConfig, info: distributed.DistInfo, reporter: Reporter) -> None:
+    def __init__(self, cfg: RunConfig, info: distributed.DistInfo, reporter: Reporter,
+                 resume: str | Path | bool | None) -> None:
         self.cfg, self.info, self.reporter = cfg, info, reporter
         t = cfg.train
         self.device = info.device
+        check_seed(t.seed)
+        self.run_dir = Path(t.run_dir)
+        prepare_run_dir(self.run_dir, create=info.is_main)
+        self.ckpt = CheckpointManager(self.run_dir, keep_last=t.checkpoint.keep_last, keep_best=t.checkpoint.keep_best)
+        if info.is_main:  # what a killed earlier run left half-written (a writer's pid means something here only)
+            self.ckpt.remove_stale_temporaries(["config.yaml", "metrics.jsonl",
+                                                *(f"final_rank{r}.json" for r in range(info.world_size))])
+        self.resume_path, self.resume_state = checkpoint_to_resume(self.ckpt, resume)
         torch.manual_seed(t.seed)  # the same initial weights on every rank
-        self.data = build_data(cfg, info)
+        # A resumed run evaluates on the shards it held out when it began, however the cache grew since.
+        self.data = build_data(cfg, info, held_out_ids=held_out_ids(self.resume_state))
         self.teacher = build_teacher(cfg, self.device)
         self.teacher_dtype = next(self.teacher.parameters()).dtype if self.teacher is not None else None
         student = build_student(cfg)
@@ -102,7 +115,9 @@ class _Run:
         self.lr = scaled_lr(t.lr, self.global_batch, t.base_batch_size)
         self.optimizer = build_optimizer(cfg, self.trainable, self.lr)
         updates = -(-self.data.train.steps_per_epoch // self.accum)
-        total = max(1, t.epochs * updates)
+        # The schedule's length is the run's, not the cache's: a cache that grew does not bend the lr curve.
+        total = int((self.resume_state or {}).get("total_steps") or max(1, t.epochs * updates))
+        self.total_steps = total
         self.scheduler = warmup_cosine(self.optimizer, total_steps=total, warmup_steps=min(t.warmup_steps, total),
                                        min_lr_ratio=t.min_lr_ratio)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)  # bf16 needs no loss scaling
@@ -118,14 +133,21 @@ class _Run:
             AugmentSpec(size=cfg.model.student.input.size, random_resized_crop=a.random_resized_crop,
                         scale=tuple(a.scale), ratio=tuple(a.ratio), flip=a.flip),
             _view_seed(t.seed, info.rank))
-        self.loader = ShardLoader(self.data.train, device=self.device if self.device.type == "cuda" else None,
-                                  **cfg.data.loader_kwargs())
-        self.run_dir = Path(t.run_dir)
-        self.ckpt = CheckpointManager(self.run_dir, keep_last=t.checkpoint.keep_last, keep_best=t.checkpoint.keep_best)
+        self.loader = self._make_loader(self.data.train)
+        # The loader of the epoch being trained: a resumed epoch of a grown cache runs on its own (see _continue_epoch).
+        self.active = self.loader
+        self.resume_loader: ShardLoader | None = None
+        self.tally = EpochTally()
+        self.epoch_started = time.perf_counter()
         self.metrics: MetricsLog | None = None
         self.global_step = 0
         self.best: float | None = None
+        self.best_epoch: int | None = None
         self.teacher_top1: float | None = None
+
+    def _make_loader(self, dataset: Any, *, prepare_next_epoch: bool = True) -> ShardLoader:
+        return ShardLoader(dataset, device=self.device if self.device.type == "cuda" else None,
+                           prepare_next_epoch=prepare_next_epoch, **self.cfg.data.loader_kwargs())
 
     # -- state --------------------------------------------------------------------------------
 
@@ -133,12 +155,16 @@ class _Run:
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
+        # The split is part of the run: the held-out shards, and the training shards this epoch draws from.
+        split = split_record(self.data.held_out_ids, self.active.store)
+        tally = None if epoch_complete else self.tally.state_dict(time.perf_counter() - self.epoch_started)
         return {
             "student": self.student.state_dict(), "criterion": self.criterion.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None, "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng,
-            "sampler": self.loader.state_dict(), "epoch": epoch, "epoch_complete": epoch_complete,
-            "global_step": self.global_step, "best": self.best, "teacher_top1": self.teacher_top1,
+            "sampler": self.active.state_dict(), "epoch": epoch, "epoch_complete": epoch_complete,
+            "global_step": self.global_step, "best": self.best, "best_epoch": self.best_epoch,
+            "teacher_top1": self.teacher_top1, "split": split, "tally": tally, "total_steps": self.total_steps,
             "config": run_config_to_yaml(self.cfg),
         }
 
@@ -156,39 +182,69 @@ class _Run:
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.global_step, self.best = int(state["global_step"]), state["best"]
+        self.best_epoch = state.get("best_epoch")
         self.teacher_top1 = state.get("teacher_top1")
+        if self.info.is_main:
+            self.ckpt.restore_best(self.best_epoch)  # a best.pt copy that a full disk interrupted is made now
         epoch = int(state["epoch"])
         if state["epoch_complete"]:
             return epoch + 1
-        self.loader.load_state_dict(state["sampler"])  # continue at the exact next batch
+        self._continue_epoch(state)
         return epoch
+
+    def _continue_epoch(self, state: dict[str, Any]) -> None:
+        """Position a loader at the exact next batch of the interrupted epoch, on the shards it was drawn from.
+
+        Shards added to the cache since the checkpoint join from the next epoch on (see ``shardstore.kd.resume``).
+        """
+        store = epoch_store(self.data.train.store, state, ckpt=self.ckpt, source=self.resume_path or Path())
+        if store is not self.data.train.store:
+            self.resume_loader = self._make_loader(train_dataset(self.cfg, store, self.info), prepare_next_epoch=False)
+            self.active = self.resume_loader
+        self.active.load_state_dict(state["sampler"])  # continue at the exact next batch
+        self.tally = EpochTally.from_state(state.get("tally"), self.device)
+
+    def check_finite(self, epoch: int, step: int, *, weights: bool = False) -> None:
+        """Stop with ``NonFiniteLossError`` once a loss (or, with ``weights``, a weight) is NaN or infinite.
+
+        Called where the loop reads the device anyway (logged steps, the end of an epoch) and
+        before every checkpoint, so no NaN weights are ever saved over the last good ones.
+        Every rank calls it at the same points and they agree, so none waits on another.
+        """
+        ok = self.tally.finite() and (not weights or finite_weights(self.trainable))
+        if self.info.distributed:
+            ok = distributed.all_reduce_mean(0.0 if ok else 1.0, self.info) == 0.0
+        if ok:
+            return
+        try:
+            last = self.ckpt.latest()
+        except ConfigError:
+            last = None
+        raise diverged(self.cfg, epoch=epoch, step=step, global_step=self.global_step, last_good=last,
+                       autocast=self.autocast)
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def run(self, resume: str | Path | bool | None) -> TrainResult:
+    def run(self) -> TrainResult:
         t = self.cfg.train
-        start_epoch, mid_epoch = 0, False
-        if not resume and self.ckpt.latest_pointer_exists():
-            raise ConfigError(f"{self.run_dir} holds checkpoints of an earlier run; continue it with --resume, or "
-                              "choose a new train.run_dir (or delete its checkpoints/ folder)")
-        if resume:
-            path = self.ckpt.latest() if resume is True or resume == "auto" else Path(resume)
-            if path is not None:
-                state = load_checkpoint(path)
-                start_epoch = self.restore(state)
-                mid_epoch = not state["epoch_complete"]
-        if self.info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_bytes_atomic(self.run_dir / "config.yaml", run_config_to_yaml(self.cfg).encode())
-            MetricsLog.truncate(self.run_dir, self.global_step)
-            self.metrics = MetricsLog(self.run_dir, tensorboard=t.log.tensorboard)
         last_eval: dict[str, float] = {}
         try:
+            start_epoch, mid_epoch = 0, False
+            if self.resume_state is not None:
+                start_epoch = self.restore(self.resume_state)
+                mid_epoch = not self.resume_state["epoch_complete"]
+                self.resume_state = None
+            if self.info.is_main:
+                write_bytes_atomic(self.run_dir / "config.yaml", run_config_to_yaml(self.cfg).encode())
+                MetricsLog.truncate(self.run_dir, self.global_step)
+                self.metrics = MetricsLog(self.run_dir, tensorboard=t.log.tensorboard)
             for epoch in range(start_epoch, t.epochs):
                 if not mid_epoch:
+                    self.active = self.loader
                     self.loader.set_epoch(epoch)
+                    self.tally = EpochTally()
                 mid_epoch = False
-                self.reporter.epoch_start(epoch, t.epochs, self.data.train.selected_shards, len(self.loader))
+                self.reporter.epoch_start(epoch, t.epochs, self.active.dataset.selected_shards, len(self.active))
                 values = self.train_epoch(epoch)
                 # One set of running statistics for evaluation, checkpoints and every rank's next epoch.
                 distributed.broadcast_buffers(self.student, self.info)
@@ -198,8 +254,13 @@ class _Run:
                     last_eval = self.evaluate()
                     values |= {f"eval_{k}": v for k, v in last_eval.items()}
                 self.end_epoch(epoch, values, last_eval)
+                if self.resume_loader is not None:  # the resumed epoch is done: new shards join from here on
+                    self.resume_loader.close()
+                    self.resume_loader = None
         finally:
             self.loader.close()
+            if self.resume_loader is not None:
+                self.resume_loader.close()
             if self.metrics is not None:
                 self.metrics.close()
         digest = weights_digest(self.student)
@@ -211,14 +272,15 @@ class _Run:
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         t, loss_cfg = self.cfg.train, self.cfg.train.loss
         self.trainable.train()
-        first = self.data.train.start_batch
-        num = len(self.loader)
-        started, samples, batches = time.perf_counter(), 0, 0
-        sums: dict[str, torch.Tensor] = {}
-        window_start, window_samples, window_wait = started, 0, self.loader.stats.total_s
+        loader, tally = self.active, self.tally  # the tally holds the batches before a resume too
+        first = loader.dataset.start_batch
+        num = len(loader)
+        started = self.epoch_started = time.perf_counter()
+        window_start, window_samples, window_wait = started, 0, loader.stats.total_s
         step_parts: dict[str, torch.Tensor] = {}
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
-        for i, batch in enumerate(self.loader):
+        b = first - 1
+        for i, batch in enumerate(loader):
             b = first + i
             images = batch[IMAGE_FIELD].to(self.device, non_blocking=True)
             labels = batch[LABEL_FIELD].to(self.device, non_blocking=True).long()
@@ -250,9 +312,7 @@ class _Run:
                 (loss / self.accum).backward()
             for k, v in parts.items():
                 step_parts[k] = step_parts[k] + v if k in step_parts else v
-                sums[k] = sums[k] + v if k in sums else v
-            batches += 1
-            samples += labels.shape[0]
+            tally.add(parts, labels.shape[0])
             window_samples += labels.shape[0]
             if not sync:
                 continue
@@ -270,24 +330,28 @@ class _Run:
             values = {k: float(v) / micro for k, v in step_parts.items()} if logging_now else {}
             step_parts = {}
             if logging_now:
+                self.check_finite(epoch, b + 1)  # the device was just read: checking every batch so far is cheap
                 now = time.perf_counter()
-                wait = self.loader.stats.total_s - window_wait
+                wait = loader.stats.total_s - window_wait
                 values |= {"lr": self.optimizer.param_groups[0]["lr"],
                            "samples_per_s": window_samples * self.info.world_size / max(now - window_start, 1e-9),
                            "wait_frac": wait / max(now - window_start, 1e-9)}
-                window_start, window_samples, window_wait = now, 0, self.loader.stats.total_s
+                window_start, window_samples, window_wait = now, 0, loader.stats.total_s
                 if self.metrics is not None:
                     self.metrics.write("step", {"global_step": self.global_step, "epoch": epoch, "step": b + 1,
                                                 **values})
                 self.reporter.step(epoch, b + 1, values)
             if t.checkpoint.every_steps and self.global_step % t.checkpoint.every_steps == 0 and i < num - 1:
+                self.check_finite(epoch, b + 1, weights=True)  # never save NaN weights over the last good ones
                 if self.info.is_main:
                     self.ckpt.save_recovery(self.state(epoch, epoch_complete=False))
         elapsed = time.perf_counter() - started
-        out: dict[str, Any] = {f"train_{k}": float(v) / max(batches, 1) for k, v in sums.items()}
-        out |= {"samples_per_s": samples * self.info.world_size / max(elapsed, 1e-9), "time_s": elapsed,
-                "wait_frac": self.loader.stats.epoch_s / max(elapsed, 1e-9), "batches": batches,
-                "shards": self.data.train.selected_shards}
+        self.check_finite(epoch, b + 1, weights=True)
+        seconds = tally.seconds + elapsed  # the whole epoch's, across a resume
+        out: dict[str, Any] = tally.means()
+        out |= {"samples_per_s": tally.samples * self.info.world_size / max(seconds, 1e-9), "time_s": seconds,
+                "wait_frac": loader.stats.epoch_s / max(elapsed, 1e-9), "batches": tally.batches,
+                "shards": loader.dataset.selected_shards}
         return out
 
     def live_step(self, step: int) -> bool:
@@ -319,7 +383,7 @@ class _Run:
                   "loss": -values.get("train_loss", 0.0)}[t.checkpoint.best_metric]
         is_best = metric is not None and (self.best is None or metric > self.best)
         if is_best:
-            self.best = metric
+            self.best, self.best_epoch = metric, epoch
         values = {"global_step": self.global_step, "epoch": epoch, **values}
         if self.info.is_main:
             assert self.metrics is not None
@@ -336,6 +400,6 @@ def train(cfg: RunConfig, *, resume: str | Path | bool | None = None, reporter: 
     """
     info = distributed.setup(device)
     try:
-        return _Run(cfg, info, reporter or _Silent()).run(resume)
+        return _Run(cfg, info, reporter or _Silent(), resume).run()
     finally:
         distributed.teardown(info)

@@ -72,5 +72,5 @@ def test_resume_without_a_checkpoint_starts_fresh_and_a_bad_file_is_named(tiny_c
     assert train(cfg, resume=True).epochs_done == 1
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ConfigError, match="bad.pt: not a readable checkpoint"):
+    with pytest.raises(ConfigError, match="bad.pt: is not a readable torch.save file .*resume from another file"):
         train(cfg, resume=bad)

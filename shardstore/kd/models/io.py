@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -173,36 +174,62 @@ def _mismatch(model: nn.Module, state: Mapping[str, Any]) -> str:
 
 def _is_torchscript(file: Path) -> bool:
     """Whether `file` is a TorchScript archive (a zip holding `constants.pkl`) rather than a state dict."""
-    if not zipfile.is_zipfile(file):
+    try:
+        if not zipfile.is_zipfile(file):
+            return False
+        with zipfile.ZipFile(file) as archive:
+            return any(name.endswith("/constants.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError):  # a damaged archive: torch.load names the problem
         return False
-    with zipfile.ZipFile(file) as archive:
-        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
+NPY_MAGIC = b"\x93NUMPY"
+# torch's weights-only unpickler names the class it refused: "Unsupported global: GLOBAL module.Name ..."
+_GLOBAL_RE = re.compile(r"unsupported global:?\s*(?:GLOBAL\s+)?([A-Za-z_][\w.]*)", re.IGNORECASE)
+
+
+def read_torch_file(file: Path, *, fix: str, pickled_fix: str | None = None) -> Any:
+    """``torch.load(file, weights_only=True)`` on the CPU; every failure is one ``ConfigError`` line ending in ``fix``.
+
+    Nothing in the file runs: a payload of pickled Python objects (a whole model, a class
+    instance) is refused for safety, and said to be, rather than reported as corrupt.
+    """
+    try:
+        with open(file, "rb") as f:
+            head = f.read(len(NPY_MAGIC))
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot be read ({exc.strerror or type(exc).__name__}); {fix}") from None
+    if not head:
+        raise ConfigError(f"{file}: is empty (0 bytes), not a torch.save file; {fix}")
+    if head == NPY_MAGIC:
+        raise ConfigError(f"{file}: is a NumPy .npy file, not a torch.save file; {fix}")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = _GLOBAL_RE.search(str(exc))
+        if found:
+            raise ConfigError(
+                f"{file}: holds pickled Python objects ({found.group(1)}), refused for safety: loading them would "
+                f"run code, and only tensors and state dicts are loaded; {pickled_fix or fix}"
+            ) from None
+        raise ConfigError(f"{file}: is not a readable torch.save file (truncated, corrupt or another format); "
+                          f"{fix}") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a foreign file fails anywhere in torch.load's parsers
+        raise ConfigError(f"{file}: is not a readable torch.save file ({type(exc).__name__}: truncated, corrupt or "
+                          f"another format); {fix}") from None
 
 
 def _read_state_file(file: Path) -> Any:
-    """`torch.load` with `weights_only=True`, its failures turned into one-line ConfigErrors."""
+    """The object a state-dict checkpoint holds; a TorchScript file or a foreign one is a one-line ConfigError."""
     if _is_torchscript(file):
         raise ConfigError(
             f"{file}: is a TorchScript file, not a state dict; set checkpoint_format: torchscript to load it "
             "(TorchScript is code: only for files you trust)"
         )
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "Unsupported global" in str(exc):
-            raise ConfigError(
-                f"{file}: holds pickled Python objects (such as a whole model), which are not loaded because "
-                "unpickling can run code; save model.state_dict() instead"
-            ) from None
-        raise ConfigError(
-            f"{file}: is not a readable torch.save file (truncated, corrupt or another format); save it again "
-            "with torch.save(model.state_dict(), path)"
-        ) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise ConfigError(
-            f"{file}: is not a readable torch.save file ({type(exc).__name__}: truncated, corrupt or another "
-            "format); save it again with torch.save(model.state_dict(), path)"
-        ) from None
+    return read_torch_file(file, fix="point the checkpoint at a file saved with torch.save(model.state_dict(), path)",
+                           pickled_fix="save model.state_dict() instead")
 
 
 def load_checkpoint_into(model: ModuleT, path: str | os.PathLike[str], *, key: str | None = None) -> ModuleT:
