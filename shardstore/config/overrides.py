@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from shardstore.config.schema import YAMLAliasError, parse_yaml, yaml_problem
 from shardstore.errors import ConfigError
 
 SECTIONS = ("data", "train", "model")
@@ -17,7 +18,7 @@ _FORM = "expected SECTION.KEY=VALUE with SECTION one of data, train, model (e.g.
 
 
 def apply_overrides(sections: dict[str, dict[str, Any]], overrides: Iterable[str]) -> None:
-    """Set each ``section.key[.subkey...]=value`` in ``sections`` in place; the value is read as YAML.
+    """Set each ``section.key[.subkey...]=value`` in ``sections`` in place; the value is read as YAML (no aliases).
 
     Missing intermediate mappings are created; key names are checked later, when the sections are validated.
     """
@@ -34,10 +35,12 @@ def apply_overrides(sections: dict[str, dict[str, Any]], overrides: Iterable[str
             raise ConfigError(f"--set `{item}`: unknown section `{parts[0]}`; the first part names the config file: "
                               f"{', '.join(SECTIONS)}{hint}")
         try:
-            value = yaml.safe_load(text)
+            value = parse_yaml(text)
+        except YAMLAliasError as exc:
+            raise ConfigError(f"--set `{item}`: {exc}") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--set `{item}`: the value is not valid YAML ({' '.join(str(exc).split())}); "
-                              "quote it or close its brackets") from None
+            raise ConfigError(f"--set `{item}`: the value is {yaml_problem(exc)}; quote it or close its brackets"
+                              ) from None
         node = sections.setdefault(parts[0], {})
         for depth, part in enumerate(parts[1:-1], start=2):
             child = node.get(part)

@@ -13,7 +13,7 @@ import yaml
 from shardstore.config.data import DataConfig, data_config_from_dict
 from shardstore.config.model import ModelConfig, NetworkConfig
 from shardstore.config.overrides import SECTIONS, apply_overrides
-from shardstore.config.schema import from_mapping, load_yaml, to_dict
+from shardstore.config.schema import from_mapping, load_yaml, parse_yaml, to_dict, yaml_problem
 from shardstore.config.train import TrainConfig
 from shardstore.errors import ConfigError
 
@@ -90,9 +90,9 @@ def run_config_to_yaml(cfg: RunConfig) -> str:
 def run_config_from_yaml(text: str, source: str = "config.yaml") -> RunConfig:
     """Validate a configuration written by ``run_config_to_yaml`` (paths are taken as written)."""
     try:
-        values = yaml.safe_load(text) or {}
+        values = parse_yaml(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML ({' '.join(str(exc).split())})") from None
+        raise ConfigError(f"{source}: {yaml_problem(exc)}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: expected a mapping with sections data, train, model; got {type(values).__name__}")
     for name in values:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import os
 import re
 import types
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
+from yaml.events import AliasEvent
 
 from shardstore.errors import ConfigError
 
@@ -24,13 +26,58 @@ _NUMBER_TEXT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 _YAML_BOOL_WORDS = {True: ("on", "yes", "true"), False: ("off", "no", "false")}
 # A key written in backticks in a validation message, as `alpha` or `eval.cache_root`.
 _QUOTED_KEY = re.compile(r"`([A-Za-z_]\w*)((?:\.\w+)*)`")
+# The range of a signed 64-bit integer: what NumPy, torch and the on-disk tables can hold.
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+
+
+class YAMLAliasError(yaml.YAMLError):
+    """An anchor (``&name``) or alias (``*name``) in a config: refused, as nested aliases expand without bound."""
+
+    def __init__(self, line: int) -> None:
+        super().__init__(f"YAML anchors and aliases (&name, *name) are not supported (line {line}); "
+                         "write each value out in full")
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that stops at the first anchor or alias, before anything is expanded.
+
+    A few hundred bytes of nested aliases (a "billion laughs") expand to gigabytes once constructed,
+    and a recursive alias never ends; configs have no need for either.
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise YAMLAliasError(event.start_mark.line + 1)
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str) -> Any:
+    """``text`` read like ``yaml.safe_load``, except that anchors and aliases raise ``YAMLAliasError``.
+
+    A value that cannot be constructed (an integer of thousands of digits, a date like 2024-13-01) is a
+    ``yaml.YAMLError`` too, so every problem with the text reaches the caller as one kind of error.
+    """
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except ValueError as exc:
+        if "integer string conversion" in str(exc):
+            raise yaml.YAMLError("an integer has thousands of digits; no setting needs one") from None
+        raise yaml.YAMLError(f"a value cannot be read: {exc}") from None
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error as text for one line: the alias rule as is, a parser's error in brackets."""
+    if isinstance(exc, YAMLAliasError):
+        return str(exc)
+    return f"not valid YAML ({' '.join(str(exc).split())})"
 
 
 def load_yaml(path: str | os.PathLike[str], *, option: str = "--config") -> dict[str, Any]:
-    """Read a YAML mapping with ``yaml.safe_load`` (an empty file is ``{}``); ``option`` is the flag in the fix."""
+    """Read a YAML mapping with ``parse_yaml`` (an empty file is ``{}``); ``option`` is the flag in the fix."""
     path = Path(path)
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = parse_yaml(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file; pass {option} PATH") from None
     except UnicodeDecodeError:
@@ -38,7 +85,7 @@ def load_yaml(path: str | os.PathLike[str], *, option: str = "--config") -> dict
     except OSError as exc:
         raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc}); pass {option} PATH") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+        raise ConfigError(f"{path}: {yaml_problem(exc)}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(values).__name__}")
     return values
@@ -82,7 +129,7 @@ def convert(tp: Any, value: Any, name: str, source: str, *, want: str | None = N
     origin, args = typing.get_origin(tp), typing.get_args(tp)
 
     def wrong() -> ConfigError:
-        return ConfigError(f"{source}: `{name}` must be {want}, got {value!r}")
+        return ConfigError(f"{source}: `{name}` must be {want}, got {_show(value)}")
 
     if tp is Any:
         return value
@@ -127,14 +174,30 @@ def convert(tp: Any, value: Any, name: str, source: str, *, want: str | None = N
                 for k, v in value.items()}
     if tp is float:
         if isinstance(value, str) and _NUMBER_TEXT.fullmatch(value.strip()):
-            return float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            number = float(value)
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise wrong()
-        return float(value)
+        else:
+            number = float(value) if not isinstance(value, int) or abs(value) < 2**1000 else math.inf
+        # YAML spells infinity and not-a-number `.inf` and `.nan`; neither is ever a usable setting.
+        if not math.isfinite(number):
+            raise ConfigError(f"{source}: `{name}` must be a finite number, got {_show(value)}; write an ordinary "
+                              "number (YAML reads .inf and .nan as infinity and not-a-number)")
+        return number
     # A bool is an int to Python but never to a config: `epochs: true` and `compile: 1` are both mistakes.
     if isinstance(value, bool) != (tp is bool) or not isinstance(value, tp):
         raise wrong()
+    if tp is int and not INT_MIN <= value <= INT_MAX:
+        raise ConfigError(f"{source}: `{name}` must be between -2**63 and 2**63-1 (a 64-bit integer), "
+                          f"got {_show(value)}")
     return value
+
+
+def _show(value: Any) -> str:
+    """``repr(value)``, with an integer too long to print in a line (or at all) described by its size."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    return repr(value)
 
 
 def describe(tp: Any) -> str:
