@@ -20,6 +20,7 @@ left only some of them is simply incomplete and is rewritten by the next run.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -47,6 +48,7 @@ _GROUP_TEMP = re.compile(r"\.([A-Za-z][A-Za-z0-9_]*\.fields\.json)\.tmp-\d+-[0-9
 #: names stay well below the 255-byte file-name limit with a field suffix, shard digits and a temporary suffix
 MAX_GROUP_NAME = 64
 MAX_FIELD_NAME = 128
+MAX_DECLARATION_BYTES = 1 << 20
 _NAME_RULE = "a letter followed by letters, digits or underscores"
 
 
@@ -113,11 +115,15 @@ class GroupSpec:
                 dtype = np.dtype(str(spec["dtype"]))
                 if dtype.hasobject or dtype.fields is not None:
                     raise ValueError(f"field {fname!r} of dtype {dtype} is not allowed")
-                fields[fname] = (dtype, tuple(int(d) for d in spec["shape"]))
+                shape = spec["shape"]
+                if (not isinstance(shape, list) or len(shape) > 32
+                        or not all(type(d) is int and 0 <= d < 2**63 for d in shape)):
+                    raise ValueError(f"field {fname!r} has shape {shape!r}; a shape is a list of sizes >= 0")
+                fields[fname] = (dtype, tuple(shape))
             meta = doc.get("meta", {})
             if not fields or not isinstance(meta, dict):
                 raise ValueError("needs at least one field and a meta mapping")
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError) as exc:
             raise ManifestError(f"{source}: bad field-group declaration ({exc}); {fix}") from None
         return cls(name, fields, meta)
 
@@ -143,6 +149,18 @@ def _manifest_owners(root: Path) -> dict[str, str | None]:
             for n, f in fields.items()}
 
 
+def _read_declaration(path: str) -> str:
+    """The text of a declaration: a regular file (a link is not followed) of at most ``MAX_DECLARATION_BYTES``."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        data = f.read(MAX_DECLARATION_BYTES + 1)
+    if len(data) > MAX_DECLARATION_BYTES:
+        raise OSError(errno.EFBIG, f"larger than {MAX_DECLARATION_BYTES:,} bytes, too large for a declaration")
+    return data.decode()
+
+
 def read_group_specs(root: str | os.PathLike[str]) -> dict[str, GroupSpec]:
     """Every group declared under ``root``, by name; ``ManifestError`` on a bad or conflicting declaration."""
     root = Path(root)
@@ -155,7 +173,7 @@ def read_group_specs(root: str | os.PathLike[str]) -> dict[str, GroupSpec]:
             raise ManifestError(f"{entry.path} is not a regular file (a symbolic link or other); a declaration is "
                                 "read only as a regular file in the cache root: replace it with the file or delete it")
         try:
-            text = Path(entry.path).read_text()
+            text = _read_declaration(entry.path)
         except (OSError, UnicodeDecodeError) as exc:
             raise ManifestError(f"{entry.path}: cannot be read ({exc}); fix its permissions or delete it") from None
         spec = GroupSpec.from_json(text, entry.path)

@@ -372,6 +372,16 @@ def test_a_field_of_another_group_in_the_manifest_is_refused(grouped: Path) -> N
         build_manifest(grouped)
 
 
+def test_a_huge_or_deeply_nested_declaration_is_one_line(native_cache: Path) -> None:
+    declaration = native_cache / "t.fields.json"
+    declaration.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ManifestError, match=r"t\.fields\.json: bad field-group declaration"):
+        build_manifest(native_cache)
+    declaration.write_bytes(b" " * (2 << 20))
+    with pytest.raises(ManifestError, match=r"t\.fields\.json: cannot be read \(.*too large for a declaration\)"):
+        build_manifest(native_cache)
+
+
 def test_a_symlinked_declaration_is_not_read(native_cache: Path, tmp_path: Path) -> None:
     elsewhere = tmp_path / "teacher.fields.json"
     elsewhere.write_text(GROUP.to_json())
@@ -405,6 +415,9 @@ def test_group_names_are_identifiers(tmp_path: Path, name: str) -> None:
         ("t", {"t_" + "a" * 127: {"dtype": "<i2", "shape": []}}, r"at most 128 characters"),
         ("t", {"images": {"dtype": "|u1", "shape": [2]}}, r"field 'images' of group 't' must be named t_<something>"),
         ("t", {"t_a": {"dtype": "|O", "shape": []}}, r"field 't_a' of dtype object is not allowed"),
+        ("t", {"t_a": {"dtype": "<i2", "shape": [-5]}}, r"field 't_a' has shape \[-5\]; a shape is a list of sizes"),
+        ("t", {"t_a": {"dtype": "<i2", "shape": "12"}}, r"field 't_a' has shape '12'"),
+        ("t", {"t_a": {"dtype": "<i2", "shape": [1e400]}}, r"field 't_a' has shape \[inf\]"),
     ],
 )
 def test_declarations_are_untrusted_input(native_cache: Path, group: str, fields: dict, match: str) -> None:
