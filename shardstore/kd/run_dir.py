@@ -12,8 +12,8 @@ from pathlib import Path
 from shardstore.errors import ConfigError
 from shardstore.store.atomic import disk_full_error, is_disk_full
 
-# Kernel file systems: files there are interfaces, not storage.
-PSEUDO_FILE_SYSTEMS = (Path("/proc"), Path("/sys"), Path("/dev"))
+# Kernel file systems: files there are interfaces to the kernel, not storage.
+PSEUDO_FILE_SYSTEMS = (Path("/proc"), Path("/sys"))
 # torch.manual_seed takes a 64-bit unsigned integer.
 MAX_SEED = 2**64 - 1
 

@@ -3,6 +3,7 @@ a non-finite loss, a full disk; and the one-line errors for a run directory, see
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -237,6 +238,29 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
 
 
 @pytest.mark.slow
+def test_weights_that_became_nan_after_a_finite_loss_are_never_saved(
+        tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_step = torch.optim.AdamW.step
+    calls = [0]
+
+    def step(self: torch.optim.AdamW, *args: Any, **kwargs: Any) -> Any:
+        out = real_step(self, *args, **kwargs)
+        calls[0] += 1
+        if calls[0] == 12:  # the update right before the recovery checkpoint of global step 12
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        p.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"in epoch 2 by step 4 \(global step 12\)"):
+        train(cfg(run, tiny_cache, train__epochs=2, train__checkpoint__every_steps=2))
+    assert load_checkpoint(run / "checkpoints" / "recovery.pt")["global_step"] == 10
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("failing", [".epoch_0001.pt.tmp-", ".best.pt.tmp-"])
 def test_a_full_disk_stops_training_with_one_line_and_the_previous_checkpoint_intact(
         tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
@@ -247,17 +271,22 @@ def test_a_full_disk_stops_training_with_one_line_and_the_previous_checkpoint_in
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(fd)
 
+    # The epoch file of epoch 1 fails; or the best.pt copy of the last epoch (its epoch file and latest.json are done).
+    epochs = 2 if failing.startswith(".epoch") else 1
     monkeypatch.setattr(os, "fsync", fsync)
     run = tmp_path / "run"
     with pytest.raises(DiskFullError, match=r"^no space left on device: writing .*; free space"):
-        train(cfg(run, tiny_cache, train__epochs=2))
+        train(cfg(run, tiny_cache, train__epochs=epochs))
     monkeypatch.undo()
     checkpoints = run / "checkpoints"
     assert not [p for p in checkpoints.iterdir() if ".tmp-" in p.name]
     assert latest_name(run) == "epoch_0000.pt"  # the finished epoch is reachable, whatever write failed after it
-    train(cfg(run, tiny_cache, train__epochs=2), resume=True)
-    assert [r["epoch"] for r in rows(run, "epoch")] == [0, 1]
-    assert load_checkpoint(checkpoints / "best.pt")["student"]  # made again on resume when its copy failed
+    assert (checkpoints / "best.pt").exists() is (epochs == 2)
+    train(cfg(run, tiny_cache, train__epochs=epochs), resume=True)
+    assert [r["epoch"] for r in rows(run, "epoch")] == list(range(epochs))
+    # Resume made the best.pt copy the full disk interrupted.
+    assert load_checkpoint(checkpoints / "best.pt")["global_step"] == load_checkpoint(checkpoints / "epoch_0000.pt")[
+        "global_step"] or epochs == 2
 
 
 def test_a_run_starts_by_removing_what_killed_writers_left(tiny_cache: Path, tmp_path: Path) -> None:
@@ -289,8 +318,14 @@ def test_a_run_directory_that_cannot_hold_a_run_is_one_line(tiny_cache: Path, tm
 
 
 def test_a_seed_torch_cannot_take_is_one_line(tiny_cache: Path, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"seed.*1180591620717411303424"):
+    with pytest.raises(ConfigError, match=r"seed.*1180591620717411303424"):  # the YAML layer refuses it
         train(cfg(tmp_path / "run", tiny_cache, train__seed=2**70, train__epochs=1))
+    # A config built in Python skips the YAML checks; torch.manual_seed would overflow deep inside the trainer.
+    base = cfg(tmp_path / "run", tiny_cache, train__epochs=1)
+    huge = dataclasses.replace(base, train=dataclasses.replace(base.train, seed=2**70))
+    with pytest.raises(ConfigError, match=r"^train_config: seed 1180591620717411303424 is out of range; use an "
+                                          r"integer from 0 to 2\*\*64 - 1"):
+        train(huge)
 
 
 def test_a_teacher_checkpoint_that_is_not_one_is_one_line(tiny_cache: Path, tmp_path: Path) -> None:
