@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=False
 """Hot loops of shardstore, deterministic and GIL-free.
 
 Randomness never enters here: callers draw it in Python and these kernels only
@@ -7,7 +7,8 @@ expand and copy, so ``shardstore.reference`` can match them bit for bit.
 
 import numpy as np
 cimport numpy as cnp
-from libc.stdint cimport int64_t
+from libc.errno cimport errno
+from libc.stdint cimport int64_t, uint64_t, uintptr_t
 
 cnp.import_array()
 
@@ -85,9 +86,14 @@ def split_rank(const int64_t[::1] order, Py_ssize_t rank, Py_ssize_t world_size,
     the rank reads ``batch_size`` samples at offset ``rank * batch_size`` of it.
     ``out`` has room for ``num_batches * batch_size`` ids.
     """
+    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or start_batch < 0:
+        raise ValueError(f"split_rank needs batch_size >= 1, world_size >= 1, 0 <= rank < world_size and "
+                         f"start_batch >= 0, got {batch_size}, {world_size}, {rank}, {start_batch}")
     cdef Py_ssize_t G = world_size * batch_size
     cdef Py_ssize_t num_batches = out.shape[0] // batch_size
     cdef Py_ssize_t b, t, src
+    if (start_batch + num_batches) * G > order.shape[0]:
+        raise ValueError(f"{start_batch + num_batches} global batches of {G} exceed the {order.shape[0]} ids")
     with nogil:
         for b in range(num_batches):
             src = (start_batch + b) * G + rank * batch_size
@@ -95,73 +101,154 @@ def split_rank(const int64_t[::1] order, Py_ssize_t rank, Py_ssize_t world_size,
                 out[b * batch_size + t] = order[src + t]
 
 
-cdef extern from "string.h" nogil:
-    void *memcpy(void *dest, const void *src, size_t n)
+cdef extern from "gather.h" nogil:
+    int SHARDSTORE_DONE, SHARDSTORE_FAULT
+    int shardstore_gather(const uint64_t *bases, const uint64_t *source_bytes, int64_t num_fields,
+                          int64_t num_sources, const int64_t *num_rows, const int64_t *row_bytes,
+                          const int64_t *source, const int64_t *rows, int64_t n, int64_t batch_size,
+                          const uint64_t *out, const uint64_t *out_bytes, int64_t num_batches, int64_t *info)
+    int shardstore_guarded_copy(void *dst, const void *src, size_t n, uintptr_t lo, size_t span,
+                                uintptr_t *fault_address)
+    int shardstore_install_bus_handler()
 
-cdef extern from "stream_copy.h" nogil:
-    void shardstore_stream_copy(void *dst, const void *src, size_t n)
-    void shardstore_stream_fence()
-
-from libc.stdint cimport uint64_t, uintptr_t
+#: what ``gather_batches`` returns (its ``info`` says where); kept in step with gather.h
+DONE, UNMAPPED, BAD_ROW, OUT_SHORT, SRC_SHORT, FAULT = range(6)
 
 
-def gather_batches(const uint64_t[:, ::1] bases, const int64_t[::1] num_rows,
-                   const int64_t[::1] row_bytes, const int64_t[::1] source,
-                   const int64_t[::1] rows, Py_ssize_t batch_size,
-                   const uint64_t[:, ::1] out):
-    """Copy the samples of consecutive batches, every field, into their batch buffers.
+def install_bus_handler():
+    """Install the SIGBUS handler that guarded copies rely on, again if someone replaced it; False if refused.
+
+    Without it, a guarded copy whose file shrank kills the process as an unguarded one would.
+    """
+    return shardstore_install_bus_handler() == 0
+
+
+def gather_batches(const uint64_t[:, ::1] bases, const uint64_t[:, ::1] source_bytes,
+                   const int64_t[::1] num_rows, const int64_t[::1] row_bytes, const int64_t[::1] source,
+                   const int64_t[::1] rows, Py_ssize_t batch_size, const uint64_t[:, ::1] out,
+                   const uint64_t[:, ::1] out_bytes, int64_t[::1] info):
+    """Copy the samples of consecutive batches, every field, into their batch buffers; returns a status.
 
     Sample ``i`` is row ``rows[i]`` of source ``source[i]``; it goes to row ``i % batch_size``
     of batch ``i // batch_size``. For field ``f``: ``bases[f, j]`` is the address of source
-    ``j``'s first row (0: not mapped yet), ``row_bytes[f]`` the bytes of one row, and
-    ``out[b, f]`` the address of batch ``b``'s buffer. ``num_rows[j]`` is source ``j``'s row
-    count. A run of consecutive rows of one source inside one batch is one ``memcpy``.
+    ``j``'s first row (0: not mapped yet) and ``source_bytes[f, j]`` the bytes there,
+    ``row_bytes[f]`` the bytes of one row, ``out[b, f]`` the address of batch ``b``'s buffer and
+    ``out_bytes[b, f]`` its size. ``num_rows[j]`` is source ``j``'s row count. A run of
+    consecutive rows of one source inside one batch is one copy.
 
-    Returns -1 when everything was copied; ``f * num_sources + j`` (>= 0) when source ``j``
-    of field ``f`` is not mapped (the caller maps it and calls again); ``-2 - i`` when sample
-    ``i`` names a source or row out of range. Copies made before stopping stay made.
+    No copy reaches past its source or destination: ``SRC_SHORT``/``OUT_SHORT`` instead. A
+    source whose file shrank under its map (SIGBUS) gives ``FAULT``. ``info`` (4 entries) gets
+    the sample, field, source and, for ``FAULT``, the address. Copies made before stopping stay made.
     """
     cdef Py_ssize_t n = source.shape[0]
     cdef Py_ssize_t num_fields = bases.shape[0]
     cdef Py_ssize_t num_sources = bases.shape[1]
-    cdef Py_ssize_t i, end, f, batch_end
-    cdef int64_t j, r, rb
-    cdef Py_ssize_t status = -1
+    cdef int status
     if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
-    if out.shape[0] * batch_size < n or out.shape[1] != num_fields or row_bytes.shape[0] != num_fields:
-        raise ValueError("out, row_bytes and bases disagree on the number of batches or fields")
-    if rows.shape[0] != n or num_rows.shape[0] != num_sources:
-        raise ValueError("rows/source or num_rows/bases lengths differ")
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if (source_bytes.shape[0] != num_fields or source_bytes.shape[1] != num_sources
+            or row_bytes.shape[0] != num_fields or num_rows.shape[0] != num_sources):
+        raise ValueError("bases, source_bytes, row_bytes and num_rows disagree on the fields or sources")
+    if out.shape[1] != num_fields or out_bytes.shape[0] != out.shape[0] or out_bytes.shape[1] != num_fields:
+        raise ValueError("out and out_bytes must both be (batches, fields) like bases' fields")
+    if rows.shape[0] != n or info.shape[0] < 4:
+        raise ValueError("rows must be as long as source, info hold 4 entries")
+    if n == 0:
+        return DONE
+    if num_sources == 0 or num_fields == 0:
+        info[0] = 0
+        return BAD_ROW if num_sources == 0 else DONE
     with nogil:
-        i = 0
-        while i < n:
-            j = source[i]
-            r = rows[i]
-            if j < 0 or j >= num_sources or r < 0 or r >= num_rows[j]:
-                status = -2 - i
-                break
-            # The run: consecutive rows of source j, not past the batch or the source.
-            batch_end = (i // batch_size + 1) * batch_size
-            if batch_end > n:
-                batch_end = n
-            end = i + 1
-            while end < batch_end and source[end] == j and rows[end] == r + (end - i) and rows[end] < num_rows[j]:
-                end += 1
-            for f in range(num_fields):
-                if bases[f, j] == 0:
-                    status = f * num_sources + j
-                    break
-            if status != -1:
-                break
-            for f in range(num_fields):
-                rb = row_bytes[f]
-                shardstore_stream_copy(<unsigned char *> <uintptr_t> (out[i // batch_size, f] + <uint64_t> ((i % batch_size) * rb)),
-                       <const unsigned char *> <uintptr_t> (bases[f, j] + <uint64_t> (r * rb)),
-                       (end - i) * rb)
-            i = end
-        shardstore_stream_fence()  # the streamed stores are visible to other threads from here on
+        status = shardstore_gather(&bases[0, 0], &source_bytes[0, 0], num_fields, num_sources, &num_rows[0],
+                                   &row_bytes[0], &source[0], &rows[0], n, batch_size, &out[0, 0],
+                                   &out_bytes[0, 0], out.shape[0], &info[0])
     return status
+
+
+def guarded_copy(const unsigned char[::1] source, unsigned char[::1] out, uint64_t map_start, Py_ssize_t map_bytes):
+    """Copy ``source`` (bytes of a memory map spanning ``map_bytes`` from ``map_start``) into ``out``.
+
+    Returns 0, or the address that faulted when the file shrank under the map (SIGBUS caught).
+    """
+    cdef uintptr_t fault = 0
+    cdef int status
+    if source.shape[0] != out.shape[0]:
+        raise ValueError(f"source has {source.shape[0]} bytes, out {out.shape[0]}")
+    if source.shape[0] == 0:
+        return 0
+    with nogil:
+        status = shardstore_guarded_copy(&out[0], &source[0], source.shape[0], map_start, map_bytes, &fault)
+    return <uint64_t> fault if status == SHARDSTORE_FAULT else 0
+
+
+from posix.mman cimport mmap as c_mmap, munmap, PROT_READ, MAP_SHARED, MAP_FAILED
+from libc.string cimport strerror
+from cpython.buffer cimport PyBUF_WRITABLE, PyBUF_FORMAT, PyBUF_ND, PyBUF_STRIDES
+
+
+cdef char *_BYTE_FORMAT = b"B"
+
+
+cdef class Mapping:
+    """A whole file mapped read-only and shared, holding no file descriptor; unmapped when the last user lets go.
+
+    (``mmap.mmap`` keeps a duplicate of the descriptor for as long as the map lives, so a
+    loader mapping thousands of shard files would run out of descriptors.) Arrays view it
+    through the buffer protocol, and keep it alive through their ``base``.
+    """
+
+    cdef void *_address
+    cdef Py_ssize_t _length
+    cdef Py_ssize_t _shape[1]
+    cdef Py_ssize_t _strides[1]
+    cdef readonly str path
+    """The file, for error messages."""
+
+    def __cinit__(self, int fd, Py_ssize_t length, str path):
+        shardstore_install_bus_handler()  # reads of this map are guarded from here on
+        self._address = NULL
+        self.path = path
+        if length < 1:
+            raise ValueError(f"{path}: a map needs at least one byte, got {length}")
+        address = c_mmap(NULL, <size_t> length, PROT_READ, MAP_SHARED, fd, 0)
+        if address == MAP_FAILED:
+            code = errno
+            raise OSError(code, strerror(code).decode(errors="replace"), path)
+        self._address = address
+        self._length = length
+        self._shape[0] = length
+        self._strides[0] = 1
+
+    def __dealloc__(self):
+        if self._address != NULL:
+            munmap(self._address, <size_t> self._length)
+            self._address = NULL
+
+    @property
+    def address(self) -> int:
+        """Where the map starts."""
+        return <uintptr_t> self._address
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getbuffer__(self, Py_buffer *buffer, int flags):
+        if flags & PyBUF_WRITABLE:
+            raise BufferError(f"{self.path}: shard maps are read-only")
+        buffer.buf = self._address
+        buffer.obj = self
+        buffer.len = self._length
+        buffer.readonly = 1
+        buffer.itemsize = 1
+        buffer.format = _BYTE_FORMAT if flags & PyBUF_FORMAT else NULL
+        buffer.ndim = 1
+        buffer.shape = self._shape if flags & PyBUF_ND else NULL
+        buffer.strides = self._strides if (flags & PyBUF_STRIDES) == PyBUF_STRIDES else NULL
+        buffer.suboffsets = NULL
+        buffer.internal = NULL
+
+    def __releasebuffer__(self, Py_buffer *buffer):
+        pass
 
 
 from posix.mman cimport mincore
@@ -169,6 +256,8 @@ from posix.mman cimport mincore
 
 def resident_pages(const unsigned char[::1] mapped, Py_ssize_t page_size):
     """How many pages of a page-aligned memory map are resident in the page cache (``mincore``)."""
+    if page_size < 1:
+        raise ValueError(f"page_size must be >= 1, got {page_size}")
     cdef Py_ssize_t n = mapped.shape[0]
     cdef Py_ssize_t num_pages = (n + page_size - 1) // page_size
     cdef Py_ssize_t k, count = 0
@@ -184,7 +273,6 @@ def resident_pages(const unsigned char[::1] mapped, Py_ssize_t page_size):
 
 
 from posix.mman cimport madvise
-from libc.errno cimport errno
 
 
 def advise_range(uint64_t address, Py_ssize_t length, int advice, Py_ssize_t page_size):
@@ -192,6 +280,8 @@ def advise_range(uint64_t address, Py_ssize_t length, int advice, Py_ssize_t pag
 
     Returns 0, or the ``errno`` of a failed call.
     """
+    if page_size < 1:
+        raise ValueError(f"page_size must be >= 1, got {page_size}")
     cdef uintptr_t start = <uintptr_t> address - (<uintptr_t> address % <uintptr_t> page_size)
     cdef size_t n = <size_t> length + <size_t> (<uintptr_t> address - start)
     cdef int rc

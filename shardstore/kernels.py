@@ -94,23 +94,52 @@ def split_rank(order: np.ndarray, rank: int, world_size: int, batch_size: int,
     return out
 
 
-_EMPTY = np.zeros(1, np.uint8)  # stands in for the address of a source with no bytes
+_EMPTY = np.zeros(1, np.uint8)  # stands in for the address of a source or buffer with no bytes
+
+FieldSpecs = dict[str, tuple[np.dtype, tuple[int, ...]]]
+
+
+class SourceFault(OSError):
+    """Reading a source's memory map faulted (SIGBUS): its file shrank while it was mapped.
+
+    ``field`` and ``source`` say which map; the caller, who knows the file, names it to the user.
+    """
+
+    def __init__(self, field: str, source: int, address: int) -> None:
+        super().__init__(f"field {field!r} of source {source}: its memory map faulted at 0x{address:x} "
+                         "(the file shrank while mapped)")
+        self.field = field
+        self.source = source
+        self.address = address
+
+
+def _specs(fields: FieldSpecs) -> FieldSpecs:
+    return {name: (np.dtype(dtype), tuple(int(d) for d in shape)) for name, (dtype, shape) in fields.items()}
+
+
+def _row_bytes(dtype: np.dtype, shape: tuple[int, ...]) -> int:
+    return dtype.itemsize * int(np.prod(shape, dtype=np.int64))
 
 
 class BatchBuffers:
     """Destination buffers for ``gather``: ``buffers[k][field]`` holds batch ``k``, checked once.
 
     Each buffer is a writeable, C-contiguous array of ``batch_size`` rows of its field's
-    dtype and shape; the kernel gets their addresses, and this object keeps them alive.
+    dtype and shape; the kernel gets their addresses *and sizes* (it refuses a copy past a
+    buffer's end), and this object keeps them alive. Fields are matched to a gather's by name.
     """
 
-    def __init__(self, buffers: list[dict[str, np.ndarray]], fields: dict[str, tuple[np.dtype, tuple[int, ...]]],
-                 batch_size: int) -> None:
+    def __init__(self, buffers: list[dict[str, np.ndarray]], fields: FieldSpecs, batch_size: int) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.buffers = buffers
-        self.batch_size = batch_size
+        self.batch_size = int(batch_size)
+        self.fields = _specs(fields)
+        self.names = list(self.fields)
         self.addresses = np.zeros((len(buffers), len(fields)), np.uint64)
+        self.sizes = np.zeros((len(buffers), len(fields)), np.uint64)
         for k, batch in enumerate(buffers):
-            for f, (name, (dtype, shape)) in enumerate(fields.items()):
+            for f, (name, (dtype, shape)) in enumerate(self.fields.items()):
                 arr = batch.get(name)
                 if not isinstance(arr, np.ndarray):
                     raise TypeError(f"buffer {k} has no numpy array for field {name!r}")
@@ -120,6 +149,21 @@ class BatchBuffers:
                 if not (arr.flags.c_contiguous and arr.flags.writeable):
                     raise TypeError(f"buffer {k} field {name!r} must be writeable and C-contiguous")
                 self.addresses[k, f] = arr.ctypes.data if arr.size else _EMPTY.ctypes.data
+                self.sizes[k, f] = arr.nbytes
+
+    def columns(self, fields: FieldSpecs) -> np.ndarray:
+        """Column of each of ``fields`` in ``addresses``; ``ValueError`` naming ``buffers`` if one is missing or differs."""
+        out = np.empty(len(fields), np.int64)
+        for f, (name, spec) in enumerate(fields.items()):
+            mine = self.fields.get(name)
+            if mine is None:
+                raise ValueError(f"buffers hold no field {name!r} (they hold {self.names}); "
+                                 "build BatchBuffers with the gather's fields")
+            if mine != spec:
+                raise ValueError(f"buffers hold field {name!r} as {mine[1]} {mine[0]}, the gather copies "
+                                 f"{spec[1]} {spec[0]}; build BatchBuffers with the gather's fields")
+            out[f] = self.names.index(name)
+        return out
 
     def __len__(self) -> int:
         return len(self.buffers)
@@ -130,24 +174,27 @@ class BatchGather:
 
     ``num_rows[j]`` is shard ``j``'s row count and ``fields`` maps each field to its dtype
     and per-row shape. The first time a row of shard ``j`` is needed, ``open_source(name, j)``
-    returns that field's array (a memory map), which this object then keeps alive.
-    Thread-safe: threads may gather different batches at once.
+    returns that field's array (a memory map), which this object then keeps alive until
+    ``release(j)``. Thread-safe: threads may gather different batches at once. A map whose
+    file shrank under it raises ``SourceFault`` for the batch that reads it.
     """
 
-    def __init__(self, num_rows: np.ndarray, fields: dict[str, tuple[np.dtype, tuple[int, ...]]],
-                 open_source: Callable[[str, int], np.ndarray]) -> None:
+    def __init__(self, num_rows: np.ndarray, fields: FieldSpecs, open_source: Callable[[str, int], np.ndarray]) -> None:
         self.num_rows = _int64_vector("num_rows", np.ascontiguousarray(num_rows, dtype=np.int64))
-        self.fields = {name: (np.dtype(dtype), tuple(shape)) for name, (dtype, shape) in fields.items()}
-        self.row_bytes = np.array([dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-                                   for dtype, shape in self.fields.values()], dtype=np.int64)
+        if self.num_rows.size and self.num_rows.min() < 0:
+            raise ValueError("num_rows must be non-negative")
+        self.fields = _specs(fields)
+        self.row_bytes = np.array([_row_bytes(dtype, shape) for dtype, shape in self.fields.values()], dtype=np.int64)
         self._names = list(self.fields)
         self._open = open_source
         self._arrays: list[list[np.ndarray | None]] = [[None] * self.num_rows.size for _ in self._names]
         self._bases = np.zeros((len(self._names), self.num_rows.size), dtype=np.uint64)
+        self._source_bytes = np.zeros((len(self._names), self.num_rows.size), dtype=np.uint64)
+        self._buffers_seen: tuple[BatchBuffers, np.ndarray, np.ndarray] | None = None
         self._lock = threading.Lock()
 
     def source(self, name: str, j: int) -> np.ndarray | None:
-        """Field ``name`` of shard ``j`` if it has been opened."""
+        """Field ``name`` of shard ``j`` if it is open."""
         return self._arrays[self._names.index(name)][j]
 
     def open(self, name: str, j: int) -> np.ndarray:
@@ -166,28 +213,79 @@ class BatchGather:
             if not arr.flags.c_contiguous:
                 raise TypeError(f"source {j} of field {name!r} must be C-contiguous")
             self._arrays[f][j] = arr
+            self._source_bytes[f, j] = arr.nbytes
             self._bases[f, j] = arr.ctypes.data if arr.size else _EMPTY.ctypes.data
             return arr
+
+    def release(self, j: int) -> list[np.ndarray]:
+        """Forget shard ``j``'s maps (returned; they unmap when the last reference goes); reopened if needed again.
+
+        The caller guarantees no gather running now reads shard ``j``.
+        """
+        out = []
+        with self._lock:
+            self._bases[:, j] = 0
+            self._source_bytes[:, j] = 0
+            for arrays in self._arrays:
+                if arrays[j] is not None:
+                    out.append(arrays[j])
+                    arrays[j] = None
+        return out
+
+    def release_all(self) -> None:
+        """Forget every map (no gather may be running)."""
+        for j in range(self.num_rows.size):
+            self.release(j)
+
+    def _columns_of(self, buffers: BatchBuffers) -> tuple[np.ndarray, np.ndarray]:
+        """``buffers``' addresses and sizes with this gather's fields as columns, in its order (checked once)."""
+        cached = self._buffers_seen
+        if cached is not None and cached[0] is buffers:
+            return cached[1], cached[2]
+        columns = buffers.columns(self.fields)
+        if np.array_equal(columns, np.arange(buffers.addresses.shape[1])):
+            addresses, sizes = buffers.addresses, buffers.sizes
+        else:
+            addresses = np.ascontiguousarray(buffers.addresses[:, columns])
+            sizes = np.ascontiguousarray(buffers.sizes[:, columns])
+        self._buffers_seen = (buffers, addresses, sizes)
+        return addresses, sizes
 
     def gather(self, source_index: np.ndarray, rows: np.ndarray, buffers: BatchBuffers, first: int = 0) -> None:
         """Sample ``i``: row ``rows[i]`` of shard ``source_index[i]`` -> row ``i % batch_size`` of buffer
         ``first + i // batch_size``, for every field; the GIL is released while copying."""
+        if not isinstance(buffers, BatchBuffers):
+            raise TypeError(f"buffers must be a BatchBuffers, got {type(buffers).__name__}")
+        source_index = _int64_vector("source_index", source_index)
+        rows = _int64_vector("rows", rows)
+        if source_index.size != rows.size:
+            raise ValueError(f"source_index and rows differ in length ({source_index.size} vs {rows.size})")
         n = source_index.shape[0]
         count = -(-n // buffers.batch_size)
         if first < 0 or first + count > len(buffers):
             raise ValueError(f"{count} batches from buffer {first} do not fit the {len(buffers)} buffers")
-        out = buffers.addresses[first : first + count]
+        addresses, sizes = self._columns_of(buffers)
+        out, out_bytes = addresses[first : first + count], sizes[first : first + count]
+        info = np.zeros(4, np.int64)
+        # A system call (under a microsecond): someone may have replaced the handler since (faulthandler.enable()).
+        _kernels.install_bus_handler()
         while True:
-            status = _kernels.gather_batches(self._bases, self.num_rows, self.row_bytes, source_index, rows,
-                                             buffers.batch_size, out)
-            if status == -1:
+            status = _kernels.gather_batches(self._bases, self._source_bytes, self.num_rows, self.row_bytes,
+                                             source_index, rows, buffers.batch_size, out, out_bytes, info)
+            if status == _kernels.DONE:
                 return
-            if status >= 0:
-                f, j = divmod(int(status), self.num_rows.size)
+            i, f, j = int(info[0]), int(info[1]), int(info[2])
+            if status == _kernels.UNMAPPED:
                 self.open(self._names[f], j)
                 continue
-            i = -2 - status
-            raise IndexError(f"sample {i}: row {int(rows[i])} of source {int(source_index[i])} is out of range")
+            if status == _kernels.FAULT:
+                raise SourceFault(self._names[f], j, int(info[3]) & ((1 << 64) - 1))
+            if status == _kernels.BAD_ROW:
+                raise IndexError(f"sample {i}: row {int(rows[i])} of source {int(source_index[i])} is out of range")
+            if status == _kernels.OUT_SHORT:
+                raise ValueError(f"buffers: sample {i} of field {self._names[f]!r} does not fit its batch buffer")
+            # SRC_SHORT: the source was released while this gather ran (the caller broke its promise).
+            raise ValueError(f"sample {i}: source {j} of field {self._names[f]!r} is shorter than its rows")
 
 
 def gather_rows(sources: list[np.ndarray], source_index: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
@@ -212,6 +310,41 @@ def gather_rows(sources: list[np.ndarray], source_index: np.ndarray, rows: np.nd
     spec = {"x": (out.dtype, out.shape[1:])}
     gather = BatchGather(np.array([s.shape[0] for s in sources], dtype=np.int64), spec, lambda _, j: sources[j])
     gather.gather(source_index, rows, BatchBuffers([{"x": out}], spec, rows.size))
+
+
+def map_file(fd: int, length: int, path: str) -> _kernels.Mapping:
+    """Map ``length`` bytes of the open file ``fd`` read-only; the map keeps no descriptor (close ``fd`` at once).
+
+    The result exports a read-only buffer (``np.frombuffer`` views it) and is unmapped when
+    the last array viewing it is gone.
+    """
+    return _kernels.Mapping(int(fd), int(length), str(path))
+
+
+def file_map_of(arr: np.ndarray) -> _kernels.Mapping | mmap.mmap | None:
+    """The memory map an array views (a ``Mapping`` or ``mmap.mmap``), or None if it views none."""
+    base: object = arr
+    while base is not None and not isinstance(base, (_kernels.Mapping, mmap.mmap)):
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+    return base
+
+
+def copy_from_map(arr: np.ndarray, field: str = "", source: int = 0) -> np.ndarray:
+    """A private copy of an array that views a ``Mapping``; ``SourceFault(field, source)`` if its file shrank under it.
+
+    A plain NumPy copy of such a map kills the process (SIGBUS) when the file was truncated.
+    """
+    mapping = file_map_of(arr)
+    out = np.empty(arr.shape, arr.dtype)
+    if not isinstance(mapping, _kernels.Mapping) or not arr.flags.c_contiguous:
+        out[...] = arr
+        return out
+    src = arr.reshape(-1).view(np.uint8)
+    _kernels.install_bus_handler()
+    fault = _kernels.guarded_copy(src, out.reshape(-1).view(np.uint8), mapping.address, len(mapping))
+    if fault:
+        raise SourceFault(field, source, fault)
+    return out
 
 
 def advise_array(arr: np.ndarray, advice: int) -> bool:

@@ -129,3 +129,92 @@ def test_resident_fraction_sees_evicted_pages(tmp_path) -> None:
     if kernels.resident_fraction(path) > 0.5:
         pytest.skip("this filesystem keeps evicted pages (tmpfs?)")
     assert kernels.resident_fraction(path) < 0.1
+
+
+FIELDS = {"img": (np.dtype(np.uint8), (3, 4, 4)), "label": (np.dtype(np.int64), ()), "emb": (np.dtype(np.float16), (5,))}
+
+
+def _gather_over(counts: list[int], rng: np.random.Generator) -> tuple[kernels.BatchGather, dict]:
+    sources = {name: _sources(rng, counts, dtype, shape) for name, (dtype, shape) in FIELDS.items()}
+    return kernels.BatchGather(np.array(counts), FIELDS, lambda name, j: sources[name][j]), sources
+
+
+def test_buffers_listing_the_fields_in_another_order_are_matched_by_name() -> None:
+    """The same fields in another order once made the kernel write past a buffer; now they are matched by name."""
+    rng = np.random.default_rng(1)
+    gather, sources = _gather_over([7, 9], rng)
+    reordered = dict(reversed(list(FIELDS.items())))
+    guard = 64  # bytes after each buffer that must stay untouched
+    raw = {name: np.full((4 * np.prod(shape, dtype=int) * dtype.itemsize + guard,), 0xAB, np.uint8)
+           for name, (dtype, shape) in reordered.items()}
+    bufs = {name: raw[name][:-guard].view(dtype).reshape(4, *shape) for name, (dtype, shape) in reordered.items()}
+    buffers = kernels.BatchBuffers([bufs], reordered, 4)
+    source, rows = np.array([0, 0, 1, 1], np.int64), np.array([5, 6, 0, 8], np.int64)
+    gather.gather(source, rows, buffers)
+    for name in FIELDS:
+        want = np.stack([sources[name][j][r] for j, r in zip(source, rows)])
+        np.testing.assert_array_equal(bufs[name], want)
+        assert (raw[name][-guard:] == 0xAB).all(), f"{name}: bytes past the buffer were written"
+
+
+def test_buffers_that_lack_a_field_or_hold_it_otherwise_are_refused() -> None:
+    gather, _ = _gather_over([4], np.random.default_rng(2))
+    ids = np.zeros(2, np.int64), np.array([0, 1], np.int64)
+    lacking = {k: v for k, v in FIELDS.items() if k != "emb"}
+    buffers = kernels.BatchBuffers([{n: np.zeros((2, *s), d) for n, (d, s) in lacking.items()}], lacking, 2)
+    with pytest.raises(ValueError, match="buffers hold no field 'emb'"):
+        gather.gather(*ids, buffers)
+    other = {**FIELDS, "emb": (np.dtype(np.float16), (6,))}
+    buffers = kernels.BatchBuffers([{n: np.zeros((2, *s), d) for n, (d, s) in other.items()}], other, 2)
+    with pytest.raises(ValueError, match=r"buffers hold field 'emb' as \(6,\) float16, the gather copies \(5,\) float16"):
+        gather.gather(*ids, buffers)
+    with pytest.raises(TypeError, match="buffers must be a BatchBuffers"):
+        gather.gather(*ids, [{}])
+
+
+def test_the_kernel_refuses_a_copy_past_a_buffer_or_a_source() -> None:
+    """The compiled gather gets every size: a destination or source too small is refused, nothing is written."""
+    from cshard import _kernels
+
+    src = np.arange(40, dtype=np.int64).reshape(10, 4)
+    dst = np.full(16, -1, np.int64)  # room for 4 rows of 4, the call claims 2 batches of 3 rows
+    bases = np.array([[src.ctypes.data]], np.uint64)
+    src_bytes = np.array([[src.nbytes]], np.uint64)
+    out = np.array([[dst.ctypes.data], [dst.ctypes.data + 3 * 32]], np.uint64)
+    info = np.zeros(4, np.int64)
+    args = (bases, src_bytes, np.array([10], np.int64), np.array([32], np.int64),
+            np.zeros(6, np.int64), np.arange(6, dtype=np.int64), 3)
+    status = _kernels.gather_batches(*args, out, np.array([[3 * 32], [32]], np.uint64), info)
+    assert status == _kernels.OUT_SHORT and info[0] == 3  # batch 1 has room for 1 row, not 3
+    np.testing.assert_array_equal(dst[12:], -1)
+    short = np.array([[src.nbytes - 32]], np.uint64)  # the source claims a row it does not have
+    info[:] = 0
+    status = _kernels.gather_batches(bases, short, *args[2:4], np.zeros(1, np.int64), np.array([9], np.int64), 3,
+                                     out, np.array([[96], [96]], np.uint64), info)
+    assert status == _kernels.SRC_SHORT and tuple(info[:3]) == (0, 0, 0)
+
+
+def test_maps_hold_no_descriptor_and_unmap_with_their_last_view(tmp_path) -> None:
+    from pathlib import Path
+
+    from shardstore.store.mmaps import map_array
+
+    path = tmp_path / "x.npy"
+    np.save(path, np.arange(3000, dtype=np.int32).reshape(1000, 3))
+    fds = len(os.listdir("/proc/self/fd"))
+    arr = map_array(Path(path), np.dtype(np.int32), (1000, 3), 128)
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert not arr.flags.writeable and arr[999, 2] == 2999
+    with pytest.raises(ValueError, match="read-only"):
+        arr[0, 0] = 1
+    np.testing.assert_array_equal(kernels.copy_from_map(arr[10:12]), [[30, 31, 32], [33, 34, 35]])
+    row = arr[5]
+    del arr
+
+    def mapped() -> bool:
+        with open("/proc/self/maps") as f:
+            return any(str(path) in line for line in f)
+
+    assert mapped()  # a view keeps the map
+    del row
+    assert not mapped()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -114,3 +116,27 @@ def test_expand_and_split_check_arguments() -> None:
         kernels.split_rank(np.arange(10, dtype=np.int64), 0, 2, 3, 0, 2)
     with pytest.raises(ValueError, match=r"rank 2 is outside \[0, 2\)"):
         kernels.split_rank(np.arange(10, dtype=np.int64), 2, 2, 3, 0, 1)
+
+
+def test_split_rank_refuses_a_batch_size_below_one() -> None:
+    """A zero batch size once reached a C division (SIGFPE killed the process); both layers refuse it."""
+    from cshard import _kernels
+
+    order = np.arange(10, dtype=np.int64)
+    with pytest.raises(ValueError, match="batch_size >= 1"):
+        _kernels.split_rank(order, 0, 1, 0, 0, np.empty(0, np.int64))
+    with pytest.raises(ValueError, match="batch_size >= 1"):
+        _kernels.split_rank(order, 0, 1, -3, 0, np.empty(4, np.int64))
+    with pytest.raises(ValueError, match="exceed the 10 ids"):
+        _kernels.split_rank(order, 0, 1, 4, 0, np.empty(12, np.int64))
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        kernels.split_rank(order, 0, 1, 0, 0, 1)
+
+
+def test_compiler_directives_live_in_the_pyx_header() -> None:
+    """One place for them: the build passes none, so a build without setup.py compiles the same code."""
+    root = Path(__file__).resolve().parents[1]
+    header = (root / "cshard" / "_kernels.pyx").read_text().splitlines()[0]
+    for directive in ("language_level=3", "boundscheck=False", "wraparound=False", "cdivision=False"):
+        assert directive in header
+    assert "compiler_directives" not in (root / "setup.py").read_text()

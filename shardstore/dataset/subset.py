@@ -130,9 +130,25 @@ class RandomShardSubsetCachedDataset(Dataset):
     def _plan_for(self, epoch: int, start_batch: int) -> tuple[EpochPlan, np.ndarray]:
         try:
             plan = plan_epoch(self._counts, self.store.offsets, self.spec, epoch)
+        except ValueError as exc:
+            raise ShardstoreError(str(exc)) from None
+        if plan.order.size < self.global_batch:
+            raise self._too_small(plan)
+        try:
             return plan, rank_indices(plan, self.world, self.batch_size, self.max_steps_per_epoch, start_batch)
         except ValueError as exc:
             raise ShardstoreError(str(exc)) from None
+
+    def _too_small(self, plan: EpochPlan) -> ConfigError:
+        """An epoch with fewer samples than one global batch would have 0 steps: an error, not a silent no-op."""
+        per_step = f"batch_size {self.batch_size}"
+        if self.world.world_size > 1:
+            per_step += f" x world_size {self.world.world_size} = {self.global_batch} samples"
+        return ConfigError(
+            f"{per_step} per step is more than the {plan.order.size:,} samples of epoch {plan.epoch} "
+            f"({plan.shard_positions.size} shards of {self.store.root}), so the epoch would have 0 steps; "
+            "lower batch_size, or raise shards_per_epoch (or write more shards)"
+        )
 
     def epoch_indices(self, epoch: int, start_batch: int = 0) -> np.ndarray:
         """This rank's sample ids of ``epoch`` from global batch ``start_batch``, without making it current.

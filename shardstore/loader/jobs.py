@@ -45,6 +45,8 @@ class Job:
     advised: int = 0
     claimed_shards: int = 0  # shards the fillers have reached (the pager reads ahead of them)
     dropped: np.ndarray = field(default_factory=lambda: np.empty(0, bool))
+    #: visited shards whose maps this job let go of (no batch still to be filled reads them)
+    unmapped: np.ndarray = field(default_factory=lambda: np.empty(0, bool))
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def plan(self, store: ShardStore) -> None:
@@ -68,6 +70,7 @@ class Job:
         np.minimum.at(self.first_batch, self.source_index, batch_of)
         np.maximum.at(self.last_batch, self.source_index, batch_of)
         self.dropped = np.zeros(self.visited.size, bool)
+        self.unmapped = np.zeros(self.visited.size, bool)
         counts = np.diff(store.offsets)[self.visited]
         visited = self.visited
         self.gather = BatchGather(counts, {name: (spec.dtype, spec.shape) for name, spec in store.fields.items()},
@@ -84,6 +87,24 @@ class Job:
         which = np.flatnonzero(finished)
         self.dropped[which] = True
         return which
+
+    def unmap(self, which: np.ndarray) -> None:
+        """Let go of these visited shards' maps: no batch still to be filled may read them.
+
+        They are unmapped once the store's cache (bounded by ``max_open_maps``) drops them too,
+        so the maps alive stay bounded however many shards an epoch visits.
+        """
+        if self.gather is None:
+            return
+        for j in which.tolist():
+            if not self.unmapped[j]:
+                self.unmapped[j] = True
+                self.gather.release(j)
+
+    def unmap_finished(self, done_batches: int) -> None:
+        """Let go of the maps of shards that only batches before ``done_batches`` read."""
+        if self.num_batches:
+            self.unmap(np.flatnonzero((self.last_batch < done_batches) & ~self.unmapped))
 
     def shards_needed_by(self, batch: int) -> int:
         """How many of the visited shards (in visit order) batch ``batch`` and those before it touch."""

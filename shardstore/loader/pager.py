@@ -18,17 +18,14 @@ log = logging.getLogger(__name__)
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 
 
-def _is_mapped(arr: np.ndarray) -> bool:
-    """Whether an array views a memory map (only those are advised)."""
-    base = arr
-    while base is not None and not isinstance(base, mmap.mmap):
-        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
-    return base is not None
-
-
 def _advise(arr: np.ndarray, advice: int) -> bool:
+    """Advise the pages under a memory-mapped array (others are left alone); False if refused.
+
+    Never faults: ``madvise`` reports a file that shrank under its map as an error (EFAULT for
+    ``MADV_POPULATE_READ``) instead of SIGBUS, and the gather that needs it names the file.
+    """
     try:
-        return _is_mapped(arr) and kernels.advise_array(arr, advice)
+        return kernels.file_map_of(arr) is not None and kernels.advise_array(arr, advice)
     except (OSError, ValueError, TypeError):
         return False
 

@@ -24,11 +24,12 @@ import numpy as np
 import torch
 
 from shardstore.errors import ShardstoreError
-from shardstore.kernels import BatchBuffers
+from shardstore.kernels import BatchBuffers, SourceFault
 from shardstore.loader import pager
 from shardstore.loader.jobs import Job
 from shardstore.loader.slots import Slot
 from shardstore.manifest.reader import ShardStore
+from shardstore.store.mmaps import shrunk_error
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,17 @@ class Pipeline:
                 t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         self._threads = [t for t in self._threads if t.is_alive() and t is not me]
 
+    def close(self) -> None:
+        """Stop the threads and let go of every map the loader's epochs hold (``ShardLoader.close``)."""
+        self.stop()
+        with self._lock:
+            jobs = [*self._jobs, *self._retired]
+            self._jobs.clear()
+            self._retired = []
+        for job in jobs:
+            if job.gather is not None:
+                job.gather.release_all()
+
     def _start(self) -> None:
         names = [f"shardstore-fill-{i}" for i in range(self.num_threads)]
         targets: list[Callable[[], None]] = [self._fill_loop] * self.num_threads
@@ -177,8 +189,22 @@ class Pipeline:
         self._released = upto
         if self._claimable(self._claim_seq):
             self._work.notify_all()
-        if self.drop_pages and crossed_chunk:
-            self._page.notify()  # shards the consumer is done with may be dropped now
+        if crossed_chunk:
+            if self.drop_pages:
+                self._page.notify()  # shards the consumer is done with may be dropped (then unmapped) now
+            else:
+                self._unmap_finished()
+
+    def _unmap_finished(self) -> None:
+        """Let go of the maps of shards that no batch still to be filled reads (lock held).
+
+        Every batch before ``_released`` was filled, so no filler reads those shards again.
+        """
+        for job in self._jobs:
+            done = self._released - job.first_seq
+            if not job.planned or job.error is not None or done <= 0:
+                break
+            job.unmap_finished(done)
 
     def _run_ready(self, seq: int, count: int) -> bool:
         """Batches ``seq .. seq + count - 1`` are all filled (lock held)."""
@@ -223,6 +249,8 @@ class Pipeline:
                 if self.drop_pages:
                     self._retired.append(job)
                     self._page.notify()
+                else:
+                    job.unmap(np.arange(job.visited.size))
 
     # -- filler threads ---------------------------------------------------------------------
 
@@ -307,7 +335,7 @@ class Pipeline:
                     start, stop = job.batch_bounds(batch + k)
                     job.gather.gather(job.source_index[start:stop], job.rows[start:stop], self.buffers, first_slot + k)
                 except Exception as exc:
-                    errors[k:] = [_loader_error(exc, job, batch + k)] * (count - k)
+                    errors[k:] = [_loader_error(exc, self.store, job, batch + k)] * (count - k)
                     break
         for k, slot in enumerate(slots):
             start, stop = job.batch_bounds(batch + k)
@@ -364,6 +392,8 @@ class Pipeline:
                 position = int(job.visited[j])
                 if kind == "drop" and position in in_use:
                     continue  # the next epoch reads it again soon
+                if kind == "ahead" and job.unmapped[j]:
+                    continue  # the fillers are past it already
                 for name in self.store.fields:
                     try:
                         arr = job.gather.open(name, j) if kind == "ahead" else job.gather.source(name, j)
@@ -377,12 +407,19 @@ class Pipeline:
                 pager.read_ahead(arrays, paths)
             else:
                 pager.drop_pages(arrays, paths)
+                with self._lock:
+                    job.unmap(which)  # after their pages were dropped: they unmap with the store's cache
 
 
-def _loader_error(exc: Exception, job: Job, batch: int) -> ShardstoreError:
+def _loader_error(exc: Exception, store: ShardStore, job: Job, batch: int) -> ShardstoreError:
     """A filler's error as the consumer sees it: shard errors as they are (they name the file)."""
     if isinstance(exc, ShardstoreError):
         return exc
+    if isinstance(exc, SourceFault):  # SIGBUS caught: the file shrank under its map
+        position = int(job.visited[exc.source])
+        error = shrunk_error(store.path(position, exc.field), store.shards[position].files[exc.field].bytes)
+        error.__cause__ = exc
+        return error
     error = ShardstoreError(f"loading batch {batch} of {job.key}: {type(exc).__name__}: {exc}")
     error.__cause__ = exc
     return error

@@ -123,7 +123,7 @@ class ShardLoader:
                            pin_memory=self.pin_memory, cuda=self.device is not None)
         self._pipeline = Pipeline(store, slots, chunk, num_threads=num_threads, device=self.device,
                                   read_ahead_shards=read_ahead_shards, drop_pages=bool(drop_pages))
-        self._finalizer = weakref.finalize(self, self._pipeline.stop)
+        self._finalizer = weakref.finalize(self, self._pipeline.close)
         self.stats = WaitStats()
         """Consumer wait times (see ``WaitStats``)."""
         self._steps_key: Hashable = None
@@ -220,7 +220,10 @@ class ShardLoader:
     # -- lifetime -----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop the background threads (also done when the loader is garbage collected)."""
+        """Stop the background threads and let go of the maps they held (also done at garbage collection).
+
+        Maps hold no file descriptor; the store's own cache keeps at most ``max_open_maps``.
+        """
         self._finalizer()
 
     def __enter__(self) -> ShardLoader:

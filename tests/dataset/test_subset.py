@@ -194,3 +194,18 @@ def test_world_comes_from_torch_distributed(store: ShardStore, tmp_path: Path) -
         assert (ds.world.rank, ds.world.world_size) == (0, 1)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"k": 2, "batch_size": 64}, r"batch_size 64 per step is more than the \d+ samples of epoch 0 \(2 shards of "),
+    ({"k": 2, "batch_size": 16, "rank": 1, "world_size": 4},
+     r"batch_size 16 x world_size 4 = 64 samples per step is more than the \d+ samples of epoch 0"),
+])
+def test_an_epoch_with_zero_steps_is_a_config_error(store: ShardStore, kwargs: dict, match: str) -> None:
+    ds = make(store, **kwargs)
+    for read in (len, lambda d: d.steps_per_epoch, lambda d: d.epoch_indices(1)):
+        with pytest.raises(ConfigError, match=match[:30]) as info:
+            read(ds)
+        assert "0 steps; lower batch_size, or raise shards_per_epoch" in str(info.value)
+    with pytest.raises(ConfigError, match=match):
+        len(ds)

@@ -193,3 +193,25 @@ def test_loader_settings_from_the_data_config(store: ShardStore, tmp_path) -> No
     with ShardLoader(ds, **config.loader_kwargs()) as loader:
         assert loader._pipeline.num_threads == 1 and loader._pipeline.drop_pages
         check_epoch(loader, ds, 8)
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_drop_last_decides_the_short_final_batch(store: ShardStore, drop_last: bool) -> None:
+    """Exact batch sizes, as many batches as ``len()`` says, no empty batch at the end."""
+    total = store.num_samples
+    assert total % 6  # a short final batch exists
+    with ShardLoader(store, 6, drop_last=drop_last) as loader:
+        for _ in range(2):  # the second pass was prepared while the first drained
+            sizes = [batch["gid"].shape[0] for batch in loader]
+            want = [6] * (total // 6) + ([] if drop_last else [total % 6])
+            assert sizes == want
+            assert len(sizes) == len(loader)
+
+
+def test_an_epoch_smaller_than_one_batch_is_an_error(store: ShardStore) -> None:
+    """A batch larger than the epoch once gave 0 steps and a silent no-op; it is a ConfigError naming the fix."""
+    ds = make(store, batch_size=64, k=1)
+    with ShardLoader(ds) as loader:
+        with pytest.raises(ConfigError, match=r"batch_size 64 per step is more than the \d+ samples of epoch 0 .*"
+                                              r"0 steps; lower batch_size, or raise shards_per_epoch"):
+            list(loader)

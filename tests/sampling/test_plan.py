@@ -180,3 +180,24 @@ def test_empty_cache_is_a_clear_error() -> None:
     c, offs = cache([])
     with pytest.raises(ValueError, match="the cache has no shards"):
         plan_epoch(c, offs, EpochSpec(), 0)
+
+
+def test_the_interleave_mix_depends_on_the_epoch() -> None:
+    """Each epoch mixes its shards anew (the same epoch the same way), not only picks other shards."""
+    counts = np.full(8, 30, np.int64)
+    mix = ORDER_POLICIES["interleave"]
+    a, b = mix(counts, 7, 3, 4), mix(counts, 7, 3, 4)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(mix(counts, 7, 4, 4), a)
+    # Through the plan: which visited shard feeds each position (not which shards are visited) differs.
+    c, offs = cache([30] * 8)
+    spec = EpochSpec(None, 7, "random", "interleave", 4)
+
+    def pattern(epoch: int) -> np.ndarray:
+        plan = plan_epoch(c, offs, spec, epoch)
+        visit_index = np.empty(c.size, np.int64)
+        visit_index[plan.shard_positions] = np.arange(plan.shard_positions.size)
+        return visit_index[np.searchsorted(offs, plan.order, side="right") - 1]
+
+    assert np.array_equal(pattern(5), pattern(5))
+    assert not np.array_equal(pattern(5), pattern(6))
