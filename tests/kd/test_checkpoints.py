@@ -163,3 +163,17 @@ def test_files_that_are_not_checkpoints_are_one_clear_line(tmp_path: Path) -> No
         with pytest.raises(ConfigError, match=message) as err:  # the same file given as a teacher checkpoint
             load_checkpoint_into(model, tmp_path / name)
         assert "\n" not in str(err.value) and "weights_only" not in str(err.value)
+
+
+def test_a_full_disk_under_the_metrics_log_is_one_line(tmp_path: Path) -> None:
+    from shardstore.kd.metrics import MetricsLog
+
+    class Full(io.StringIO):
+        def write(self, text: str) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    log = MetricsLog(tmp_path)
+    log._file.close()
+    log._file = Full()  # type: ignore[assignment]
+    with pytest.raises(DiskFullError, match=r"^no space left on device: writing .*metrics.jsonl needs \d+ bytes"):
+        log.write("step", {"global_step": 1, "loss": 0.5})
