@@ -123,3 +123,16 @@ def test_demo_trains_a_teacher_and_both_students(tmp_path: Path, capsys: pytest.
     assert (tmp_path / "d" / "cache" / "teacher.fields.json").exists()
     assert sorted(p.name for p in (tmp_path / "d" / "runs").iterdir()) == [
         "distilled_cached_10_views_seed0", "distilled_seed0", "labels_only_seed0", "teacher"]
+
+
+def test_paths_are_printed_literally(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = tmp_path / "a:x:[b]c [bold]d[/bold] :thumbs_up:"  # rich would show an emoji and eat the tags
+    np.save(tmp_path / "labels.npy", np.arange(5))
+    code, out, _ = run(["write", str(root), "--from-npy", f"labels={tmp_path / 'labels.npy'}", "--shard-size", "4"],
+                       capsys)
+    assert code == 0
+    assert f"cache {root}\n" in out and f"wrote {root / 'manifest.json'} (" in out
+    code, out, _ = run(["info", str(root)], capsys)
+    assert code == 0 and f"cache {root}\n" in out and "❌" not in out and "👍" not in out
+    code, _, err = run(["verify", str(root / "missing")], capsys)
+    assert code == 2 and f"{root / 'missing'} does not exist" in err

@@ -22,6 +22,7 @@ from shardstore.manifest.build import build_manifest
 from shardstore.manifest.model import Manifest, manifest_path
 from shardstore.manifest.reader import load_manifest
 from shardstore.manifest.verify import verify_checksums
+from shardstore.store.atomic import disk_full_error, is_disk_full
 from shardstore.store.groups import read_group_specs
 
 app = typer.Typer(
@@ -31,9 +32,10 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-# Piped or logged output gets room for the wider tables (rich would assume 80 columns).
-out = Console(soft_wrap=True, highlight=False, width=None if sys.stdout.isatty() else 120)
-err = Console(stderr=True, soft_wrap=True, highlight=False)
+# Piped or logged output gets room for the wider tables (rich would assume 80 columns). Markup and emoji codes
+# are off: the text printed holds the user's paths and names, and `[b]` or `:x:` in a path must print as written.
+out = Console(soft_wrap=True, highlight=False, markup=False, emoji=False, width=None if sys.stdout.isatty() else 120)
+err = Console(stderr=True, soft_wrap=True, highlight=False, markup=False, emoji=False)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -266,12 +268,31 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return _fail(str(exc))
     except Exception as exc:
+        full = _disk_full(exc)
+        if full is not None and not debug:
+            return _fail(full)
         if not _is_usage_error(exc):
             raise
         ctx = getattr(exc, "ctx", None)
         where = ctx.command_path if ctx is not None else "shardstore"
         return _fail(f"{exc.format_message()} (see `{where} --help`)")
     return code if isinstance(code, int) else 0
+
+
+def _disk_full(exc: BaseException) -> str | None:
+    """The one line for a full disk anywhere in ``exc``'s chain of causes (a safety net: writers say it themselves)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if is_disk_full(current):
+            assert isinstance(current, OSError)
+            if current.filename is not None:
+                return str(disk_full_error(current.filename, None))
+            return (f"no space left on device ({current.strerror or current}); free space on the file system "
+                    "being written (or choose another directory) and run again")
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _is_usage_error(exc: Exception) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,7 @@ from shardstore.errors import ShardstoreError
 from shardstore.store.atomic import write_bytes_atomic
 from shardstore.store.layout import check_field_name, field_file_name, shard_dir_name
 from shardstore.store.npy import open_npy
-from shardstore.store.writer import ShardWriter
+from shardstore.store.writer import ShardWriter, check_shard_memory
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +45,40 @@ def job_range(total: int, shard_size: int, start_shard: int, num_shards: int | N
     return start, stop
 
 
-def _resume_input_position(writer: ShardWriter, start: int) -> int:
-    """Input row after the last one already on disk, read from the ``ids`` field of the last leading shard."""
+def _resume_input_position(writer: ShardWriter, start: int, stop: int) -> int:
+    """Input row after the last one already on disk, read from the ``ids`` field of the last leading shard.
+
+    The ids are checked (one per row, increasing, inside this job's inputs ``[start, stop)``): a damaged
+    file would otherwise move the resume point, past the end in the worst case, and the job would
+    write nothing and report success.
+    """
     skip = writer.samples_to_skip
     if not skip:
         return start
     k = (skip - 1) // writer.shard_size
-    ids_path = writer.root / shard_dir_name(writer.shard_id(k)) / field_file_name("ids")
-    ids = np.load(ids_path, mmap_mode="r", allow_pickle=False)
-    return int(ids[-1]) + 1
+    rows = skip - k * writer.shard_size
+    shard_dir = writer.root / shard_dir_name(writer.shard_id(k))
+    ids_path = shard_dir / field_file_name("ids")
+    damaged = (f"a folder ingest resumes after the last input id recorded there; delete {shard_dir} "
+               "(it is written again) and run again")
+    try:
+        ids = np.load(ids_path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise ShardstoreError(
+            f"{shard_dir} has no ids.npy: a folder ingest resumes after the last input id its shards record, so it "
+            "cannot continue a cache written without ids; write the folder to a new cache directory"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise ShardstoreError(f"{ids_path}: unreadable ({' '.join(str(exc).split())}); {damaged}") from None
+    if ids.shape != (rows,) or ids.dtype.kind not in "iu":
+        raise ShardstoreError(f"{ids_path}: damaged (holds {ids.dtype} {list(ids.shape)}, expected {rows} integer "
+                              f"ids, one per sample of the shard); {damaged}")
+    ids = np.asarray(ids, dtype=np.int64)
+    last = int(ids[-1])
+    if np.any(np.diff(ids) <= 0) or int(ids[0]) < start or last >= stop or last - start + 1 < skip:
+        raise ShardstoreError(f"{ids_path}: damaged (ids {int(ids[0])}..{last} are not {rows} increasing input "
+                              f"rows of this job's {start}..{stop - 1}); {damaged}")
+    return last + 1
 
 
 # -- whole-dataset arrays ------------------------------------------------------------------
@@ -175,13 +201,40 @@ def write_classes(root: Path, classes: list[str]) -> None:
     """Record the class names (label ``i`` is ``classes[i]``) in ``ROOT/classes.json``; jobs must agree."""
     path = root / CLASSES_FILE
     if path.exists():
-        existing = json.loads(path.read_text())
+        try:
+            existing = json.loads(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ShardstoreError(
+                f"{path}: not a readable list of class names ({' '.join(str(exc).split())}); delete it and run "
+                "again: it is written again from the folder's class subfolders"
+            ) from None
+        if not isinstance(existing, list) or not all(isinstance(name, str) for name in existing):
+            raise ShardstoreError(f"{path}: expected a list of class names, got {type(existing).__name__}; delete "
+                                  "it and run again: it is written again from the folder's class subfolders")
         if existing != classes:
             raise ShardstoreError(
                 f"{path} lists other classes than {len(classes)} found now; write to a new cache or delete it"
             )
         return
     write_bytes_atomic(path, (json.dumps(classes, indent=1) + "\n").encode())
+
+
+def check_image_size(image_size: int, shard_size: int) -> None:
+    """``ShardstoreError`` for an image size no image can be decoded to, or whose shard cannot be held in memory.
+
+    Checked before any image is read: otherwise every image fails alike and is reported as "cannot decode".
+    """
+    from PIL import Image  # Pillow is needed only for image folders
+
+    if image_size < 1:
+        raise ShardstoreError(f"image size must be at least 1 pixel, got {image_size}")
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and image_size * image_size > limit:
+        raise ShardstoreError(
+            f"image size {image_size:,} makes {image_size * image_size:,}-pixel images, more than Pillow decodes "
+            f"({limit:,} pixels); choose an image size of at most {math.isqrt(limit):,} (e.g. 64 or 224)"
+        )
+    check_shard_memory(shard_size, 3 * image_size * image_size + 16)  # images, labels and ids
 
 
 def write_image_folder(
@@ -206,8 +259,7 @@ def write_image_folder(
     """
     if on_error not in ("skip", "stop"):
         raise ShardstoreError(f"on_error must be 'skip' or 'stop', got {on_error!r}")
-    if image_size < 1:
-        raise ShardstoreError(f"image size must be at least 1 pixel, got {image_size}")
+    check_image_size(image_size, shard_size)
     root = Path(root)
     listing = folder if isinstance(folder, ImageFolder) else list_image_folder(folder)
     classes, paths, labels = listing.classes, listing.paths, listing.labels
@@ -216,7 +268,7 @@ def write_image_folder(
     workers = workers or min(4, (os.cpu_count() or 1) + 1)
     with ShardWriter(root, shard_size, start_shard=start_shard, num_shards=num_shards, fsync=fsync) as writer:
         write_classes(root, classes)
-        resume = _resume_input_position(writer, start)
+        resume = _resume_input_position(writer, start, stop)
         report.samples_already_written = writer.skip_existing()
         if progress is not None and resume > start:
             progress(resume - start)

@@ -8,12 +8,12 @@ import secrets
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from shardstore.errors import WriterError
-from shardstore.store.atomic import fsync_dir, pid_alive
+from shardstore.store.atomic import _fmt_bytes, disk_full_error, fsync_dir, is_disk_full, pid_alive
 from shardstore.store.npy import read_header_at
 from shardstore.store.layout import (
     NATIVE_DIR,
@@ -25,6 +25,49 @@ from shardstore.store.layout import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's RAM, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def check_shard_memory(shard_size: int, sample_bytes: int) -> None:
+    """``WriterError`` when one shard's buffer (``shard_size`` samples) could not fit in this machine's memory.
+
+    A writer holds a whole shard in memory before writing it; a mistyped size (``10**12``) would
+    otherwise fail deep inside NumPy, or page the machine to a halt, long after the job started.
+    """
+    memory = physical_memory_bytes()
+    need = shard_size * sample_bytes
+    if memory is None or need <= memory:
+        return
+    if sample_bytes > memory // 4:
+        raise WriterError(f"one sample of {_fmt_bytes(sample_bytes)} is too large for this machine's "
+                          f"{_fmt_bytes(memory)} of memory; store smaller samples")
+    raise WriterError(
+        f"shard_size {shard_size:,} with {sample_bytes:,} bytes per sample needs {_fmt_bytes(need)} of memory for "
+        f"one shard's buffer, more than this machine's {_fmt_bytes(memory)}; choose a smaller shard_size "
+        f"(at most {memory // sample_bytes // 4:,} here; 2048 is usual)"
+    )
+
+
+def write_npy(f: BinaryIO, array: np.ndarray) -> None:
+    """Write ``array`` as a ``.npy`` file (the header NumPy writes, then the raw C-order bytes) to ``f``.
+
+    Plain file writes, so a full disk raises ``OSError(ENOSPC)``: ``np.save`` goes through ``ndarray.tofile``,
+    whose short write is an ``OSError`` without an errno ("N requested and M written").
+    """
+    array = np.asarray(array, order="C")  # (ascontiguousarray would turn a 0-d array into 1-d)
+    header = np.lib.format.header_data_from_array_1_0(array)
+    try:
+        np.lib.format.write_array_header_1_0(f, header)
+    except ValueError:  # a header longer than 64 KiB (a very long shape or dtype description)
+        np.lib.format.write_array_header_2_0(f, header)
+    f.write(memoryview(array.reshape(-1).view(np.uint8)))
 
 
 def _existing_shard_rows(shard_dir: Path) -> int:
@@ -175,8 +218,15 @@ class ShardWriter:
             schema[name] = (arr.dtype, tuple(int(d) for d in shape))
         if not schema:
             raise WriterError("a sample must have at least one field, e.g. {'images': array}")
+        sample_bytes = sum(d.itemsize * int(np.prod(s, dtype=object)) for d, s in schema.values())
+        check_shard_memory(self.shard_size, sample_bytes)
+        try:
+            buffers = {n: np.empty((self.shard_size, *s), dtype=d) for n, (d, s) in schema.items()}
+        except (MemoryError, ValueError) as exc:  # below the machine's memory, but not available now
+            raise WriterError(f"cannot hold one shard of {self.shard_size:,} samples x {sample_bytes:,} bytes in "
+                              f"memory ({exc}); choose a smaller shard_size") from None
         self._schema = schema
-        self._buffers = {n: np.empty((self.shard_size, *s), dtype=d) for n, (d, s) in schema.items()}
+        self._buffers = buffers
 
     def _checked(self, batch: Mapping[str, Any], batched: bool) -> tuple[dict[str, np.ndarray], int]:
         if self._closed:
@@ -251,11 +301,11 @@ class ShardWriter:
         shard_id = self.shard_id(k)
         final = self.root / shard_dir_name(shard_id)
         tmp = self.root / f".{shard_dir_name(shard_id)}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        tmp.mkdir()
         try:
+            tmp.mkdir()
             for name, buf in self._buffers.items():
                 with open(tmp / field_file_name(name), "wb") as f:
-                    np.lib.format.write_array(f, buf[:rows], allow_pickle=False)
+                    write_npy(f, buf[:rows])
                     f.flush()
                     if self.fsync:
                         os.fsync(f.fileno())
@@ -268,8 +318,12 @@ class ShardWriter:
                     f"{final} appeared while this writer was writing it; two writers share shard ids "
                     "(give each writer its own start_shard/num_shards)"
                 ) from exc
-        except BaseException:
+        except BaseException as exc:
+            # Whatever stopped the write, no part of this shard stays behind; earlier shards are untouched.
             shutil.rmtree(tmp, ignore_errors=True)
+            if is_disk_full(exc):
+                need = sum(buf[:rows].nbytes + 128 for buf in self._buffers.values())  # 128: a .npy header
+                raise disk_full_error(final, need) from exc
             raise
         if self.fsync:
             fsync_dir(self.root)
