@@ -2,7 +2,9 @@
 """Hot loops of shardstore, deterministic and GIL-free.
 
 Randomness never enters here: callers draw it in Python and these kernels only
-expand and copy, so ``shardstore.reference`` can match them bit for bit.
+expand and copy, so ``shardstore.reference`` can match them bit for bit. Every copy is
+given the sizes of its source and destination, and reads of memory maps are guarded: a file
+that shrank under its map is reported, not a SIGBUS that kills the process (see gather.h).
 """
 
 import numpy as np
