@@ -67,7 +67,7 @@ def data_config_from_dict(values: dict[str, Any], source: str = "data_config.yam
 
 
 def load_data_config(path: str | os.PathLike[str]) -> DataConfig:
-    """Read ``data_config.yaml`` with ``yaml.safe_load``; a relative ``cache_root`` is taken from the file's folder."""
+    """Read ``data_config.yaml`` (safe YAML, no aliases); a relative ``cache_root`` is taken from the file's folder."""
     path = Path(path)
     config = data_config_from_dict(load_yaml(path, option="--data-config"), str(path))
     root = Path(config.cache_root).expanduser()
