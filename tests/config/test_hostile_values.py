@@ -139,10 +139,12 @@ def test_every_float_key_refuses_non_finite_values_in_a_file(tmp_path: Path, key
 
 @pytest.mark.parametrize("item", ["train.lr=.inf", "train.lr=.nan", "train.lr=-.inf", "train.weight_decay=.nan",
                                   "train.momentum=.nan", "train.loss.temperature=.inf", "train.loss.alpha=.nan",
-                                  "train.grad_clip=.inf", "model.student.input.mean=[.nan, 0.5, 0.5]", "train.lr=1e400"])
+                                  "train.grad_clip=.inf", "model.student.input.mean=[.nan, 0.5, 0.5]",
+                                  "train.lr=1e400"])
 def test_non_finite_values_given_with_set_are_refused(tmp_path: Path, item: str) -> None:
     key = item.partition("=")[0].split(".", 1)[1]
-    with pytest.raises(ConfigError, match=rf"\(with --set {re.escape(item)}\): `{key}(\[0\])?` must be a finite number") as exc:
+    pattern = rf"\(with --set {re.escape(item)}\): `{key}(\[0\])?` must be a finite number"
+    with pytest.raises(ConfigError, match=pattern) as exc:
         load_run_config(*write_configs(tmp_path), overrides=[item])
     one_line(exc)
 
