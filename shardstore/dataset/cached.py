@@ -6,9 +6,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from shardstore import kernels
 from shardstore.manifest.reader import ShardStore
-from shardstore.store.mmaps import shrunk_error
 
 
 class CachedTensorDataset(Dataset):
@@ -30,13 +28,6 @@ class CachedTensorDataset(Dataset):
             sample_id = int(sample_id)
         if sample_id < 0:
             sample_id += self.store.num_samples
-        out = {}
-        for name, view in self.store.sample(sample_id).items():
-            try:
-                # A guarded copy: a shard file truncated while mapped is an error naming it, not SIGBUS.
-                out[name] = torch.from_numpy(kernels.copy_from_map(view, name))
-            except kernels.SourceFault:
-                position = int(np.searchsorted(self.store.offsets, sample_id, side="right")) - 1
-                raise shrunk_error(self.store.path(position, name),
-                                   self.store.shards[position].files[name].bytes) from None
-        return out
+        position, row = self.store.position_of(sample_id)
+        # Guarded copies: a shard file truncated while mapped is an error naming it, not SIGBUS.
+        return {name: torch.from_numpy(self.store.read(position, name, row)) for name in self.store.fields}

@@ -264,12 +264,11 @@ def _fill_shard(cfg: RunConfig, device: torch.device, teacher: InputAdapter, spe
     amp = _autocast(cfg, device)
     dtype = next(teacher.parameters()).dtype
     per_batch = max(1, batch_size // spec.views)
-    images = store.field(position, IMAGE_FIELD)
     shard_v = shard_views(spec, entry.id, entry.num_samples)
     parts: dict[str, list[Tensor]] = {}  # kept on the device: one copy back per shard, no sync per batch
     for lo in range(0, entry.num_samples, per_batch):
         hi = min(lo + per_batch, entry.num_samples)
-        batch = torch.from_numpy(np.array(images[lo:hi])).to(device)
+        batch = torch.from_numpy(store.read(position, IMAGE_FIELD, slice(lo, hi))).to(device)
         for role, arr in _teacher_targets(teacher, spec, batch, shard_v[lo:hi], amp, dtype).items():
             parts.setdefault(role, []).append(arr)
         if progress is not None:
@@ -347,9 +346,9 @@ def check_teacher_cache(cfg: RunConfig, *, name: str = "teacher", samples: int =
             entry = store.shards[position]
             if entry.id not in redrawn:
                 redrawn[entry.id] = shard_views(spec, entry.id, entry.num_samples)
-            images.append(torch.from_numpy(np.array(store.field(position, IMAGE_FIELD)[row])))
+            images.append(torch.from_numpy(store.read(position, IMAGE_FIELD, row)))
             for role, fname in names.items():
-                stored[role].append(torch.from_numpy(np.array(store.field(position, fname)[row, j])))
+                stored[role].append(torch.from_numpy(store.read(position, fname, (row, j))))
             report.views_not_redrawn += not torch.equal(stored["views"][-1].float(), redrawn[entry.id][row, j])
         got = {role: torch.stack(ts).to(dev) for role, ts in stored.items()}
         x = render_teacher_input(torch.stack(images).to(dev), got["views"], teacher)

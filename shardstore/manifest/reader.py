@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -12,7 +13,7 @@ from shardstore import kernels
 from shardstore.errors import ManifestError
 from shardstore.manifest.model import FieldSpec, Manifest, ShardEntry, manifest_path
 from shardstore.store.layout import OutsideRootError, check_within
-from shardstore.store.mmaps import MapCache
+from shardstore.store.mmaps import MapCache, shrunk_error
 
 log = logging.getLogger(__name__)
 
@@ -173,12 +174,27 @@ class ShardStore:
         """``(shard_position, row)`` of each global sample id (compiled kernel)."""
         return kernels.locate_rows(np.ascontiguousarray(sample_ids, dtype=np.int64), self.offsets)
 
-    def sample(self, sample_id: int) -> dict[str, np.ndarray]:
-        """One sample as zero-copy read-only views, by global id."""
+    def read(self, position: int, field: str, rows: Any = slice(None)) -> np.ndarray:
+        """A private copy of ``rows`` of ``field`` in the shard at ``position``.
+
+        Unlike copying a view from :meth:`field` with NumPy, a file truncated while it is mapped
+        is a ``CorruptShardError`` naming it, not a SIGBUS that kills the process.
+        """
+        try:
+            return kernels.copy_from_map(self.field(position, field)[rows], field)
+        except kernels.SourceFault:
+            raise shrunk_error(self.path(position, field), self.shards[position].files[field].bytes) from None
+
+    def position_of(self, sample_id: int) -> tuple[int, int]:
+        """``(position, row)`` of one global sample id."""
         if not 0 <= sample_id < self.num_samples:
             raise IndexError(f"sample id {sample_id} is out of range [0, {self.num_samples})")
         position = int(np.searchsorted(self.offsets, sample_id, side="right")) - 1
-        row = sample_id - int(self.offsets[position])
+        return position, sample_id - int(self.offsets[position])
+
+    def sample(self, sample_id: int) -> dict[str, np.ndarray]:
+        """One sample as zero-copy read-only views, by global id (copy with :meth:`read` to be safe from truncation)."""
+        position, row = self.position_of(sample_id)
         return {name: self.field(position, name)[row] for name in self.fields}
 
     def __repr__(self) -> str:

@@ -49,7 +49,8 @@ def temporary_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def _fmt_bytes(n: int) -> str:
+def format_bytes(n: int) -> str:
+    """``1,234 bytes``, ``5.2 MB``: a size for a message (decimal units)."""
     for unit in ("bytes", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
             return f"{n:,} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
@@ -67,10 +68,10 @@ def disk_full_error(path: str | os.PathLike[str], needed_bytes: int | None) -> D
     path = Path(path)
     try:
         free = shutil.disk_usage(path.parent if not path.is_dir() else path).free
-        free_s = f", {_fmt_bytes(free)} free"
+        free_s = f", {format_bytes(free)} free"
     except OSError:
         free_s = ""
-    need = f" needs {_fmt_bytes(needed_bytes)}" if needed_bytes is not None else " needs more space"
+    need = f" needs {format_bytes(needed_bytes)}" if needed_bytes is not None else " needs more space"
     return DiskFullError(f"no space left on device: writing {path}{need}{free_s}; free space on that "
                          "file system (or choose another directory) and run again — nothing was replaced")
 

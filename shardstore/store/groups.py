@@ -28,7 +28,7 @@ import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +37,7 @@ from shardstore.store.atomic import (
     disk_full_error, fsync_dir, is_disk_full, remove_stale_temporaries, temporary_sibling, write_bytes_atomic,
 )
 from shardstore.store.layout import FIELD_NAME, FLAT_FILE, MANIFEST_NAME, NATIVE_DIR
+from shardstore.store.writer import write_npy
 
 log = logging.getLogger(__name__)
 
@@ -214,22 +215,6 @@ def remove_stale_declaration_temporaries(root: str | os.PathLike[str]) -> int:
     return sum(remove_stale_temporaries(root, name) for name in sorted(names))
 
 
-def _write_npy(f: BinaryIO, array: np.ndarray) -> None:
-    """Write ``array`` as an ``.npy`` file to ``f`` through ``f.write``.
-
-    Not ``np.lib.format.write_array``: for a real file it uses ``tofile``, whose short write
-    on a full disk is an ``OSError`` without an errno ("N requested and M written"), which
-    could not be told apart from other failures.
-    """
-    array = np.asarray(array, order="C")  # (ascontiguousarray would turn a 0-d array into 1-d)
-    header = np.lib.format.header_data_from_array_1_0(array)
-    try:
-        np.lib.format.write_array_header_1_0(f, header)
-    except ValueError:  # a header over 64 KiB (a very long shape) needs format 2.0
-        np.lib.format.write_array_header_2_0(f, header)
-    f.write(memoryview(array.reshape(-1).view(np.uint8)))
-
-
 def add_shard_fields(targets: dict[str, Path], arrays: dict[str, np.ndarray], *, fsync: bool = True) -> None:
     """Write ``arrays[name]`` to ``targets[name]`` for every field, each file visible only when complete.
 
@@ -249,7 +234,7 @@ def add_shard_fields(targets: dict[str, Path], arrays: dict[str, np.ndarray], *,
             writing, tmp = path, temporary_sibling(path)
             temps[name] = tmp
             with open(tmp, "xb") as f:  # "x": never through a name that already exists (or a planted link)
-                _write_npy(f, arrays[name])
+                write_npy(f, arrays[name])  # plain writes: a full disk is ENOSPC, not a bare OSError
                 f.flush()
                 if fsync:
                     os.fsync(f.fileno())

@@ -15,7 +15,7 @@ MANIFEST_NAME = "manifest.json"
 MAX_SHARD_ID = 2**63 - 1
 
 _FIELD = r"[A-Za-z][A-Za-z0-9_]*"
-FIELD_NAME = re.compile(rf"^{_FIELD}$")
+FIELD_NAME = re.compile(rf"^{_FIELD}\Z")  # \Z: "$" would accept a trailing newline
 NATIVE_DIR = re.compile(r"^shard_(\d+)$")
 NATIVE_FILE = re.compile(rf"^({_FIELD})\.npy$")
 FLAT_FILE = re.compile(rf"^({_FIELD}?)_(\d+)\.npy$")

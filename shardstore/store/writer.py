@@ -13,7 +13,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from shardstore.errors import WriterError
-from shardstore.store.atomic import _fmt_bytes, disk_full_error, fsync_dir, is_disk_full, pid_alive
+from shardstore.store.atomic import format_bytes, disk_full_error, fsync_dir, is_disk_full, pid_alive
 from shardstore.store.npy import read_header_at
 from shardstore.store.layout import (
     NATIVE_DIR,
@@ -46,11 +46,11 @@ def check_shard_memory(shard_size: int, sample_bytes: int) -> None:
     if memory is None or need <= memory:
         return
     if sample_bytes > memory // 4:
-        raise WriterError(f"one sample of {_fmt_bytes(sample_bytes)} is too large for this machine's "
-                          f"{_fmt_bytes(memory)} of memory; store smaller samples")
+        raise WriterError(f"one sample of {format_bytes(sample_bytes)} is too large for this machine's "
+                          f"{format_bytes(memory)} of memory; store smaller samples")
     raise WriterError(
-        f"shard_size {shard_size:,} with {sample_bytes:,} bytes per sample needs {_fmt_bytes(need)} of memory for "
-        f"one shard's buffer, more than this machine's {_fmt_bytes(memory)}; choose a smaller shard_size "
+        f"shard_size {shard_size:,} with {sample_bytes:,} bytes per sample needs {format_bytes(need)} of memory for "
+        f"one shard's buffer, more than this machine's {format_bytes(memory)}; choose a smaller shard_size "
         f"(at most {memory // sample_bytes // 4:,} here; 2048 is usual)"
     )
 

@@ -114,7 +114,7 @@ def test_a_new_group_may_not_take_a_field_of_the_cache(cache: Path, capsys: pyte
 
 def test_a_full_disk_during_the_fill_is_one_line_and_the_next_run_finishes(
         cache: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_write, calls = groups_module._write_npy, []
+    real_write, calls = groups_module.write_npy, []
 
     def full(f, array):  # the second shard's first file meets a full disk halfway
         calls.append(1)
@@ -123,7 +123,7 @@ def test_a_full_disk_during_the_fill_is_one_line_and_the_next_run_finishes(
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(f, array)
 
-    monkeypatch.setattr(groups_module, "_write_npy", full)
+    monkeypatch.setattr(groups_module, "write_npy", full)
     before = tree(cache)
     one_line_error(*run(capsys, cache, *FILL), "no space left on device: writing ", "shard_000001",
                    "nothing was replaced")

@@ -73,7 +73,14 @@ except CorruptShardError as exc:
     error = str(exc)
 else:
     error = None
-print(json.dumps({"path": str(path), "error": error, "other_shard_ok": int(ds[0]["gid"]) == 0}))
+try:
+    store.read(2, "image", slice(0, 2))  # what cache-teacher reads a shard's images with
+except CorruptShardError as exc:
+    read_error = str(exc)
+else:
+    read_error = None
+print(json.dumps({"path": str(path), "error": error, "read_error": read_error,
+                  "other_shard_ok": int(ds[0]["gid"]) == 0}))
 """
 
 
@@ -102,5 +109,6 @@ def test_a_shard_truncated_while_mapped_is_named_at_the_batch_that_reads_it(tmp_
 def test_the_dataset_and_the_pager_survive_a_truncated_map(tmp_path: Path) -> None:
     root = write_gid_cache(tmp_path / "cache", image_shape=(3, 32, 32))
     out = run(DATASET, str(root))
-    assert out["error"] is not None and out["error"].startswith(f"{out['path']}: file shrank to 0 bytes while mapped")
+    for error in (out["error"], out["read_error"]):
+        assert error is not None and error.startswith(f"{out['path']}: file shrank to 0 bytes while mapped")
     assert out["other_shard_ok"]

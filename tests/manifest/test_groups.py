@@ -438,7 +438,7 @@ def test_add_shard_fields_on_a_full_disk_is_one_line_and_leaves_no_temporary(gro
     before = _tree(grouped)
     import shardstore.store.groups as groups_module
 
-    real_write = groups_module._write_npy
+    real_write = groups_module.write_npy
     calls = []
 
     def full(f, array):  # the second file finds the disk full halfway
@@ -448,7 +448,7 @@ def test_add_shard_fields_on_a_full_disk_is_one_line_and_leaves_no_temporary(gro
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(f, array)
 
-    monkeypatch.setattr(groups_module, "_write_npy", full)
+    monkeypatch.setattr(groups_module, "write_npy", full)
     with pytest.raises(DiskFullError, match=r"no space left on device: writing .*shard_000000/teacher_top\.npy needs "
                                             r"[\d.]+ (bytes|KB).*nothing was replaced") as exc:
         add_shard_fields(targets, {n: a + 1 for n, a in teacher_arrays(4).items()})
