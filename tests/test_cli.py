@@ -107,6 +107,21 @@ def test_build_manifest_reports_left_out_and_strict(native_cache: Path, capsys: 
     assert code == 1
 
 
+def test_a_changed_checksummed_file_is_reported_by_build_and_verify(native_cache: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    assert run(["build-manifest", str(native_cache), "--checksum"], capsys)[0] == 0
+    path = native_cache / "shard_000001" / "labels.npy"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # same size, new content
+    path.write_bytes(bytes(data))
+    code, _, err = run(["build-manifest", str(native_cache), "--strict"], capsys)
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("changed: shard_000001/labels.npy: ") and "--full --checksum" in lines[0]
+    assert run(["build-manifest", str(native_cache)], capsys)[0] == 0
+    assert run(["verify", str(native_cache)], capsys)[0] == 1  # the checksum survived both rebuilds
+
+
 def test_build_manifest_all_bad_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "images_000000.npy").write_bytes(b"junk")
     code, _, err = run(["build-manifest", str(tmp_path)], capsys)

@@ -123,8 +123,9 @@ def _root(root: str) -> Path:
 def build_manifest_cmd(
     root: Annotated[str, typer.Argument(help="Cache directory (native shard_<id>/ dirs or flat <field>_<id>.npy files).")],
     checksum: Annotated[bool, typer.Option("--checksum", help="Also hash every new file (SHA-256).")] = False,
-    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any shard is left out.")] = False,
-    full: Annotated[bool, typer.Option("--full", help="Read every header again instead of reusing unchanged entries.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any shard is left out or a checksummed file changed.")] = False,
+    full: Annotated[bool, typer.Option("--full", help="Start over, without the old manifest's entries and checksums "
+                                                      "(add --checksum to record new ones).")] = False,
 ) -> None:
     """Discover and validate shards, then write ROOT/manifest.json atomically."""
     path = _root(root)
@@ -136,6 +137,8 @@ def build_manifest_cmd(
         err.print(f"ignored field {name!r}: only {count} of the shards have it", markup=False)
     for problem in report.incomplete_groups:
         err.print(f"incomplete group: {problem}", markup=False)
+    for problem in report.changed:
+        err.print(f"changed: {problem}", markup=False)
     if not report.manifest.shards:
         raise ShardstoreError(f"no usable shards in {path} (every shard was left out, see above); fix them and rebuild")
     print_summary(path, report.manifest)
@@ -144,7 +147,7 @@ def build_manifest_cmd(
         + (f", checksummed: {report.files_checksummed:,}" if checksum else "") + ")",
         markup=False,
     )
-    if strict and report.problems:
+    if strict and (report.problems or report.changed):
         raise typer.Exit(1)
 
 

@@ -20,7 +20,6 @@ from shardstore.store.atomic import remove_stale_temporaries, write_bytes_atomic
 from shardstore.store.groups import GroupSpec, read_group_specs
 from shardstore.store.layout import MANIFEST_NAME, OUTSIDE_ROOT_FIX, OutsideRootError
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -184,7 +183,6 @@ def build_manifest(
     for rel, why in scan.changed:
         report.changed.append(Problem(rel, f"{why}; the recorded checksum is kept so `shardstore verify` fails "
                                            f"until you {fix}"))
-        log.warning("%s", report.changed[-1])
     if checksum:
         shards, failed = _add_checksums(root, shards, progress, report)
         problems.extend(failed)
