@@ -13,9 +13,11 @@ import multiprocessing
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ import yaml  # noqa: F401
 import shardstore.cli  # noqa: F401
 import shardstore.kd.teacher_cache  # noqa: F401
 import shardstore.kd.trainer  # noqa: F401
+import shardstore.store.ingest  # noqa: F401
 
 _LOGS = Path(tempfile.mkdtemp(prefix="shardstore-attack-"))
 atexit.register(shutil.rmtree, _LOGS, True)
@@ -81,7 +84,8 @@ class Outcome:
         return [line for line in self.err.splitlines() if line.strip()]
 
     def describe(self) -> str:
-        return f"exit {self.code} after {self.seconds:.1f} s; stderr tail: {self.err[-1500:]!r}; stdout tail: {self.out[-500:]!r}"
+        return (f"exit {self.code} after {self.seconds:.1f} s; stderr tail: {self.err[-1500:]!r}; "
+                f"stdout tail: {self.out[-500:]!r}")
 
 
 class Child:
@@ -202,9 +206,34 @@ def file_digests(root: Path, pattern: str = "**/*.npy") -> dict[str, bytes]:
             if not any(part.startswith(".") for part in p.relative_to(root).parts)}
 
 
-def kill_delays(seed: int, count: int, high_s: float) -> np.ndarray:
-    """``count`` kill delays in [0, high_s) seconds from a fixed-seed generator (the same every run)."""
-    return np.random.default_rng(seed).uniform(0.0, high_s, count)
+def dead_pid() -> int:
+    """The pid of a process that has exited (a killed writer's temporaries carry such a pid)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def plant_stale(directory: Path, name: str, *, directory_too: bool = False) -> Path:
+    """What a writer killed while replacing ``directory/name`` leaves: ``.<name>.tmp-<dead pid>-<hex>``."""
+    path = directory / f".{name}.tmp-{dead_pid()}-0badc0de"
+    if directory_too:
+        path.mkdir()
+        (path / "images.npy").write_bytes(b"\x93NUMPY half a shard")
+    else:
+        path.write_bytes(b"half of a file")
+    return path
+
+
+def kill_fractions(seed: int, count: int = 1000) -> Iterator[float]:
+    """Where in its work each kill lands, as fractions in [0, 1) from a fixed-seed generator (the same every run)."""
+    return iter(np.random.default_rng(seed).uniform(0.0, 1.0, count).tolist())
+
+
+def kill_delay(fraction: float, startup_s: float, whole_s: float, remaining: float = 1.0) -> float:
+    """Seconds after the start at which to kill: past the command's start-up (measured on a command that fails
+    at once), ``fraction`` of the way through the work still left (``remaining`` of an uninterrupted run's)."""
+    work_s = max(whole_s - startup_s, 0.0) * min(max(remaining, 0.05), 1.0)
+    return startup_s * 0.5 + fraction * (startup_s * 0.5 + work_s)
 
 
 # -- tiny training runs ---------------------------------------------------------------------
