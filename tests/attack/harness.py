@@ -8,6 +8,7 @@ it with no cleanup, and a crash in it (a traceback, SIGBUS, a hang) cannot take 
 from __future__ import annotations
 
 import atexit
+import fnmatch
 import importlib
 import multiprocessing
 import os
@@ -202,10 +203,21 @@ def assert_visible_npy_load(root: Path) -> int:
     return len(files)
 
 
-def file_digests(root: Path, pattern: str = "**/*.npy") -> dict[str, bytes]:
-    """The bytes of every visible file matching ``pattern`` (small caches only), by relative path."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.glob(pattern))
-            if not any(part.startswith(".") for part in p.relative_to(root).parts)}
+def file_digests(root: Path, pattern: str = "*.npy") -> dict[str, bytes]:
+    """The bytes of every visible file whose relative path matches ``pattern`` (``fnmatch``), by relative path.
+
+    Small caches only. Symlinks are neither followed nor read: the tests check that nothing else follows them.
+    """
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            if not name.startswith(".") and not os.path.islink(path) and fnmatch.fnmatchcase(rel, pattern):
+                with open(path, "rb") as f:
+                    found[rel] = f.read()
+    return dict(sorted(found.items()))
 
 
 def dead_pid() -> int:
