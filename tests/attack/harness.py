@@ -46,16 +46,19 @@ def _context() -> multiprocessing.context.BaseContext:
     return ctx
 
 
-def _child(kind: str, payload: Any, out_path: str, err_path: str, threads: int, nofile: int | None) -> None:
+def _child(kind: str, payload: Any, out_path: str, err_path: str, threads: int, nofile: int | None,
+           memory_bytes: int | None) -> None:
     """Runs in the child: output to files, one torch thread (deterministic and light), then the command."""
     for fd, path in ((1, out_path), (2, err_path)):
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(f, fd)
         os.close(f)
-    if nofile is not None:
-        import resource
+    import resource
 
+    if nofile is not None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+    if memory_bytes is not None:  # a runaway allocation fails in the child instead of starving the machine
+        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     import torch as _torch
 
     _torch.set_num_threads(threads)
@@ -92,14 +95,15 @@ class Outcome:
 class Child:
     """A running child; ``kill()`` sends SIGKILL, ``wait()`` collects its ``Outcome``."""
 
-    def __init__(self, kind: str, payload: Any, *, threads: int = 1, nofile: int | None = None) -> None:
+    def __init__(self, kind: str, payload: Any, *, threads: int = 1, nofile: int | None = None,
+                 memory_bytes: int | None = None) -> None:
         global _counter
         _counter += 1
         self.out_path = _LOGS / f"{os.getpid()}-{_counter}.out"
         self.err_path = _LOGS / f"{os.getpid()}-{_counter}.err"
         self.started = time.monotonic()
         self.proc = _context().Process(target=_child, args=(kind, payload, str(self.out_path), str(self.err_path),
-                                                            threads, nofile), daemon=True)
+                                                            threads, nofile, memory_bytes), daemon=True)
         self.proc.start()
 
     @property
@@ -139,14 +143,14 @@ def warm() -> None:
     assert outcome.code == 0, outcome.describe()
 
 
-def cli_start(*argv: str, threads: int = 1) -> Child:
+def cli_start(*argv: str, threads: int = 1, memory_bytes: int | None = None) -> Child:
     """``shardstore ARGV...`` in a child, running."""
-    return Child("cli", [str(a) for a in argv], threads=threads)
+    return Child("cli", [str(a) for a in argv], threads=threads, memory_bytes=memory_bytes)
 
 
-def cli(*argv: str, timeout: float = 120, threads: int = 1) -> Outcome:
+def cli(*argv: str, timeout: float = 120, threads: int = 1, memory_bytes: int | None = None) -> Outcome:
     """``shardstore ARGV...`` in a child, to the end (killed after ``timeout`` seconds: code None)."""
-    return cli_start(*argv, threads=threads).wait(timeout)
+    return cli_start(*argv, threads=threads, memory_bytes=memory_bytes).wait(timeout)
 
 
 def call(module: str, func: str, *args: Any, timeout: float = 120, nofile: int | None = None) -> Outcome:
