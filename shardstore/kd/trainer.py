@@ -85,11 +85,8 @@ class _Run:
         self.device = info.device
         check_seed(t.seed)
         self.run_dir = Path(t.run_dir)
-        prepare_run_dir(self.run_dir, create=info.is_main)
+        prepare_run_dir(self.run_dir, create=False)  # checked now, made once the data and models are known good
         self.ckpt = CheckpointManager(self.run_dir, keep_last=t.checkpoint.keep_last, keep_best=t.checkpoint.keep_best)
-        if info.is_main:  # what a killed earlier run left half-written (a writer's pid means something here only)
-            self.ckpt.remove_stale_temporaries(["config.yaml", "metrics.jsonl",
-                                                *(f"final_rank{r}.json" for r in range(info.world_size))])
         self.resume_path, self.resume_state = checkpoint_to_resume(self.ckpt, resume)
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         # A resumed run evaluates on the shards it held out when it began, however the cache grew since.
@@ -98,6 +95,11 @@ class _Run:
         self.teacher_dtype = next(self.teacher.parameters()).dtype if self.teacher is not None else None
         student = build_student(cfg)
         self.criterion = build_criterion(cfg, student, self.teacher, self.data.targets)
+        # A run refused above leaves no run directory behind.
+        prepare_run_dir(self.run_dir, create=info.is_main)
+        if info.is_main:  # what a killed earlier run left half-written (a writer's pid means something here only)
+            self.ckpt.remove_stale_temporaries(["config.yaml", "metrics.jsonl",
+                                                *(f"final_rank{r}.json" for r in range(info.world_size))])
         self.cached = None
         if self.data.targets is not None:
             # Which stored view each sample trains on: from (seed, rank, epoch, batch), like fresh views.
