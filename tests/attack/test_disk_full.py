@@ -92,7 +92,8 @@ def test_write_into_a_full_disk_is_one_line_and_keeps_the_shards_before(tmp_path
     before = file_digests(root)
     manifest = (root / "manifest.json").read_text()
 
-    full = cli("write", root, f"--from-npy=images={inputs / 'images.npy'}", f"--from-npy=labels={inputs / 'labels.npy'}",
+    full = cli("write", root, f"--from-npy=images={inputs / 'images.npy'}",
+               f"--from-npy=labels={inputs / 'labels.npy'}",
                "--shard-size=16")
     line = assert_no_space(full)
     after = file_digests(root)

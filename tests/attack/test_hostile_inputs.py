@@ -54,7 +54,8 @@ def test_an_alias_bomb_in_a_config_file_fails_fast(cache: Path, tmp_path: Path) 
     print(f"\nattack alias bomb in a config file ({outcome.seconds:.2f} s): {line}")
 
 
-@pytest.mark.parametrize("value", [BOMB, "&r {self: *r}", "&r [1, *r]"], ids=["bomb", "recursive-map", "recursive-list"])
+@pytest.mark.parametrize("value", [BOMB, "&r {self: *r}", "&r [1, *r]"],
+                         ids=["bomb", "recursive-map", "recursive-list"])
 def test_an_alias_in_a_set_value_fails_fast(cache: Path, tmp_path: Path, value: str) -> None:
     outcome = run("train", *run_sets(tmp_path / "run", cache), "--set", f"model.teacher.kwargs={value}",
                   "--device", "cpu")

@@ -14,8 +14,8 @@ from shardstore.manifest.model import Manifest
 from shardstore.store.groups import GroupSpec
 
 from .harness import (
-    assert_visible_npy_load, cli, cli_start, file_digests, kill_delay, kill_fractions, plant_stale, run_sets, temporaries,
-    tiny_cache, warm,
+    assert_visible_npy_load, cli, cli_start, file_digests, kill_delay, kill_fractions, plant_stale, run_sets,
+    temporaries, tiny_cache, warm,
 )
 
 SEED = 14

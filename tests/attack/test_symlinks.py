@@ -39,6 +39,7 @@ class Outside:
         (folder / "canary.npy").write_text(f"{self.canary} this is not an array; printing it leaks it\n")
         np.save(folder / "labels_same_size.npy", np.arange(16, dtype=np.int64) + 100)
         self.files = {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+        self.folders = [p for p in sorted(folder.rglob("*")) if p.is_dir()]
         self.atime_recorded = self._atime_works()
         self.mark()
 
@@ -58,7 +59,7 @@ class Outside:
 
     def assert_untouched(self, *outcomes: Outcome) -> None:
         if self.atime_recorded:  # first: reading the files here would move their access times
-            for p in sorted([self.folder, *self.files]):
+            for p in sorted([self.folder, *self.folders, *self.files]):
                 assert os.stat(p).st_atime == OLD_ATIME, f"{p} (outside the root) was read or listed"
         for outcome in outcomes:
             assert self.canary not in outcome.out + outcome.err, f"outside content printed: {outcome.describe()}"
@@ -95,6 +96,8 @@ def test_build_manifest_leaves_linked_shards_out_without_reading_them(tmp_path: 
     manifest = Manifest.from_json((root / "manifest.json").read_text())
     assert [s.id for s in manifest.shards] == [0, 1, 2, 4, 5]
     outside.assert_untouched(*runs)
+    for line in runs[0].err_lines:
+        print(f"\nattack symlinks, build-manifest: {line[:200]}")
 
 
 def test_verify_open_and_train_refuse_a_manifest_entry_linked_outside(tmp_path: Path, outside: Outside) -> None:
@@ -115,8 +118,10 @@ def test_verify_open_and_train_refuse_a_manifest_entry_linked_outside(tmp_path: 
     with pytest.raises(ManifestError, match=r"shard_000003/labels\.npy.*outside"):
         ShardStore.open(root)
     train = cli("train", *run_sets(tmp_path / "run", root), "--device", "cpu")
-    assert_one_line_error(train, "shard_000003/labels.npy")
+    line = assert_one_line_error(train, "shard_000003/labels.npy")
     outside.assert_untouched(verify, train)
+    print(f"\nattack symlinked manifest entry: verify exit {verify.code}: {verify.err_lines[-1][:160]}; "
+          f"train: {line[:160]}")
 
 
 def test_cache_teacher_overwrite_deletes_only_its_own_files(tmp_path: Path, outside: Outside) -> None:
@@ -151,4 +156,5 @@ def test_cache_teacher_overwrite_deletes_only_its_own_files(tmp_path: Path, outs
     assert hostile.code == 2, hostile.describe()
     assert file_digests(root, "shard_*/[il]*.npy") == base, "an edited declaration made --overwrite delete a base field"
     outside.assert_untouched(first, again, hostile)
+    print(f"\nattack symlinks, --overwrite: exit {again.code}; edited declaration: {hostile.err_lines[-1][:200]}")
     shutil.rmtree(notes)
