@@ -111,7 +111,7 @@ def test_disk_full_is_one_line_and_keeps_the_old_file(target: Path, monkeypatch:
     monkeypatch.undo()
     line = str(info.value)
     assert "\n" not in line
-    assert line.startswith(f"no space left on device: writing {target} needs 1.8 KB, ")  # len(NEW) == 1,760
+    assert line.startswith(f"no space left on device: writing {target} needs 1.8 KB")  # len(NEW) == 1,760
     assert line.endswith("nothing was replaced")
     assert target.read_bytes() == OLD and leftovers(target.parent) == []
 
@@ -121,9 +121,25 @@ def test_disk_full_in_write_atomic_names_the_size_hint(target: Path) -> None:
         f.write(b"x" * 10)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(DiskFullError, match=r"writing .*manifest.json needs 5.0 MB, [\d,.]+ \w+ free; free space"):
+    with pytest.raises(DiskFullError, match=r"writing .*manifest.json needs 5.0 MB(, [\d,.]+ \w+ free)?; free space"):
         write_atomic(target, full, size_hint=5_000_000)
     assert target.read_bytes() == OLD and leftovers(target.parent) == []
+
+
+@pytest.mark.parametrize(("free", "shown"), [(1_200_000, True), (6_000_000, False)])
+def test_disk_full_shows_the_free_space_only_when_it_explains_the_failure(target: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                         free: int, shown: bool) -> None:
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9 - free, free))
+
+    def full(f) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(DiskFullError) as info:
+        write_atomic(target, full, size_hint=5_000_000)
+    assert ("needs 5.0 MB, 1.2 MB free;" in str(info.value)) is shown
+    assert "needs 5.0 MB" in str(info.value)
 
 
 def test_remove_stale_temporaries_only_of_dead_writers(tmp_path: Path) -> None:
