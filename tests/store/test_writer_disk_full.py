@@ -46,7 +46,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_shard(tmp_path: Path, mon
     data = sample_arrays(10)
     fail_on_call(monkeypatch, 5, code)  # shard 0 has three fields; the second field of shard 1 fails
     with pytest.raises(DiskFullError, match=rf"^no space left on device: writing {root}/shard_000001 needs 536 "
-                                            r"bytes, [\d,.]+ \w+ free; free space on that file system") as exc:
+                                            r"bytes(, [\d,.]+ \w+ free)?; free space on that file system") as exc:
         with ShardWriter(root, 4, fsync=False) as writer:
             writer.add_batch(data)
     assert "\n" not in str(exc.value)
@@ -92,7 +92,7 @@ def test_cli_write_on_a_full_disk_is_one_line_exit_2(tmp_path: Path, monkeypatch
     lines = captured.err.strip().splitlines()
     # 4 samples x (192 image bytes + 8 + 8) and three 128-byte headers: 1,216 bytes
     assert len(lines) == 1 and lines[0].startswith(
-        f"shardstore: error: no space left on device: writing {tmp_path / 'c' / 'shard_000001'} needs 1.2 KB, ")
+        f"shardstore: error: no space left on device: writing {tmp_path / 'c' / 'shard_000001'} needs 1.2 KB")
     assert shard_names(tmp_path / "c") == ["shard_000000"]
 
 
