@@ -8,7 +8,15 @@ class ShardstoreError(Exception):
 
 
 class ConfigError(ShardstoreError):
-    """A configuration file, key or value is wrong."""
+    """A configuration file, key or value is wrong.
+
+    Config files are checked whole: ``problems`` holds one complete line per problem found (usually one), and
+    the message is those lines joined, so a user porting a config learns every foreign key in one run.
+    """
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("\n".join(problems))
+        self.problems: tuple[str, ...] = problems or ("configuration error",)
 
 
 class ManifestError(ShardstoreError):

@@ -13,7 +13,7 @@ import yaml
 from shardstore.config.data import DataConfig, data_config_from_dict
 from shardstore.config.model import ModelConfig, NetworkConfig
 from shardstore.config.overrides import SECTIONS, apply_overrides
-from shardstore.config.schema import from_mapping, load_yaml, parse_yaml, to_dict, yaml_problem
+from shardstore.config.schema import Problems, from_mapping, load_yaml, parse_yaml, to_dict, yaml_problem
 from shardstore.config.train import TrainConfig
 from shardstore.errors import ConfigError
 
@@ -43,16 +43,28 @@ def load_run_config(data_path: str | os.PathLike[str], train_path: str | os.Path
     In a file, ``cache_root`` is taken from the data file's folder, ``eval.cache_root`` from the train file's and
     the teacher's and student's ``checkpoint`` from the model file's; a path given with ``--set`` is taken from the
     current directory, like any path typed on a command line. ``run_dir`` stays relative to the current directory.
+
+    The three files are checked whole: every problem found in any of them (and in the overrides) comes in one
+    ``ConfigError``, one line each.
     """
     overrides = list(overrides)
     paths = {"data": Path(data_path), "train": Path(train_path), "model": Path(model_path)}
-    sections = {name: load_yaml(path, option=f"--{name}-config") for name, path in paths.items()}
-    apply_overrides(sections, overrides)
+    problems = Problems()
+    loaded = {name: problems.attempt(lambda: load_yaml(path, option=f"--{name}-config"))
+              for name, path in paths.items()}
+    sections = {name: values or {} for name, values in loaded.items()}
+    problems.attempt(lambda: apply_overrides(sections, overrides))
     _absolute_override_paths(sections, overrides)
     sources = {name: _source(path, name, overrides) for name, path in paths.items()}
-    data = data_config_from_dict(sections["data"], sources["data"])
-    train = from_mapping(TrainConfig, sections["train"], sources["train"])
-    model = from_mapping(ModelConfig, sections["model"], sources["model"])
+    # A file that could not be read is not checked again as an empty one (that would add "missing" lines).
+    data = problems.attempt(lambda: data_config_from_dict(sections["data"], sources["data"])) \
+        if loaded["data"] is not None else None
+    train = problems.attempt(lambda: from_mapping(TrainConfig, sections["train"], sources["train"])) \
+        if loaded["train"] is not None else None
+    model = problems.attempt(lambda: from_mapping(ModelConfig, sections["model"], sources["model"])) \
+        if loaded["model"] is not None else None
+    problems.raise_any()
+    assert data is not None and train is not None and model is not None
     folders = {name: path.absolute().parent for name, path in paths.items()}
     data = replace(data, cache_root=_resolve(data.cache_root, folders["data"]))
     if train.eval.cache_root is not None:
@@ -95,15 +107,20 @@ def run_config_from_yaml(text: str, source: str = "config.yaml") -> RunConfig:
         raise ConfigError(f"{source}: {yaml_problem(exc)}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: expected a mapping with sections data, train, model; got {type(values).__name__}")
+    problems = Problems()
     for name in values:
         if name not in SECTIONS:
-            raise ConfigError(f"unknown section `{name}` in {source}; the sections are data, train, model")
+            problems.add(f"unknown section `{name}` in {source}; the sections are data, train, model")
     for name in SECTIONS:
         if name not in values:
-            raise ConfigError(f"section `{name}` is missing in {source}; write the whole file with run_config_to_yaml")
-    return RunConfig(data=data_config_from_dict(values["data"], f"{source} (data)"),
-                     train=from_mapping(TrainConfig, values["train"], source, prefix="train."),
-                     model=from_mapping(ModelConfig, values["model"], source, prefix="model."))
+            problems.add(f"section `{name}` is missing in {source}; write the whole file with run_config_to_yaml")
+    problems.raise_any()
+    data = problems.attempt(lambda: data_config_from_dict(values["data"], f"{source} (data)"))
+    train = problems.attempt(lambda: from_mapping(TrainConfig, values["train"], source, prefix="train."))
+    model = problems.attempt(lambda: from_mapping(ModelConfig, values["model"], source, prefix="model."))
+    problems.raise_any()
+    assert data is not None and train is not None and model is not None
+    return RunConfig(data=data, train=train, model=model)
 
 
 class _Dumper(yaml.SafeDumper):

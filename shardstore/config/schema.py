@@ -10,6 +10,9 @@ import os
 import re
 import types
 import typing
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
@@ -28,6 +31,9 @@ _YAML_BOOL_WORDS = {True: ("on", "yes", "true"), False: ("off", "no", "false")}
 _QUOTED_KEY = re.compile(r"`([A-Za-z_]\w*)((?:\.\w+)*)`")
 # The range of a signed 64-bit integer: what NumPy, torch and the on-disk tables can hold.
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+# While ``from_mapping`` builds a dataclass, ``__post_init__``'s checks (``at_least``, ...) note their problems here
+# and let the others run, so one run reports every bad value of a file; outside it they raise at once.
+_POST_INIT_PROBLEMS: ContextVar[list[str] | None] = ContextVar("_POST_INIT_PROBLEMS", default=None)
 
 
 class YAMLAliasError(yaml.YAMLError):
@@ -91,35 +97,91 @@ def load_yaml(path: str | os.PathLike[str], *, option: str = "--config") -> dict
     return values
 
 
+class Problems:
+    """Problems found while checking a config, gathered so that all of them are reported in one ``ConfigError``."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def attempt(self, make: Callable[[], T]) -> T | None:
+        """``make()``, or None with its ``ConfigError``'s problems noted."""
+        try:
+            return make()
+        except ConfigError as exc:
+            self.lines.extend(exc.problems)
+            return None
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+
+    def raise_any(self) -> None:
+        """``ConfigError`` listing every problem noted, one line each; nothing when there is none."""
+        if self.lines:
+            raise ConfigError(*dict.fromkeys(self.lines))  # each once, in the order found
+
+
 def from_mapping(cls: type[T], values: dict[str, Any], source: str, *, prefix: str = "") -> T:
     """Build dataclass ``cls`` from a YAML mapping; every problem is a one-line ``ConfigError`` naming ``source``.
 
     ``prefix`` (``"loss."``) is put before key names in messages; nested dataclass fields are loaded with it.
     A ``ValueError`` from ``__post_init__`` comes back as ``ConfigError`` with the source and prefixed key names.
+    The mapping is checked whole: unknown keys, wrong types, missing keys and bad values found by ``__post_init__``
+    all come in one ``ConfigError`` (one line each); the values are checked once the keys and types are right.
     """
-    kwargs = check_fields(cls, values, source, prefix=prefix)
+    problems = Problems()
+    kwargs = problems.attempt(lambda: check_fields(cls, values, source, prefix=prefix))
     for f in _init_fields(cls):
-        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        if isinstance(values, dict) and f.name not in values and f.default is dataclasses.MISSING \
+                and f.default_factory is dataclasses.MISSING:
             fix = f.metadata.get("fix") or _article(describe(_hints(cls)[f.name]))
-            raise ConfigError(f"`{prefix}{f.name}` is missing in {source}; set it to {fix}")
+            problems.add(f"`{prefix}{f.name}` is missing in {source}; set it to {fix}")
+    problems.raise_any()
+    assert kwargs is not None
+    with _gathering_post_init() as found:
+        try:
+            instance = cls(**kwargs)
+        except ValueError as exc:
+            found.append(str(exc))
+        except Exception:
+            if not found:
+                raise
+            # A check that only noted its problem let __post_init__ go on to fail on that same value: the note says it.
+    for message in found:
+        problems.add(f"{source}: {_prefix_keys(message, cls, prefix)}")
+    problems.raise_any()
+    return instance
+
+
+@contextmanager
+def _gathering_post_init() -> Iterator[list[str]]:
+    """Within the block, ``at_least``, ``positive`` and ``between`` note their problem in the list yielded."""
+    found: list[str] = []
+    token = _POST_INIT_PROBLEMS.set(found)
     try:
-        return cls(**kwargs)
-    except ValueError as exc:
-        raise ConfigError(f"{source}: {_prefix_keys(str(exc), cls, prefix)}") from None
+        yield found
+    finally:
+        _POST_INIT_PROBLEMS.reset(token)
 
 
 def check_fields(cls: type, values: Any, source: str, *, prefix: str = "") -> dict[str, Any]:
-    """Check the keys and value types of a mapping for dataclass ``cls``; the converted values, missing keys allowed."""
+    """Check the keys and value types of a mapping for dataclass ``cls``; the converted values, missing keys allowed.
+
+    Every unknown key and wrongly typed value of the mapping (nested sections included) is reported in one
+    ``ConfigError``, one line each.
+    """
     if not isinstance(values, dict):
         what = f"`{prefix[:-1]}` must be" if prefix else "expected"
         what += " a mapping of keys to values"
         raise ConfigError(f"{source}: {what}, got {type(values).__name__}")
     hints = _hints(cls)
     out: dict[str, Any] = {}
+    problems = Problems()
     for key, value in values.items():
         if key not in hints:
-            raise ConfigError(f"unknown key `{prefix}{key}` in {source}{_suggest(cls, str(key), prefix)}")
-        out[key] = convert(hints[key], value, f"{prefix}{key}", source)
+            problems.add(f"unknown key `{prefix}{key}` in {source}{_suggest(cls, str(key), prefix)}")
+            continue
+        out[key] = problems.attempt(lambda: convert(hints[key], value, f"{prefix}{key}", source))
+    problems.raise_any()
     return out
 
 
@@ -287,20 +349,28 @@ def _article(text: str) -> str:
     return ("an " if text[0] in "aeiou" else "a ") + text
 
 
+def _value_problem(message: str) -> None:
+    """Note ``message`` while ``from_mapping`` gathers a file's problems; otherwise raise it as a ``ValueError``."""
+    found = _POST_INIT_PROBLEMS.get()
+    if found is None:
+        raise ValueError(message)
+    found.append(message)
+
+
 def at_least(name: str, value: int | float | None, low: int | float) -> None:
     """``ValueError`` unless ``value`` (``None`` passes) is at least ``low``."""
     if value is not None and not value >= low:
         what = "non-negative" if low == 0 else f"at least {low}"
-        raise ValueError(f"`{name}` must be {what}, got {value}")
+        _value_problem(f"`{name}` must be {what}, got {value}")
 
 
 def positive(name: str, value: int | float | None, example: str) -> None:
     """``ValueError`` unless ``value`` (``None`` passes) is above zero; ``example`` is a value to suggest."""
     if value is not None and not value > 0:
-        raise ValueError(f"`{name}` must be positive, got {value}; e.g. {example}")
+        _value_problem(f"`{name}` must be positive, got {value}; e.g. {example}")
 
 
 def between(name: str, value: float | None, low: float, high: float, meaning: str = "") -> None:
     """``ValueError`` unless ``low <= value <= high`` (``None`` passes)."""
     if value is not None and not low <= value <= high:
-        raise ValueError(f"`{name}` must be between {low:g} and {high:g}{meaning}, got {value}")
+        _value_problem(f"`{name}` must be between {low:g} and {high:g}{meaning}, got {value}")
