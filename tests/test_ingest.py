@@ -45,7 +45,7 @@ def test_load_image_resizes_and_center_crops_to_chw(tmp_path: Path) -> None:
 
 def test_image_folder_round_trip(tmp_path: Path) -> None:
     folder = make_folder(tmp_path / "imgs")
-    report = write_image_folder(tmp_path / "c", folder, image_size=16, shard_size=4, fsync=False)
+    report = write_image_folder(tmp_path / "c", folder, image_size=16, shard_size=4, shuffle_seed=None, fsync=False)
     assert report.samples_written == 10 and report.shards_written == [0, 1, 2]
     got = read(tmp_path / "c")
     assert got["images"].shape == (10, 3, 16, 16)
@@ -57,12 +57,13 @@ def test_image_folder_round_trip(tmp_path: Path) -> None:
 def test_bad_image_skip_and_stop(tmp_path: Path) -> None:
     folder = make_folder(tmp_path / "imgs")
     (folder / "dog" / "002.jpg").write_bytes(b"not an image")
-    report = write_image_folder(tmp_path / "c", folder, image_size=8, shard_size=4, fsync=False)
+    report = write_image_folder(tmp_path / "c", folder, image_size=8, shard_size=4, shuffle_seed=None, fsync=False)
     assert [p for p, _ in report.bad_inputs] == [str(folder / "dog" / "002.jpg")]
     got = read(tmp_path / "c")
     assert 7 not in got["ids"].tolist() and got["ids"].shape == (9,)
     with pytest.raises(ShardstoreError, match=r"dog/002.jpg: cannot decode image .*pass --on-error skip"):
-        write_image_folder(tmp_path / "d", folder, image_size=8, shard_size=4, on_error="stop", fsync=False)
+        write_image_folder(tmp_path / "d", folder, image_size=8, shard_size=4, on_error="stop", shuffle_seed=None,
+                           fsync=False)
     assert not any(p.name.startswith("shard_000001") for p in (tmp_path / "d").iterdir())
 
 
@@ -89,11 +90,12 @@ def test_folder_job_resumes_from_ids_without_rewriting(tmp_path: Path) -> None:
             raise KeyboardInterrupt  # the job dies with shard 0 complete and 2 samples buffered
 
     with pytest.raises(KeyboardInterrupt):
-        write_image_folder(root, folder, image_size=8, shard_size=4, fsync=False, progress=crash_after_seven)
-    assert sorted(p.name for p in root.iterdir()) == ["classes.json", "shard_000000"]
+        write_image_folder(root, folder, image_size=8, shard_size=4, shuffle_seed=None, fsync=False,
+                           progress=crash_after_seven)
+    assert sorted(p.name for p in root.iterdir()) == ["classes.json", "order.json", "shard_000000"]
     first = (root / "shard_000000" / "images.npy").stat().st_mtime_ns
     # The restarted job resumes after shard 0's last input id (5), without decoding 0..4 again.
-    report = write_image_folder(root, folder, image_size=8, shard_size=4, fsync=False)
+    report = write_image_folder(root, folder, image_size=8, shard_size=4, shuffle_seed=None, fsync=False)
     assert report.samples_already_written == 4 and report.samples_written == 5
     assert (root / "shard_000000" / "images.npy").stat().st_mtime_ns == first
     assert read(root)["ids"].tolist() == [0, 2, 3, 4, 5, 6, 7, 8, 9]

@@ -1,6 +1,6 @@
 """Mistakes and damage met while filling a cache, each one line (exit code 2 from the CLI), none a silent success:
-a broken ``classes.json``, a folder resume into a cache without ``ids``, a damaged ``ids.npy``, a shard size or
-an image size no machine can hold."""
+a broken ``classes.json``, a folder resume into a cache without ``ids``, a damaged ``ids.npy`` (in source order
+and in a shuffled order), a shard size or an image size no machine can hold."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from shardstore.cli import main
 from shardstore.errors import ShardstoreError, WriterError
-from shardstore.store import ingest
+from shardstore.store import decode
 from shardstore.store.ingest import write_arrays, write_image_folder
 from shardstore.store.writer import ShardWriter
 from tests.conftest import write_native
@@ -31,7 +31,7 @@ def cli(args: list[str], capsys: pytest.CaptureFixture) -> str:
 
 @pytest.fixture
 def started(tmp_path: Path) -> tuple[Path, Path]:
-    """An image folder of 10 images and a cache whose first job wrote shard 0 (4 images) of it."""
+    """An image folder of 10 images and a cache whose first job wrote shard 0 (4 images) of it, shuffled."""
     folder = make_folder(tmp_path / "imgs")
     root = tmp_path / "c"
     write_image_folder(root, folder, image_size=8, shard_size=4, num_shards=1, fsync=False)
@@ -65,42 +65,66 @@ def test_a_broken_classes_json_is_one_line(started: tuple[Path, Path], capsys: p
 
 def test_a_folder_resume_into_a_cache_without_ids_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     folder = make_folder(tmp_path / "imgs")
-    root = write_native(tmp_path / "c", 10, 4)  # images, labels, feats: no ids
-    message = (f"{root / 'shard_000002'} has no ids.npy: a folder ingest resumes after the last input id its shards "
-               "record, so it cannot continue a cache written without ids; write the folder to a new cache directory")
-    with pytest.raises(ShardstoreError, match=f"^{re.escape(message)}$"):
+    root = write_native(tmp_path / "c", 10, 4)  # images, labels, feats: no ids, no order.json
+    # Shards without order.json were written in source order: a shuffled job must not continue them.
+    unordered = (f"{root} holds shards but no order.json: they were written in source order, and this job asks for "
+                 "10 source rows shuffled with --shuffle-seed 0; pass --no-shuffle to continue this cache, or write "
+                 "to a new cache directory")
+    with pytest.raises(ShardstoreError, match=f"^{re.escape(unordered)}$"):
         write_image_folder(root, folder, image_size=8, shard_size=4, fsync=False)
-    assert cli(["write", root, "--from-folder", folder, "--image-size", 8, "--shard-size", 4], capsys) == message
+    assert cli(["write", root, "--from-folder", folder, "--image-size", 8, "--shard-size", 4], capsys) == unordered
+    assert not (root / "order.json").exists()
+    message = (f"{root / 'shard_000002'} has no ids.npy: an image ingest resumes after the last source row its "
+               "shards record, so it cannot continue a cache written without ids; write the images to a new cache "
+               "directory")
+    with pytest.raises(ShardstoreError, match=f"^{re.escape(message)}$"):
+        write_image_folder(root, folder, image_size=8, shard_size=4, shuffle_seed=None, fsync=False)
+    assert cli(["write", root, "--from-folder", folder, "--image-size", 8, "--shard-size", 4, "--no-shuffle"],
+               capsys) == message
 
 
 DAMAGE = {
     "past the end": lambda ids: ids + 100,
+    "negative": lambda ids: ids - 100,
     "not increasing": lambda ids: ids[::-1].copy(),
-    "before the job": lambda ids: ids - 1,
-    "repeated id": lambda ids: np.array([0, 1, 2, 2]),
+    "repeated id": lambda ids: ids[[0, 1, 2, 2]],
     "float": lambda ids: ids.astype(np.float64),
 }
 
 
-@pytest.mark.parametrize("damage", list(DAMAGE))
-def test_damaged_ids_stop_a_resumed_folder_ingest(started: tuple[Path, Path], capsys: pytest.CaptureFixture,
-                                                  damage: str) -> None:
-    folder, root = started
-    ids_path = root / "shard_000000" / "ids.npy"
-    np.save(ids_path, DAMAGE[damage](np.load(ids_path)))
-    fix = f"a folder ingest resumes after the last input id recorded there; delete {root / 'shard_000000'}"
+@pytest.mark.parametrize("shuffled", [True, False], ids=["shuffled", "source-order"])
+@pytest.mark.parametrize("damage", [*DAMAGE, "before the job"])
+def test_damaged_ids_stop_a_resumed_folder_ingest(tmp_path: Path, capsys: pytest.CaptureFixture, damage: str,
+                                                  shuffled: bool) -> None:
+    folder = make_folder(tmp_path / "imgs")
+    root = tmp_path / "c"
+    seed, flags = (0, []) if shuffled else (None, ["--no-shuffle"])
+    # The second job's shard 1 (rows at positions 4..7 of the order) is the one damaged.
+    write_image_folder(root, folder, image_size=8, shard_size=4, start_shard=1, num_shards=1, shuffle_seed=seed,
+                       fsync=False)
+    ids_path = root / "shard_000001" / "ids.npy"
+    ids = np.load(ids_path)
+    if damage == "before the job":  # rows from positions 0..3, which belong to the job owning shard 0
+        from shardstore.store.order import source_order
+
+        np.save(ids_path, source_order(10, seed)[:4])
+    else:
+        np.save(ids_path, DAMAGE[damage](ids))
+    fix = f"an image ingest resumes after the last source row recorded there; delete {root / 'shard_000001'}"
     with pytest.raises(ShardstoreError, match=rf"^{re.escape(str(ids_path))}: damaged \(.*\); {re.escape(fix)}"):
-        write_image_folder(root, folder, image_size=8, shard_size=4, fsync=False)
-    line = cli(["write", root, "--from-folder", folder, "--image-size", 8, "--shard-size", 4], capsys)
+        write_image_folder(root, folder, image_size=8, shard_size=4, start_shard=1, shuffle_seed=seed, fsync=False)
+    line = cli(["write", root, "--from-folder", folder, "--image-size", 8, "--shard-size", 4, "--start-shard", 1,
+                *flags], capsys)
     assert line.startswith(f"{ids_path}: damaged (") and fix in line
-    assert sorted(p.name for p in root.iterdir()) == ["classes.json", "shard_000000"]  # nothing written, nothing lost
+    # nothing written, nothing lost
+    assert sorted(p.name for p in root.iterdir()) == ["classes.json", "order.json", "shard_000001"]
 
 
 def test_a_truncated_ids_file_is_one_line(started: tuple[Path, Path]) -> None:
     folder, root = started
     ids_path = root / "shard_000000" / "ids.npy"
     ids_path.write_bytes(ids_path.read_bytes()[:-8])  # the header still promises 4 ids
-    with pytest.raises(ShardstoreError, match=rf"^{re.escape(str(ids_path))}: unreadable \(.*\); a folder ingest"):
+    with pytest.raises(ShardstoreError, match=rf"^{re.escape(str(ids_path))}: unreadable \(.*\); an image ingest"):
         write_image_folder(root, folder, image_size=8, shard_size=4, fsync=False)
 
 
@@ -152,7 +176,7 @@ def test_an_impossible_image_size_is_refused_before_any_image_is_read(tmp_path: 
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     folder = make_folder(tmp_path / "imgs")
     decoded = []
-    monkeypatch.setattr(ingest, "load_image", lambda path, size: decoded.append(path) or np.zeros((3, 1, 1)))
+    monkeypatch.setattr(decode, "load_image", lambda path, size: decoded.append(path) or np.zeros((3, 1, 1)))
     message = ("image size 100,000 makes 10,000,000,000-pixel images, more than Pillow decodes (89,478,485 pixels); "
                "choose an image size of at most 9,459 (e.g. 64 or 224)")
     with pytest.raises(ShardstoreError, match=f"^{re.escape(message)}$"):

@@ -1,23 +1,27 @@
-"""Filling a cache from whole-dataset ``.npy`` files or from an image folder (one subfolder per class)."""
+"""Filling a cache from whole-dataset ``.npy`` files, an image folder (one subfolder per class) or any image source."""
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Protocol
 
 import numpy as np
 
 from shardstore.errors import ShardstoreError
 from shardstore.store.atomic import write_bytes_atomic
-from shardstore.store.layout import check_field_name, field_file_name, shard_dir_name
+from shardstore.store.decode import (  # noqa: F401  (load_image and check_image_size are used from here too)
+    DEFAULT_CHUNK_ROWS, ImageInput, check_image_size, decode_in_order, default_workers, load_image,
+)
+from shardstore.store.layout import check_field_name
 from shardstore.store.npy import open_npy
-from shardstore.store.writer import ShardWriter, check_shard_memory
+from shardstore.store.order import record_order, resume_position, source_order
+from shardstore.store.writer import ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -43,42 +47,6 @@ def job_range(total: int, shard_size: int, start_shard: int, num_shards: int | N
     start = min(total, start_shard * shard_size)
     stop = total if num_shards is None else min(total, (start_shard + num_shards) * shard_size)
     return start, stop
-
-
-def _resume_input_position(writer: ShardWriter, start: int, stop: int) -> int:
-    """Input row after the last one already on disk, read from the ``ids`` field of the last leading shard.
-
-    The ids are checked (one per row, increasing, inside this job's inputs ``[start, stop)``): a damaged
-    file would otherwise move the resume point, past the end in the worst case, and the job would
-    write nothing and report success.
-    """
-    skip = writer.samples_to_skip
-    if not skip:
-        return start
-    k = (skip - 1) // writer.shard_size
-    rows = skip - k * writer.shard_size
-    shard_dir = writer.root / shard_dir_name(writer.shard_id(k))
-    ids_path = shard_dir / field_file_name("ids")
-    damaged = (f"a folder ingest resumes after the last input id recorded there; delete {shard_dir} "
-               "(it is written again) and run again")
-    try:
-        ids = np.load(ids_path, mmap_mode="r", allow_pickle=False)
-    except FileNotFoundError:
-        raise ShardstoreError(
-            f"{shard_dir} has no ids.npy: a folder ingest resumes after the last input id its shards record, so it "
-            "cannot continue a cache written without ids; write the folder to a new cache directory"
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise ShardstoreError(f"{ids_path}: unreadable ({' '.join(str(exc).split())}); {damaged}") from None
-    if ids.shape != (rows,) or ids.dtype.kind not in "iu":
-        raise ShardstoreError(f"{ids_path}: damaged (holds {ids.dtype} {list(ids.shape)}, expected {rows} integer "
-                              f"ids, one per sample of the shard); {damaged}")
-    ids = np.asarray(ids, dtype=np.int64)
-    last = int(ids[-1])
-    if np.any(np.diff(ids) <= 0) or int(ids[0]) < start or last >= stop or last - start + 1 < skip:
-        raise ShardstoreError(f"{ids_path}: damaged (ids {int(ids[0])}..{last} are not {rows} increasing input "
-                              f"rows of this job's {start}..{stop - 1}); {damaged}")
-    return last + 1
 
 
 # -- whole-dataset arrays ------------------------------------------------------------------
@@ -134,7 +102,26 @@ def write_arrays(
     return report
 
 
-# -- image folders -------------------------------------------------------------------------
+# -- image sources ---------------------------------------------------------------------------
+
+
+class ImageSource(Protocol):
+    """What an image ingest reads: ``num_rows`` rows, each an encoded image and an integer label.
+
+    ``inputs(rows)`` returns what a decoding process needs for those rows (paths or encoded bytes, which
+    travel to it by pipe), ``describe(row)`` names a row in a message (its file, or the dataset and row).
+    """
+
+    classes: list[str] | None
+    classes_origin: str
+    labels: np.ndarray
+
+    @property
+    def num_rows(self) -> int: ...
+
+    def inputs(self, rows: np.ndarray) -> Sequence[ImageInput]: ...
+
+    def describe(self, row: int) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -144,6 +131,20 @@ class ImageFolder:
     classes: list[str]
     paths: list[Path]
     labels: np.ndarray
+    classes_origin: ClassVar[str] = "the folder's class subfolders"
+
+    @property
+    def num_rows(self) -> int:
+        """Images in the folder."""
+        return len(self.paths)
+
+    def inputs(self, rows: np.ndarray) -> list[ImageInput]:
+        """The rows' file paths (each decoding process opens its files itself)."""
+        return [str(self.paths[int(r)]) for r in rows]
+
+    def describe(self, row: int) -> str:
+        """The row's file."""
+        return str(self.paths[row])
 
 
 def list_image_folder(folder: str | os.PathLike[str]) -> ImageFolder:
@@ -168,36 +169,7 @@ def list_image_folder(folder: str | os.PathLike[str]) -> ImageFolder:
     return ImageFolder(classes, paths, np.asarray(labels, dtype=np.int64))
 
 
-def load_image(path: Path, size: int) -> np.ndarray:
-    """Decode an image, resize its shorter side to ``size``, center-crop to a square: uint8 CHW RGB."""
-    from PIL import Image  # Pillow is needed only for image folders
-
-    with Image.open(path) as img:
-        img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale that is still >= size
-        img = img.convert("RGB")
-        w, h = img.size
-        scale = size / min(w, h)
-        new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=None)
-        left, top = (new_w - size) // 2, (new_h - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-        return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
-
-
-def _decoded(paths: Sequence[Path], size: int, workers: int) -> Iterator[np.ndarray | Exception]:
-    def one(path: Path) -> np.ndarray | Exception:
-        try:
-            return load_image(path, size)
-        except Exception as exc:  # noqa: BLE001 - Pillow raises many kinds; each is reported with the file name
-            return exc
-
-    # Pillow releases the GIL while decoding, so a few threads keep both cores busy.
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for lo in range(0, len(paths), 256):
-            yield from pool.map(one, paths[lo : lo + 256])
-
-
-def write_classes(root: Path, classes: list[str]) -> None:
+def write_classes(root: Path, classes: list[str], origin: str = ImageFolder.classes_origin) -> None:
     """Record the class names (label ``i`` is ``classes[i]``) in ``ROOT/classes.json``; jobs must agree."""
     path = root / CLASSES_FILE
     if path.exists():
@@ -206,11 +178,11 @@ def write_classes(root: Path, classes: list[str]) -> None:
         except (OSError, ValueError) as exc:
             raise ShardstoreError(
                 f"{path}: not a readable list of class names ({' '.join(str(exc).split())}); delete it and run "
-                "again: it is written again from the folder's class subfolders"
+                f"again: it is written again from {origin}"
             ) from None
         if not isinstance(existing, list) or not all(isinstance(name, str) for name in existing):
             raise ShardstoreError(f"{path}: expected a list of class names, got {type(existing).__name__}; delete "
-                                  "it and run again: it is written again from the folder's class subfolders")
+                                  f"it and run again: it is written again from {origin}")
         if existing != classes:
             raise ShardstoreError(
                 f"{path} lists other classes than {len(classes)} found now; write to a new cache or delete it"
@@ -219,22 +191,64 @@ def write_classes(root: Path, classes: list[str]) -> None:
     write_bytes_atomic(path, (json.dumps(classes, indent=1) + "\n").encode())
 
 
-def check_image_size(image_size: int, shard_size: int) -> None:
-    """``ShardstoreError`` for an image size no image can be decoded to, or whose shard cannot be held in memory.
+def write_images(
+    root: str | os.PathLike[str],
+    source: ImageSource,
+    *,
+    image_size: int,
+    shard_size: int = 2048,
+    start_shard: int = 0,
+    num_shards: int | None = None,
+    on_error: str = "skip",
+    workers: int | None = None,
+    shuffle_seed: int | None = 0,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    fsync: bool = True,
+    progress: Progress | None = None,
+) -> IngestReport:
+    """Write an image source as shards of ``images`` (uint8 CHW), ``labels`` (int64) and ``ids`` (source row).
 
-    Checked before any image is read: otherwise every image fails alike and is reported as "cannot decode".
+    Rows are written in ``source_order(num_rows, shuffle_seed)`` (a seeded permutation; ``None`` keeps the
+    source order), recorded in ``ROOT/order.json``; position ``p`` of that order belongs to the job owning
+    shard ``p // shard_size``, so parallel jobs take disjoint ``start_shard``/``num_shards`` ranges. A
+    restarted job keeps its complete shards and resumes after the last source row they record, without
+    decoding the rows before it. ``workers`` processes decode (default: one per core, at most 4); the
+    images reach the writer in order, so the cache is the same byte for byte with any number of them.
+    Unreadable images are skipped and counted (``on_error="skip"``) or stop the job with the row named
+    (``"stop"``); skipped images make the job's last shard short.
     """
-    from PIL import Image  # Pillow is needed only for image folders
-
-    if image_size < 1:
-        raise ShardstoreError(f"image size must be at least 1 pixel, got {image_size}")
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit and image_size * image_size > limit:
-        raise ShardstoreError(
-            f"image size {image_size:,} makes {image_size * image_size:,}-pixel images, more than Pillow decodes "
-            f"({limit:,} pixels); choose an image size of at most {math.isqrt(limit):,} (e.g. 64 or 224)"
-        )
-    check_shard_memory(shard_size, 3 * image_size * image_size + 16)  # images, labels and ids
+    if on_error not in ("skip", "stop"):
+        raise ShardstoreError(f"on_error must be 'skip' or 'stop', got {on_error!r}")
+    check_image_size(image_size, shard_size)
+    root = Path(root)
+    order = source_order(source.num_rows, shuffle_seed)
+    start, stop = job_range(source.num_rows, shard_size, start_shard, num_shards)
+    report = IngestReport(inputs_in_range=stop - start)
+    with ShardWriter(root, shard_size, start_shard=start_shard, num_shards=num_shards, fsync=fsync) as writer:
+        record_order(root, order, shuffle_seed)
+        if source.classes is not None:
+            write_classes(root, source.classes, source.classes_origin)
+        resume = resume_position(writer, order, start, stop)
+        report.samples_already_written = writer.skip_existing()
+        if progress is not None and resume > start:
+            progress(resume - start)
+        decoded = decode_in_order(order[resume:stop], source.inputs, image_size,
+                                  workers=workers or default_workers(), chunk_rows=chunk_rows)
+        with closing(decoded):  # an error below stops the decoding processes at once
+            for row, image in decoded:
+                if isinstance(image, str):
+                    if on_error == "stop":
+                        raise ShardstoreError(f"{source.describe(row)}: cannot decode image ({image}); fix or remove "
+                                              "it, or pass --on-error skip")
+                    log.warning("%s: cannot decode image (%s); skipped", source.describe(row), image)
+                    report.bad_inputs.append((source.describe(row), image))
+                else:
+                    writer.add({"images": image, "labels": source.labels[row], "ids": np.int64(row)})
+                if progress is not None:
+                    progress(1)
+    report.shards_written = writer.shards_written
+    report.samples_written = writer.samples_written
+    return report
 
 
 def write_image_folder(
@@ -247,44 +261,16 @@ def write_image_folder(
     num_shards: int | None = None,
     on_error: str = "skip",
     workers: int | None = None,
+    shuffle_seed: int | None = 0,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
     fsync: bool = True,
     progress: Progress | None = None,
 ) -> IngestReport:
-    """Write an image folder as shards of ``images`` (uint8 CHW), ``labels`` (int64) and ``ids`` (input index).
+    """Write an image folder (a path, or what ``list_image_folder`` returned for it), as ``write_images`` does.
 
-    ``folder`` is a path or what ``list_image_folder`` returned for it.
-    Image ``i`` of the sorted listing belongs to the job owning shard ``i // shard_size``.
-    Unreadable images are skipped and counted (``on_error="skip"``) or stop the job with
-    the file named (``"stop"``); skipped images make the job's last shard short.
+    ``ids`` are indices into the sorted listing (classes in name order, files sorted within each class).
     """
-    if on_error not in ("skip", "stop"):
-        raise ShardstoreError(f"on_error must be 'skip' or 'stop', got {on_error!r}")
-    check_image_size(image_size, shard_size)
-    root = Path(root)
     listing = folder if isinstance(folder, ImageFolder) else list_image_folder(folder)
-    classes, paths, labels = listing.classes, listing.paths, listing.labels
-    start, stop = job_range(len(paths), shard_size, start_shard, num_shards)
-    report = IngestReport(inputs_in_range=stop - start)
-    workers = workers or min(4, (os.cpu_count() or 1) + 1)
-    with ShardWriter(root, shard_size, start_shard=start_shard, num_shards=num_shards, fsync=fsync) as writer:
-        write_classes(root, classes)
-        resume = _resume_input_position(writer, start, stop)
-        report.samples_already_written = writer.skip_existing()
-        if progress is not None and resume > start:
-            progress(resume - start)
-        for i, image in zip(range(resume, stop), _decoded(paths[resume:stop], image_size, workers)):
-            if isinstance(image, Exception):
-                reason = " ".join(str(image).split()) or type(image).__name__
-                if on_error == "stop":
-                    raise ShardstoreError(
-                        f"{paths[i]}: cannot decode image ({reason}); fix or remove it, or pass --on-error skip"
-                    )
-                log.warning("%s: cannot decode image (%s); skipped", paths[i], reason)
-                report.bad_inputs.append((str(paths[i]), reason))
-            else:
-                writer.add({"images": image, "labels": labels[i], "ids": np.int64(i)})
-            if progress is not None:
-                progress(1)
-    report.shards_written = writer.shards_written
-    report.samples_written = writer.samples_written
-    return report
+    return write_images(root, listing, image_size=image_size, shard_size=shard_size, start_shard=start_shard,
+                        num_shards=num_shards, on_error=on_error, workers=workers, shuffle_seed=shuffle_seed,
+                        chunk_rows=chunk_rows, fsync=fsync, progress=progress)
