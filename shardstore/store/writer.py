@@ -15,6 +15,7 @@ import numpy as np
 from shardstore.errors import WriterError
 from shardstore.store.atomic import format_bytes, disk_full_error, fsync_dir, is_disk_full, pid_alive
 from shardstore.store.npy import read_header_at
+from shardstore.store.shard_fields import describe_field, group_fields, read_shard_fields
 from shardstore.store.layout import (
     NATIVE_DIR,
     NATIVE_FILE,
@@ -96,6 +97,10 @@ class ShardWriter:
     samples it may skip without decoding) and writes only the missing shards.
     Only the last shard of a writer may be short; it is written by ``close()``, and
     never when the ``with`` block exits on an exception.
+
+    A cache has one dtype and per-sample shape per field: a writer whose samples differ from the
+    shards already in the root (another image size, say) is refused at its first sample, before
+    it writes anything; otherwise its shards, or the older ones, would be left out of the manifest.
     """
 
     def __init__(
@@ -134,6 +139,7 @@ class ShardWriter:
         self.samples_skipped = 0
         self.shards_written: list[int] = []
 
+        self._reference_shard: Path | None = None  # a complete shard already in the root (any writer's)
         self._remove_stale_temporaries()
         self._existing = self._find_existing_shards()
         self.samples_to_skip = self._count_leading_complete()
@@ -163,9 +169,12 @@ class ShardWriter:
     def _find_existing_shards(self) -> dict[int, int]:
         """``{k: rows}`` for the complete shards of this writer's range already on disk."""
         found: dict[int, int] = {}
+        reference = -1
         for entry in self.root.iterdir():
             m = NATIVE_DIR.match(entry.name)
             if m and entry.is_dir():
+                if reference < 0 or int(m.group(1)) < reference:
+                    reference, self._reference_shard = int(m.group(1)), entry
                 k = self._owns(int(m.group(1)))
                 if k is not None:
                     found[k] = _existing_shard_rows(entry)
@@ -207,6 +216,36 @@ class ShardWriter:
 
     # -- taking samples ----------------------------------------------------------------
 
+    def check_fields(self, fields: Mapping[str, tuple[np.dtype, tuple[int, ...]]]) -> None:
+        """``WriterError`` when shards already in the root have other fields, dtypes or per-sample shapes.
+
+        Called with the first sample; a producer that knows its fields before decoding anything may call it
+        first. Fields that groups added to the existing shards (cached teacher targets) are not compared.
+        """
+        if self._reference_shard is None:
+            return
+        try:
+            existing = read_shard_fields(self._reference_shard)
+        except (OSError, ValueError) as exc:  # build-manifest reports a damaged shard; this one proves nothing
+            log.warning("%s: cannot read its headers (%s); not compared with the new samples",
+                        self._reference_shard, exc)
+            return
+        groups = group_fields(self.root)
+        if groups is not None:
+            existing = {n: f for n, f in existing.items() if n not in groups}
+        new = {n: (np.dtype(d), tuple(int(x) for x in s)) for n, (d, s) in fields.items()}
+        # With unreadable group declarations, a field only the old shards have may be a group's: not compared.
+        names = [*new, *(n for n in existing if n not in new and groups is not None)]
+        differ = [n for n in names if existing.get(n) != new.get(n)]
+        if not differ:
+            return
+        raise WriterError(
+            f"{self.root} holds shards ({self._reference_shard.name}, ...) with "
+            f"{', '.join(describe_field(n, existing.get(n)) for n in differ)}, this write gives "
+            f"{', '.join(describe_field(n, new.get(n)) for n in differ)}; a cache has one dtype and per-sample shape "
+            "per field (other shards would be left out of its manifest): write to a new cache directory"
+        )
+
     def _set_schema(self, sample: Mapping[str, Any], batched: bool) -> None:
         schema = {}
         for name, value in sample.items():
@@ -218,6 +257,7 @@ class ShardWriter:
             schema[name] = (arr.dtype, tuple(int(d) for d in shape))
         if not schema:
             raise WriterError("a sample must have at least one field, e.g. {'images': array}")
+        self.check_fields(schema)
         sample_bytes = sum(d.itemsize * int(np.prod(s, dtype=object)) for d, s in schema.values())
         check_shard_memory(self.shard_size, sample_bytes)
         try:
