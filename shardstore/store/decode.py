@@ -46,11 +46,18 @@ def default_workers() -> int:
 
 def load_image(source: ImageInput, size: int) -> np.ndarray:
     """Decode an image, resize its shorter side to ``size``, center-crop to a square: uint8 CHW RGB."""
-    from PIL import Image  # Pillow is needed only for images
+    from PIL import Image, UnidentifiedImageError  # Pillow is needed only for images
 
-    if isinstance(source, bytes) and not source:
-        raise ValueError("no image: the cell holds neither image bytes nor a file path")
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+    if isinstance(source, bytes):
+        if not source:
+            raise ValueError("no image: the cell holds neither image bytes nor a file path")
+        try:
+            opened = Image.open(io.BytesIO(source))
+        except UnidentifiedImageError:  # its own message names a BytesIO object's address
+            raise UnidentifiedImageError(f"cannot identify an image format in {len(source):,} bytes") from None
+    else:
+        opened = Image.open(source)
+    with opened as img:
         img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale that is still >= size
         img = img.convert("RGB")
         w, h = img.size
