@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib import metadata as _metadata
+
 from shardstore import kernels as _kernels  # noqa: F401  (fails loudly when the extension is not built)
 from shardstore.errors import ConfigError, CorruptShardError, ManifestError, ShardstoreError, WriterError
 from shardstore.manifest.build import BuildReport, build_manifest
@@ -10,7 +12,10 @@ from shardstore.manifest.reader import ShardStore
 from shardstore.manifest.verify import verify_checksums
 from shardstore.store.writer import ShardWriter
 
-__version__ = "0.1.0"
+try:  # one version, pyproject.toml's, as the installed package's metadata says it
+    __version__ = _metadata.version("shardstore")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "BuildReport",

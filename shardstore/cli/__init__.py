@@ -17,6 +17,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from shardstore import __version__
 from shardstore.errors import ManifestError, ShardstoreError
 from shardstore.manifest.build import build_manifest
 from shardstore.manifest.model import Manifest, manifest_path
@@ -27,9 +28,14 @@ from shardstore.store.groups import read_group_specs
 
 app = typer.Typer(
     name="shardstore",
-    help="Shard-level random epochs over a memory-mapped tensor cache.",
+    help="Shard-level random epochs over a memory-mapped tensor cache: write a cache, build its manifest, "
+         "train a student by distillation from it.",
     add_completion=False,
-    no_args_is_help=True,
+    # `shardstore` alone prints the help (see main); -h works everywhere --help does.
+    context_settings={"help_option_names": ["-h", "--help"]},
+    # Plain help, as click writes it: a flag reads `--checksum`, never `--checksum <bool>` (rich mode's rendering),
+    # and the text stays readable in a log file or a narrow terminal.
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
 # Piped or logged output gets room for the wider tables (rich would assume 80 columns). Markup and emoji codes
@@ -119,15 +125,20 @@ def _root(root: str) -> Path:
     return path
 
 
-@app.command("build-manifest")
+@app.command("build-manifest", short_help="Discover and validate shards; write ROOT/manifest.json.")
 def build_manifest_cmd(
-    root: Annotated[str, typer.Argument(help="Cache directory (native shard_<id>/ dirs or flat <field>_<id>.npy files).")],
-    checksum: Annotated[bool, typer.Option("--checksum", help="Also hash every new file (SHA-256).")] = False,
+    root: Annotated[str, typer.Argument(metavar="ROOT", help="Cache directory (native shard_<id>/ dirs or flat <field>_<id>.npy files).")],
+    checksum: Annotated[bool, typer.Option("--checksum", help="Also hash every new file (SHA-256), for `shardstore verify`.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any shard is left out or a checksummed file changed.")] = False,
     full: Annotated[bool, typer.Option("--full", help="Start over, without the old manifest's entries and checksums "
                                                       "(add --checksum to record new ones).")] = False,
 ) -> None:
-    """Discover and validate shards, then write ROOT/manifest.json atomically."""
+    """Discover and validate shards, then write ROOT/manifest.json atomically.
+
+    Needs: a directory of shards, written by `shardstore write` or by hand with np.save
+    (ROOT/shard_<id>/<field>.npy or ROOT/<field>_<id>.npy). Run it again whenever shards are added:
+    unchanged shards are not read again. Bad shards are left out and listed, never fatal.
+    """
     path = _root(root)
     with _progress("checksums", None, bytes_=True) as advance:
         report = build_manifest(path, checksum=checksum, incremental=not full, progress=advance if checksum else None)
@@ -151,9 +162,12 @@ def build_manifest_cmd(
         raise typer.Exit(1)
 
 
-@app.command()
-def info(root: Annotated[str, typer.Argument(help="Cache directory holding manifest.json.")]) -> None:
-    """Print the manifest summary of a cache."""
+@app.command(short_help="Print a cache's manifest summary (reads no shard).")
+def info(root: Annotated[str, typer.Argument(metavar="ROOT", help="Cache directory holding manifest.json.")]) -> None:
+    """Print the manifest summary of a cache: shards, samples, bytes, fields, groups.
+
+    Needs: ROOT/manifest.json (run `shardstore build-manifest ROOT` first). Reads no shard.
+    """
     path = _root(root)
     manifest = load_manifest(path)
     print_summary(path, manifest)
@@ -169,9 +183,13 @@ def info(root: Annotated[str, typer.Argument(help="Cache directory holding manif
         out.print(f"left out: {problem}", markup=False)
 
 
-@app.command()
-def verify(root: Annotated[str, typer.Argument(help="Cache directory holding manifest.json.")]) -> None:
-    """Recompute every file's checksum and report the files that no longer match (exit 1)."""
+@app.command(short_help="Check every file against the manifest's checksums.")
+def verify(root: Annotated[str, typer.Argument(metavar="ROOT", help="Cache directory holding manifest.json.")]) -> None:
+    """Recompute every file's checksum and report the files that no longer match (exit 1).
+
+    Needs: checksums recorded in the manifest by `shardstore build-manifest --checksum ROOT`
+    (a manifest without any is refused with that hint). Reads every checksummed byte once.
+    """
     path = _root(root)
     manifest = load_manifest(path)
     total = sum(f.bytes for s in manifest.shards for f in s.files.values() if f.checksum)
@@ -187,16 +205,29 @@ def verify(root: Annotated[str, typer.Argument(help="Cache directory holding man
         raise typer.Exit(1)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"shardstore {__version__}", markup=False)
+        raise typer.Exit()
+
+
 @app.callback()
 def _options(
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what the library does.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error instead of its one line.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what the library does (INFO: shards read, "
+                                          "threads chosen, checkpoints written) on stderr.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
 ) -> None:
+    """Options before the command apply to every command: `shardstore -v train ...`."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _fail(message: str) -> int:
-    sys.stderr.write(f"shardstore: error: {' '.join(message.split())}\n")
+def _fail(message: str | ShardstoreError) -> int:
+    """Exit code 2 after one line on stderr per problem (a config checked whole may have several)."""
+    problems = getattr(message, "problems", None) or (str(message),)
+    for problem in problems:
+        sys.stderr.write(f"shardstore: error: {' '.join(problem.split())}\n")
     return 2
 
 
@@ -208,8 +239,13 @@ from shardstore.cli import write as _write_commands  # noqa: E402,F401  (registe
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the command, turning user errors into one line on stderr and exit code 2."""
     args = sys.argv[1:] if argv is None else argv
+    if not args:
+        args = ["--help"]  # `shardstore` alone: the help and exit code 0, not a usage error
     debug = "--debug" in args
     command = typer.main.get_command(app)
+    misuse = _flag_given_a_value(command, args)
+    if misuse is not None:
+        return _fail(misuse)
     try:
         # Without standalone mode click returns the code of a typer.Exit instead of exiting.
         code = command.main(args=args, prog_name="shardstore", standalone_mode=False)
@@ -220,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     except ShardstoreError as exc:
         if debug:
             raise
-        return _fail(str(exc))
+        return _fail(exc)
     except Exception as exc:
         full = _disk_full(exc)
         if full is not None and not debug:
@@ -231,6 +267,26 @@ def main(argv: list[str] | None = None) -> int:
         where = ctx.command_path if ctx is not None else "shardstore"
         return _fail(f"{exc.format_message()} (see `{where} --help`)")
     return code if isinstance(code, int) else 0
+
+
+_BOOL_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
+
+
+def _flag_given_a_value(group: Any, args: list[str]) -> str | None:
+    """The one line for ``--checksum true``: a flag takes no value (click would say the root is an extra argument)."""
+    name = next((a for a in args if not a.startswith("-")), None)
+    command = getattr(group, "commands", {}).get(name)
+    if command is None:
+        return None
+    flags = {opt: param for param in command.params if getattr(param, "is_flag", False)
+             for opt in (*param.opts, *param.secondary_opts)}
+    for flag, value in zip(args, args[1:]):
+        if flag in flags and value.lower() in _BOOL_WORDS and not Path(value).exists():  # (a folder named 1 is a root)
+            param = flags[flag]
+            on, off = param.opts[0], (param.secondary_opts or [None])[0]
+            how = f"`{on}` to turn it on" + (f", `{off}` to turn it off" if off else ", nothing to leave it off")
+            return f"{flag} is a flag and takes no value (got `{flag} {value}`); write {how} (see `shardstore {name} -h`)"
+    return None
 
 
 def _disk_full(exc: BaseException) -> str | None:

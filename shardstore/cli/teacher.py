@@ -12,7 +12,7 @@ from shardstore.cli import _fmt_bytes, _progress, app, err, out
 from shardstore.cli.train import DataConfigOption, ModelConfigOption, SetOption, TrainConfigOption, load_configs
 
 
-@app.command("cache-teacher")
+@app.command("cache-teacher", short_help="Store the teacher's outputs on K views of every sample.")
 def cache_teacher(
     data_config: DataConfigOption = None,
     train_config: TrainConfigOption = None,
@@ -36,6 +36,9 @@ def cache_teacher(
     min_cosine: Annotated[float, typer.Option("--min-cosine", help="--check: least embedding cosine.")] = 0.99,
 ) -> None:
     """Run the teacher on K seeded views of every sample and store its outputs next to the images.
+
+    Needs: a cache with a manifest (data_config's cache_root) and the teacher's weights in model_config's
+    teacher.checkpoint; the same three configs as `shardstore train`.
 
     Only shards without the targets are filled, each whole or not at all: run it again after
     a crash, or when new shards arrive. Under torchrun each GPU fills its share of the shards. Train from the targets with

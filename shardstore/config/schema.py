@@ -125,31 +125,37 @@ def from_mapping(cls: type[T], values: dict[str, Any], source: str, *, prefix: s
 
     ``prefix`` (``"loss."``) is put before key names in messages; nested dataclass fields are loaded with it.
     A ``ValueError`` from ``__post_init__`` comes back as ``ConfigError`` with the source and prefixed key names.
-    The mapping is checked whole: unknown keys, wrong types, missing keys and bad values found by ``__post_init__``
-    all come in one ``ConfigError`` (one line each); the values are checked once the keys and types are right.
+    The mapping is checked whole: unknown keys, wrong types, missing keys and the bad values ``__post_init__``
+    finds all come in one ``ConfigError``, one line each. A key whose value is wrong is checked by
+    ``__post_init__`` with its default in its place, and what that check says about it is left out.
     """
     problems = Problems()
-    kwargs = problems.attempt(lambda: check_fields(cls, values, source, prefix=prefix))
+    kwargs, failed = _checked_fields(cls, values, source, prefix, problems)
     for f in _init_fields(cls):
-        if isinstance(values, dict) and f.name not in values and f.default is dataclasses.MISSING \
-                and f.default_factory is dataclasses.MISSING:
+        if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             fix = f.metadata.get("fix") or _article(describe(_hints(cls)[f.name]))
             problems.add(f"`{prefix}{f.name}` is missing in {source}; set it to {fix}")
-    problems.raise_any()
-    assert kwargs is not None
-    with _gathering_post_init() as found:
-        try:
-            instance = cls(**kwargs)
-        except ValueError as exc:
-            found.append(str(exc))
-        except Exception:
-            if not found:
-                raise
-            # A check that only noted its problem let __post_init__ go on to fail on that same value: the note says it.
-    for message in found:
-        problems.add(f"{source}: {_prefix_keys(message, cls, prefix)}")
+            failed.add(f.name)
+    if not any(_required(f) for f in _init_fields(cls) if f.name in failed):
+        with _gathering_post_init() as found:
+            try:
+                instance = cls(**kwargs)
+            except ValueError as exc:
+                found.append(str(exc))
+            except Exception:
+                # A check that only noted its problem let __post_init__ go on to fail on that same value (the note
+                # says it), or a default stood in for a wrong value (its line is there already).
+                if not (found or problems.lines):
+                    raise
+        for message in found:
+            if not failed & {m[1] for m in _QUOTED_KEY.finditer(message)}:
+                problems.add(f"{source}: {_prefix_keys(message, cls, prefix)}")
     problems.raise_any()
     return instance
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
 @contextmanager
@@ -169,20 +175,33 @@ def check_fields(cls: type, values: Any, source: str, *, prefix: str = "") -> di
     Every unknown key and wrongly typed value of the mapping (nested sections included) is reported in one
     ``ConfigError``, one line each.
     """
+    problems = Problems()
+    out, _ = _checked_fields(cls, values, source, prefix, problems)
+    problems.raise_any()
+    return out
+
+
+def _checked_fields(cls: type, values: Any, source: str, prefix: str, problems: Problems,
+                    ) -> tuple[dict[str, Any], set[str]]:
+    """The mapping's known keys with their converted values, and the keys whose values are wrong (noted in
+    ``problems`` with the unknown keys)."""
     if not isinstance(values, dict):
         what = f"`{prefix[:-1]}` must be" if prefix else "expected"
         what += " a mapping of keys to values"
         raise ConfigError(f"{source}: {what}, got {type(values).__name__}")
     hints = _hints(cls)
     out: dict[str, Any] = {}
-    problems = Problems()
+    failed: set[str] = set()
     for key, value in values.items():
         if key not in hints:
             problems.add(f"unknown key `{prefix}{key}` in {source}{_suggest(cls, str(key), prefix)}")
             continue
-        out[key] = problems.attempt(lambda: convert(hints[key], value, f"{prefix}{key}", source))
-    problems.raise_any()
-    return out
+        try:
+            out[key] = convert(hints[key], value, f"{prefix}{key}", source)
+        except ConfigError as exc:
+            problems.lines.extend(exc.problems)
+            failed.add(key)
+    return out, failed
 
 
 def convert(tp: Any, value: Any, name: str, source: str, *, want: str | None = None) -> Any:
