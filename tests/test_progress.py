@@ -1,4 +1,4 @@
-"""What a run prints where output is not a terminal: plain progress lines inside an epoch, and the no-evaluation line."""
+"""What a run prints where output is not a terminal: plain progress lines inside an epoch; the no-evaluation line."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from shardstore.cli import main
 from shardstore.cli.progress import PlainProgress, format_duration
 from tests.kd.conftest import overrides, write_tiny_cache
 
-LINE = re.compile(r"^epoch \d+/\d+ step \d+/\d+ loss \d+\.\d{4} [\d,]+ samples/s wait \d+\.\d%( eta \d+(s|m\d\ds|h\d\dm))?$")
+LINE = re.compile(r"^epoch \d+/\d+ step \d+/\d+ loss \d+\.\d{4} [\d,]+ samples/s wait \d+\.\d%"
+                  r"( eta \d+(s|m\d\ds|h\d\dm))?$")
 NO_EVAL = ("no evaluation: train.eval.held_out_shards is 0 and train.eval.cache_root is null, so this run measures no "
            "top-1 and keeps no best.pt; set train.eval.held_out_shards (e.g. 1) or train.eval.cache_root to evaluate")
 

@@ -127,8 +127,10 @@ def _root(root: str) -> Path:
 
 @app.command("build-manifest", short_help="Discover and validate shards; write ROOT/manifest.json.")
 def build_manifest_cmd(
-    root: Annotated[str, typer.Argument(metavar="ROOT", help="Cache directory (native shard_<id>/ dirs or flat <field>_<id>.npy files).")],
-    checksum: Annotated[bool, typer.Option("--checksum", help="Also hash every new file (SHA-256), for `shardstore verify`.")] = False,
+    root: Annotated[str, typer.Argument(metavar="ROOT", help="Cache directory (native shard_<id>/ dirs or flat "
+                                                             "<field>_<id>.npy files).")],
+    checksum: Annotated[bool, typer.Option("--checksum", help="Also hash every new file (SHA-256), for "
+                                                              "`shardstore verify`.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any shard is left out or a checksummed file changed.")] = False,
     full: Annotated[bool, typer.Option("--full", help="Start over, without the old manifest's entries and checksums "
                                                       "(add --checksum to record new ones).")] = False,
@@ -213,7 +215,8 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _options(
-    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error instead of its one line.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error instead of its one line.")
+                     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what the library does (INFO: shards read, "
                                           "threads chosen, checkpoints written) on stderr.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
@@ -285,7 +288,8 @@ def _flag_given_a_value(group: Any, args: list[str]) -> str | None:
             param = flags[flag]
             on, off = param.opts[0], (param.secondary_opts or [None])[0]
             how = f"`{on}` to turn it on" + (f", `{off}` to turn it off" if off else ", nothing to leave it off")
-            return f"{flag} is a flag and takes no value (got `{flag} {value}`); write {how} (see `shardstore {name} -h`)"
+            return (f"{flag} is a flag and takes no value (got `{flag} {value}`); write {how} "
+                    f"(see `shardstore {name} -h`)")
     return None
 
 
