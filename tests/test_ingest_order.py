@@ -150,8 +150,9 @@ def test_a_broken_order_json_is_one_line(tmp_path: Path, text: bytes) -> None:
     root = tmp_path / "c"
     write_image_folder(root, folder, image_size=8, shard_size=4, num_shards=1, fsync=False)
     (root / "order.json").write_bytes(text)
-    with pytest.raises(ShardstoreError, match=rf"^{re.escape(str(root / 'order.json'))}: not a readable record of the "
-                                              rf"order the cache's rows were written in \(.*\); delete {re.escape(str(root))}"):
+    with pytest.raises(ShardstoreError, match=rf"^{re.escape(str(root / 'order.json'))}: not a readable record of "
+                                              rf"the order the cache's rows were written in \(.*\); delete "
+                                              rf"{re.escape(str(root))}"):
         write_image_folder(root, folder, image_size=8, shard_size=4, fsync=False)
 
 
@@ -178,6 +179,9 @@ def test_decode_in_order_keeps_the_order_and_reports_failures_in_place(tmp_path:
     assert bad == [3] and "cannot identify image file" in dict(got)[3]
     with pytest.raises(ShardstoreError, match="workers must be at least 1, got 0"):
         list(decode_in_order(rows, listing.inputs, 8, workers=0))
+    with pytest.raises(ShardstoreError, match="workers must be at least 1, got 0; pass --workers 1"):
+        write_image_folder(tmp_path / "c", listing, image_size=8, workers=0)
+    assert not (tmp_path / "c").exists()
 
 
 @pytest.mark.slow

@@ -140,6 +140,10 @@ def test_parquet_arrow_and_a_dataset_object_give_the_same_cache(source: dict, tm
 def test_a_split_is_chosen_by_name(source: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert write_cli(tmp_path / "c", source["dict"], "--split", "test", "--no-shuffle") == 0
     assert shards(tmp_path / "c", "labels").tolist() == source["labels"][::4].tolist()
+    loaded = datasets.load_from_disk(str(source["dict"]))  # a DatasetDict object, from Python
+    assert hf_image_source(loaded, split="test").num_rows == len(source["labels"][::4])
+    with pytest.raises(ShardstoreError, match="^the dataset has type IterableDataset; an image source needs a map-style"):
+        hf_image_source(loaded["train"].to_iterable_dataset())
     assert one_line(["write", tmp_path / "d", "--from-hf", source["dict"], "--split", "val"], capsys) == (
         f"{source['dict']} has no split 'val'; its splits are train, test")
     assert one_line(["write", tmp_path / "d", "--from-hf", source["saved"], "--split", "test"], capsys) == (
@@ -298,8 +302,9 @@ def test_columns_that_cannot_be_guessed_are_one_line(tmp_path: Path) -> None:
                                               r"column$"):
         hf_image_source(scores)
     unlabeled = datasets.Dataset.from_dict({"image": cells}, features=datasets.Features({"image": datasets.Image()}))
-    with pytest.raises(ShardstoreError, match=r"^the dataset has no label column \(ClassLabel feature, or named label "
-                                              r"or labels\); its columns are image \(Image\); pass --label-column NAME$"):
+    with pytest.raises(ShardstoreError, match=r"^the dataset has no label column \(ClassLabel feature, or named "
+                                              r"label or labels\); its columns are image \(Image\); pass "
+                                              r"--label-column NAME$"):
         hf_image_source(unlabeled)
 
 
@@ -307,10 +312,12 @@ def test_source_mistakes_are_one_line(source: dict, tmp_path: Path, capsys: pyte
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     base = ["write", tmp_path / "c", "--from-hf"]
     assert one_line([*base, tmp_path / "missing.parquet"], capsys) == (
-        f"{tmp_path / 'missing.parquet'} does not exist; pass a saved dataset folder, Parquet/Arrow files or a hub name")
+        f"{tmp_path / 'missing.parquet'} does not exist; pass a saved dataset folder, Parquet/Arrow files or a hub "
+        "name")
     (tmp_path / "empty").mkdir()
     assert one_line([*base, tmp_path / "empty"], capsys).startswith(
-        f"{tmp_path / 'empty'} holds neither a saved dataset (state.json or dataset_dict.json, written by save_to_disk)")
+        f"{tmp_path / 'empty'} holds neither a saved dataset (state.json or dataset_dict.json, written by "
+        "save_to_disk)")
     assert one_line([*base, source["saved"], "--config", "full"], capsys) == (
         f"--config 'full' chooses a configuration of a hub dataset; {source['saved']} is local, drop --config")
     assert one_line([*base, tmp_path / "*.parquet"], capsys).endswith(": no files match; pass a saved dataset "

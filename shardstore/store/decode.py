@@ -17,6 +17,7 @@ import io
 import math
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections import deque
@@ -98,12 +99,15 @@ def decode_chunk(inputs: Sequence[ImageInput], size: int) -> list[Decoded]:
     return out
 
 
-def _exit_with_parent(parent_pid: int) -> None:
-    """Runs in each worker: leave when the ingest is gone (a SIGKILLed job must not leave decoders behind).
+def _start_worker(parent_pid: int) -> None:
+    """Runs in each worker: Ctrl-C is the ingest's to handle, and the worker leaves when the ingest is gone.
 
-    The worker's own parent may be a fork server rather than the ingest, so both are watched: the parent
-    changing (reparented after it died) or the ingest's pid no longer running.
+    A SIGINT reaches the whole process group; the ingest stops its pool, so the workers ignore it rather
+    than each print a traceback. A SIGKILLed ingest must not leave decoders behind: the worker's own parent
+    may be a fork server rather than the ingest, so both are watched (the parent changing after it died, or
+    the ingest's pid no longer running).
     """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     own_parent = os.getppid()
 
     def watch() -> None:
@@ -149,7 +153,7 @@ def decode_in_order(
             yield from zip((int(r) for r in chunk), decode_chunk(fetch(chunk), size))
         return
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_exit_with_parent,
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
                              initargs=(os.getpid(),)) as pool:
         pending: deque[tuple[np.ndarray, Future[list[Decoded]]]] = deque()
         next_chunk = 0

@@ -237,6 +237,11 @@ def hf_image_source(dataset: Any, *, image_column: str | None = None, label_colu
     name = str(dataset) if isinstance(dataset, (str, os.PathLike)) else "the dataset"
     if isinstance(dataset, (str, os.PathLike)):
         dataset = open_hf_dataset(str(dataset), split=split, config=config, cache_dir=cache_dir)
+    if isinstance(dataset, datasets.DatasetDict):
+        dataset = _pick_split(dataset, name, split)
+    if not isinstance(dataset, datasets.Dataset):
+        raise ShardstoreError(f"{name} has type {type(dataset).__name__}; an image source needs a map-style Dataset "
+                              "(rows are read in a shuffled order)")
     dataset = dataset.with_format(None)
     features = dataset.features
     image_column = _choose(features, name, image_column, "image", "Image", IMAGE_NAMES)
@@ -246,6 +251,9 @@ def hf_image_source(dataset: Any, *, image_column: str | None = None, label_colu
                               "--image-column and --label-column")
     kind = _image_kind(features[image_column], image_column, name)
     labels, classes, origin = _labels(dataset, label_column, name)
+    if labels.size and labels.min() < 0:
+        log.warning("%s: %d rows have a negative label in column %r (-1 is ClassLabel's 'no label'); they are "
+                    "written as they are", name, int((labels < 0).sum()), label_column)
     images = dataset.select_columns([image_column])
     if type(features[image_column]).__name__ == "Image":
         images = images.cast_column(image_column, datasets.Image(decode=False))

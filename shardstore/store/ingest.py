@@ -219,6 +219,8 @@ def write_images(
     """
     if on_error not in ("skip", "stop"):
         raise ShardstoreError(f"on_error must be 'skip' or 'stop', got {on_error!r}")
+    if workers is not None and workers < 1:
+        raise ShardstoreError(f"workers must be at least 1, got {workers}; pass --workers 1 to decode in this process")
     check_image_size(image_size, shard_size)
     root = Path(root)
     order = source_order(source.num_rows, shuffle_seed)
@@ -233,7 +235,7 @@ def write_images(
         if progress is not None and resume > start:
             progress(resume - start)
         decoded = decode_in_order(order[resume:stop], source.inputs, image_size,
-                                  workers=workers or default_workers(), chunk_rows=chunk_rows)
+                                  workers=default_workers() if workers is None else workers, chunk_rows=chunk_rows)
         with closing(decoded):  # an error below stops the decoding processes at once
             for row, image in decoded:
                 if isinstance(image, str):
