@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from shardstore.config.schema import check_fields, load_yaml
-from shardstore.errors import ConfigError
+from shardstore.config.schema import Problems, check_fields, load_yaml
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -17,8 +17,8 @@ class DataConfig:
 
     cache_root: str
     """Directory of the cache (holding manifest.json)."""
-    cache_shard_size: int = 2048
-    """Samples per shard the cache was written with."""
+    cache_shard_size: int | None = None
+    """Samples per shard the cache was written with, checked against the manifest; null = as the manifest says."""
     shards_per_epoch: int | None = 15
     """Whole shards per epoch; null means the whole cache."""
     random_subset_seed: int = 42
@@ -41,6 +41,22 @@ class DataConfig:
     """Train from the teacher targets cached under this name (``shardstore cache-teacher --name``); no teacher is loaded."""
     missing_targets: str = "error"
     """Shards without those targets: ``error`` (stop and say which) or ``skip`` (train on the others)."""
+    image_field: str = "images"
+    """The field holding the images."""
+    label_field: str = "labels"
+    """The field holding the class labels (integers in ``[0, num_classes)``, one per sample)."""
+    image_layout: Literal["CHW", "HWC"] | None = None
+    """Axis order of a 3-d image; null = read from the manifest's per-sample shape (1 or 3 channels first or last)."""
+    image_dtype: Literal["bfloat16"] | None = None
+    """null = the ``.npy`` dtype (uint8, uint16, float16, float32, float64; ``V2`` is bfloat16 as ml_dtypes saves it);
+    ``bfloat16``: 16-bit integer files hold bfloat16 bit patterns (``tensor.view(torch.int16).numpy()``)."""
+    image_scale: float | None = None
+    """The stored value of full intensity (white); images are divided by it. null = 255 for uint8, 65535 for uint16,
+    1 for floats."""
+    image_normalized: bool = False
+    """The stored images are already mean/std normalised: the networks' ``input.mean`` and ``std`` are skipped."""
+    repeat_gray: bool = False
+    """Repeat 1-channel (grayscale) images to 3 channels for networks that take 3."""
 
     def loader_kwargs(self) -> dict[str, Any]:
         """The ``ShardLoader`` arguments this config sets."""
@@ -49,21 +65,46 @@ class DataConfig:
 
 
 def data_config_from_dict(values: dict[str, Any], source: str = "data_config.yaml") -> DataConfig:
-    """Check keys and types of a data config mapping; ``ConfigError`` naming ``source``, the key and the fix."""
-    values = check_fields(DataConfig, values, source)
-    if "cache_root" not in values:
-        raise ConfigError(f"{source}: `cache_root` is missing; set it to the cache directory")
+    """Check keys and types of a data config mapping; ``ConfigError`` naming ``source``, the key and the fix.
+
+    Every problem of the mapping is reported at once (one line each), the value checks once keys and types are right.
+    """
+    problems = Problems()
+    if isinstance(values, dict) and "cache_root" not in values:
+        problems.add(f"{source}: `cache_root` is missing; set it to the cache directory")
+    checked = problems.attempt(lambda: check_fields(DataConfig, values, source))
+    problems.raise_any()
+    assert checked is not None
+    values = checked
     for key in ("cache_shard_size", "shards_per_epoch", "active_shards", "loader_threads", "prefetch_batches"):
         if values.get(key) is not None and values[key] < 1:
-            raise ConfigError(f"{source}: `{key}` must be at least 1, got {values[key]}")
+            problems.add(f"{source}: `{key}` must be at least 1, got {values[key]}")
     if values.get("missing_targets", "error") not in ("error", "skip"):
-        raise ConfigError(f"{source}: `missing_targets` must be error or skip, got {values['missing_targets']!r}")
+        problems.add(f"{source}: `missing_targets` must be error or skip, got {values['missing_targets']!r}")
     if values.get("teacher_targets") is not None and not str(values["teacher_targets"]).strip():
-        raise ConfigError(f"{source}: `teacher_targets` is empty; name the cached targets (e.g. teacher) or use null")
+        problems.add(f"{source}: `teacher_targets` is empty; name the cached targets (e.g. teacher) or use null")
     for key in ("random_subset_seed", "read_ahead_shards"):
         if values.get(key, 0) < 0:
-            raise ConfigError(f"{source}: `{key}` must be non-negative, got {values[key]}")
+            problems.add(f"{source}: `{key}` must be non-negative, got {values[key]}")
+    for problem in _field_problems(values):
+        problems.add(f"{source}: {problem}")
+    problems.raise_any()
     return DataConfig(**values)
+
+
+def _field_problems(values: dict[str, Any]) -> list[str]:
+    """What is wrong with the image and label settings (each a line without the source)."""
+    out = []
+    if values.get("image_field", "images") == values.get("label_field", "labels"):
+        out.append(f"`image_field` and `label_field` are both {values.get('label_field', 'labels')!r}; "
+                   "name the image field and the label field")
+    scale = values.get("image_scale")
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        out.append(f"`image_scale` must be a positive number (the stored value of white, e.g. 255 or 1), got {scale}")
+    if scale is not None and values.get("image_normalized"):
+        out.append("`image_scale` and `image_normalized: true` are both set: normalised images are used as stored; "
+                   "remove image_scale")
+    return out
 
 
 def load_data_config(path: str | os.PathLike[str]) -> DataConfig:

@@ -15,15 +15,18 @@ class InputConfig:
 
     size: int = 224
     """Height and width in pixels."""
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    """Per-channel mean subtracted from images scaled to [0, 1]."""
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    """Per-channel mean subtracted from images scaled to [0, 1] (one value per input channel: [0.5] for grayscale)."""
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
     """Per-channel standard deviation images are divided by."""
 
     def __post_init__(self) -> None:
         at_least("size", self.size, 1)
+        if not self.mean or len(self.mean) != len(self.std):
+            raise ValueError(f"`mean` has {len(self.mean)} values and `std` {len(self.std)}; give one of each per "
+                             "input channel, e.g. [0.485, 0.456, 0.406] and [0.229, 0.224, 0.225]")
         if not all(s > 0 for s in self.std):
-            raise ValueError(f"`std` must be three positive numbers, got {list(self.std)}; e.g. [0.229, 0.224, 0.225]")
+            raise ValueError(f"`std` must be positive numbers, got {list(self.std)}; e.g. [0.229, 0.224, 0.225]")
 
 
 @dataclass(frozen=True, kw_only=True)

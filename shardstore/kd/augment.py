@@ -1,4 +1,4 @@
-"""Batched crop-resize-flip of uint8 images on their device, from explicit view parameters that can be replayed.
+"""Batched crop-resize-flip of images on their device, from explicit view parameters that can be replayed.
 
 A view is five numbers per sample, ``(top, left, crop_h, crop_w, flip)``, in pixels of the
 source image. Views are drawn on a CPU generator seeded from ``(seed, step)``, so a resumed
@@ -163,14 +163,16 @@ def view_grid(views: Tensor, height: int, width: int, size: int, device: torch.d
 def apply_views(images: Tensor, views: Tensor, size: int) -> Tensor:
     """Crop each image to its view's box, resize it to ``size`` x ``size`` bilinearly and flip it where asked.
 
-    ``images`` is uint8 ``[B, C, H, W]`` on any device; ``views`` is ``[B, 5]`` on any device
-    (see ``view_grid`` for how a box maps to the sampling grid). Returns float32
-    ``[B, C, size, size]`` in [0, 1] on the images' device. No antialiasing: shrinking a large
-    box aliases as ``F.interpolate(antialias=False)`` does. The same images and views give the
-    same bits (grid_sample's forward pass is deterministic).
+    ``images`` is ``[B, C, H, W]`` on any device: uint8 (0 to 255, returned in [0, 1]) or any
+    float dtype, whose values are interpolated as they are (``shardstore.kd.images`` brings a
+    cache's values into the networks' range first); ``views`` is ``[B, 5]`` on any device (see
+    ``view_grid`` for how a box maps to the sampling grid). Returns float32 ``[B, C, size, size]``
+    on the images' device; the arithmetic is float32 for every input dtype. No antialiasing:
+    shrinking a large box aliases as ``F.interpolate(antialias=False)`` does. The same images
+    and views give the same bits (grid_sample's forward pass is deterministic).
     """
-    if images.dtype != torch.uint8 or images.dim() != 4:
-        raise TypeError(f"images must be uint8 [B, C, H, W], got {images.dtype} {list(images.shape)}")
+    if images.dim() != 4 or not (images.dtype == torch.uint8 or images.is_floating_point()):
+        raise TypeError(f"images must be uint8 or float [B, C, H, W], got {images.dtype} {list(images.shape)}")
     if views.dim() != 2 or views.shape != (images.shape[0], 5):
         raise ValueError(f"views must be [{images.shape[0]}, 5], got {list(views.shape)}")
     if size < 1:
@@ -178,6 +180,8 @@ def apply_views(images: Tensor, views: Tensor, size: int) -> Tensor:
     _, _, height, width = images.shape
     grid = view_grid(views, height, width, size, images.device)
     out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if images.dtype != torch.uint8:
+        return out
     # a convex combination of values in [0, 255] can overshoot by an ulp; keep the promise of [0, 1]
     return out.div_(255.0).clamp_(0.0, 1.0)
 
@@ -204,10 +208,10 @@ class DeviceAugment:
         self.spec = spec
         self.seed = int(seed)
 
-    def __call__(self, images_uint8: Tensor, *, step: int) -> tuple[Tensor, Tensor]:
-        """The float batch ``[B, C, size, size]`` in [0, 1], and its views ``[B, 5]`` (CPU) for replay."""
-        if images_uint8.dim() != 4:
-            raise TypeError(f"images must be uint8 [B, C, H, W], got {images_uint8.dtype} {list(images_uint8.shape)}")
-        batch, _, height, width = images_uint8.shape
+    def __call__(self, images: Tensor, *, step: int) -> tuple[Tensor, Tensor]:
+        """The float batch ``[B, C, size, size]`` (see ``apply_views``), and its views ``[B, 5]`` (CPU) for replay."""
+        if images.dim() != 4:
+            raise TypeError(f"images must be [B, C, H, W], got {images.dtype} {list(images.shape)}")
+        batch, _, height, width = images.shape
         views = draw_views(batch, height, width, self.spec, view_generator(self.seed, step))
-        return apply_views(images_uint8, views, self.spec.size), views
+        return apply_views(images, views, self.spec.size), views

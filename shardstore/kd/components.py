@@ -14,14 +14,19 @@ from shardstore.dataset.subset import RandomShardSubsetCachedDataset
 from shardstore.errors import ConfigError
 from shardstore.kd.distributed import DistInfo
 from shardstore.kd.augment import apply_views
+from shardstore.kd.images import (
+    SETTING_KEYS, ImageFormat, check_channels, check_labels, check_values, image_format, network_inputs,
+)
 from shardstore.kd.losses import DistillationLoss
 from shardstore.kd.target_spec import TargetSpec, read_target_spec
 from shardstore.kd.models.io import InputAdapter, freeze, load_checkpoint_into, load_torchscript
 from shardstore.kd.models.registry import build_model
 from shardstore.manifest.reader import ShardStore
+from shardstore.manifest.shard_size import check_cache_shard_size
 
 log = logging.getLogger(__name__)
 
+#: the default field names (``data.image_field``, ``data.label_field``)
 IMAGE_FIELD = "images"
 LABEL_FIELD = "labels"
 
@@ -36,9 +41,11 @@ class Data:
     targets: TargetSpec | None = None
     #: the evaluation store also holds the cached targets (in every shard)
     eval_has_targets: bool = False
+    #: where the images and labels are and how they are read (the evaluation store's too)
+    image_format: ImageFormat = ImageFormat()
 
 
-def _with_targets(cfg: RunConfig, store: ShardStore) -> tuple[ShardStore, TargetSpec]:
+def _with_targets(cfg: RunConfig, store: ShardStore, fmt: ImageFormat) -> tuple[ShardStore, TargetSpec]:
     """The training shards that have the cached targets (all of them, or an error, unless missing_targets: skip)."""
     name = cfg.data.teacher_targets
     assert name is not None
@@ -47,10 +54,18 @@ def _with_targets(cfg: RunConfig, store: ShardStore) -> tuple[ShardStore, Target
     if spec.num_classes != cfg.model.num_classes:
         raise ConfigError(f"the cached targets {name!r} have {spec.num_classes} classes, model_config.num_classes is "
                           f"{cfg.model.num_classes}; fix num_classes or cache the targets again under a new name")
-    image = store.fields[IMAGE_FIELD]
-    if tuple(image.shape) != spec.image_shape:
+    if spec.image_field != fmt.image_field:
+        raise ConfigError(f"the cached targets {name!r} were made on the field {spec.image_field!r}, data.image_field "
+                          f"is {fmt.image_field!r}; set it back, or cache the targets again under a new name")
+    if spec.image_shape != fmt.shape:
         raise ConfigError(f"the cached targets {name!r} were made on images {list(spec.image_shape)}, the cache has "
-                          f"{list(image.shape)}; cache them again with {fix}")
+                          f"{list(fmt.shape or ())} (C, H, W); cache them again with {fix}")
+    differ = [k for k, v in fmt.settings().items() if spec.image_format.get(k) != v]
+    if differ:
+        key = differ[0]
+        raise ConfigError(f"the cached targets {name!r} were made on images read with {key} "
+                          f"{spec.image_format.get(key)!r}, this run reads them with {getattr(fmt, key)!r} "
+                          f"(data.{SETTING_KEYS[key]}); set it back, or cache the targets again under a new name")
     have = store.manifest.positions_with(list(spec.field_names().values()))
     if len(have) < store.num_shards:
         missing = sorted(set(int(i) for i in store.shard_ids) - {int(store.shard_ids[p]) for p in have})
@@ -103,11 +118,14 @@ def build_data(cfg: RunConfig, info: DistInfo, *, held_out_ids: list[int] | None
         raise ConfigError(f"train_config: loss.target_field ({cfg.train.loss.target_field}) and data_config: "
                           f"teacher_targets ({cfg.data.teacher_targets}) both name cached teacher outputs; keep one")
     store = ShardStore.open(cfg.data.cache_root)
-    needed = [IMAGE_FIELD, LABEL_FIELD] + ([cfg.train.loss.target_field] if cfg.train.loss.target_field else [])
-    for name in needed:
-        if name not in store.fields:
-            raise ConfigError(f"the cache {store.root} has no field {name!r} (it has {sorted(store.fields)}); "
-                              "write it, or fix the configuration")
+    check_cache_shard_size(store, cfg.data.cache_shard_size)
+    fmt, store = image_format(cfg.data, store)
+    check_networks(cfg, fmt)
+    target = cfg.train.loss.target_field
+    if target and target not in store.fields:
+        raise ConfigError(f"the cache {store.root} has no field {target!r} (it has {', '.join(sorted(store.fields))}); "
+                          "set train.loss.target_field to the field of cached teacher logits, or write it")
+    needed = [fmt.image_field, fmt.label_field] + ([target] if target else [])
     eval_store, held_ids = None, []
     held_positions = _held_out_positions(cfg, store, held_out_ids)
     if held_positions:
@@ -115,10 +133,19 @@ def build_data(cfg: RunConfig, info: DistInfo, *, held_out_ids: list[int] | None
         eval_store = store.subset(held_positions)
         store = store.subset(sorted(set(range(store.num_shards)) - set(held_positions)))
     elif cfg.train.eval.cache_root:
-        eval_store = ShardStore.open(cfg.train.eval.cache_root)
+        eval_fmt, eval_store = image_format(cfg.data, ShardStore.open(cfg.train.eval.cache_root))
+        if eval_fmt.settings() != fmt.settings() or eval_fmt.channels != fmt.channels:
+            raise ConfigError(f"the evaluation cache {eval_store.root} holds {eval_fmt.dtype} {eval_fmt.layout} images "
+                              f"of {eval_fmt.channels} channels, the training cache {fmt.dtype} {fmt.layout} of "
+                              f"{fmt.channels}; write both the same way (train.eval.cache_root)")
+    # Before the first step: labels against num_classes (from the manifest), and a few images against the scale.
+    for part in (store, eval_store):
+        if part is not None:
+            check_labels(part, fmt, cfg.model.num_classes)
+    check_values(store, fmt)
     spec, eval_has_targets = None, False
     if cfg.data.teacher_targets:
-        store, spec = _with_targets(cfg, store)
+        store, spec = _with_targets(cfg, store, fmt)
         target_fields = list(spec.field_names().values())
         # Evaluation compares with the stored targets when every evaluation shard has them (cache-teacher fills all).
         eval_has_targets = eval_store is not None and all(f in eval_store.fields for f in target_fields)
@@ -126,7 +153,14 @@ def build_data(cfg: RunConfig, info: DistInfo, *, held_out_ids: list[int] | None
     if eval_store is not None:
         eval_store = eval_store.select([f for f in needed if f in eval_store.fields])
     store = store.select(needed)
-    return Data(train_dataset(cfg, store, info), eval_store, held_ids, spec, eval_has_targets)
+    return Data(train_dataset(cfg, store, info), eval_store, held_ids, spec, eval_has_targets, fmt)
+
+
+def check_networks(cfg: RunConfig, fmt: ImageFormat) -> None:
+    """The student, and the teacher if the run uses one, take the images' channels (one line naming the key if not)."""
+    check_channels(fmt, cfg.model.student, "student", cfg.data)
+    if teacher_needed(cfg):
+        check_channels(fmt, cfg.model.teacher, "teacher", cfg.data)
 
 
 def train_dataset(cfg: RunConfig, store: ShardStore, info: DistInfo) -> RandomShardSubsetCachedDataset:
@@ -155,19 +189,24 @@ def build_teacher(cfg: RunConfig, device: torch.device) -> InputAdapter | None:
     hybrid teaching (``loss.live_fraction`` > 0); training on labels alone (``alpha: 0``)
     loads it only when it has a checkpoint (evaluation then reports agreement with it).
     """
+    return load_teacher(cfg, device) if teacher_needed(cfg) else None
+
+
+def teacher_needed(cfg: RunConfig) -> bool:
+    """Whether a run loads the live teacher (see ``build_teacher``)."""
     if cfg.train.loss.target_field:
-        return None
+        return False
     if cfg.data.teacher_targets and cfg.train.loss.live_fraction == 0:
-        return None
+        return False
     loss = cfg.train.loss
-    if loss.alpha == 0 and loss.feature_loss == "none" and not cfg.model.teacher.checkpoint:
-        return None  # labels only, and no trained teacher to report agreement with
-    return load_teacher(cfg, device)
+    # labels only, and no trained teacher to report agreement with
+    return not (loss.alpha == 0 and loss.feature_loss == "none" and not cfg.model.teacher.checkpoint)
 
 
 def load_teacher(cfg: RunConfig, device: torch.device) -> InputAdapter:
     """The frozen teacher of the model config, on ``device`` (in ``teacher.dtype``)."""
     t = cfg.model.teacher
+    inputs = network_inputs(t, "teacher", cfg.data)
     if t.checkpoint_format == "torchscript":
         if not t.checkpoint:
             raise ConfigError("model_config: teacher.checkpoint_format is torchscript but teacher.checkpoint is "
@@ -178,13 +217,13 @@ def load_teacher(cfg: RunConfig, device: torch.device) -> InputAdapter:
         # Without a checkpoint (tests, smoke runs) that also makes it the same random teacher wherever it is built.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.train.seed)
-            model = build_model(t.name, cfg.model.num_classes, image_size=t.input.size, **t.kwargs)
+            model = build_model(t.name, cfg.model.num_classes, image_size=t.input.size, **inputs["kwargs"])
         if t.checkpoint:
             load_checkpoint_into(model, t.checkpoint)
         else:
             log.warning("model_config: teacher.checkpoint is not set; the teacher is randomly initialised (seed %d)",
                         cfg.train.seed)
-    teacher = InputAdapter(model, size=t.input.size, mean=t.input.mean, std=t.input.std)
+    teacher = InputAdapter(model, size=t.input.size, mean=inputs["mean"], std=inputs["std"])
     teacher = freeze(teacher).to(device)
     if t.dtype == "bfloat16":
         teacher = teacher.to(torch.bfloat16)
@@ -197,7 +236,7 @@ def amp_enabled(cfg: RunConfig, device: torch.device) -> bool:
 
 
 def render_teacher_input(images: Tensor, views: Tensor, teacher: InputAdapter) -> Tensor:
-    """uint8 ``[B, C, H, W]`` and views ``[B, 5]`` -> the float views at the teacher's own input size.
+    """Images ``[B, C, H, W]`` (``ImageFormat.images``) and views ``[B, 5]`` -> the float views at the teacher's size.
 
     Live teaching, caching and the consistency check all render the teacher's input this way.
     """
@@ -214,10 +253,11 @@ def teacher_forward(teacher: InputAdapter, x: Tensor, *, features: bool) -> tupl
 
 def build_student(cfg: RunConfig) -> InputAdapter:
     s = cfg.model.student
-    model = build_model(s.name, cfg.model.num_classes, image_size=s.input.size, **s.kwargs)
+    inputs = network_inputs(s, "student", cfg.data)
+    model = build_model(s.name, cfg.model.num_classes, image_size=s.input.size, **inputs["kwargs"])
     if s.checkpoint:
         load_checkpoint_into(model, s.checkpoint)
-    return InputAdapter(model, size=s.input.size, mean=s.input.mean, std=s.input.std)
+    return InputAdapter(model, size=s.input.size, mean=inputs["mean"], std=inputs["std"])
 
 
 class Trainable(nn.Module):

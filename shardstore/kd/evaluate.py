@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from shardstore.kd.augment import apply_views, center_views
+from shardstore.kd.images import ImageFormat
 from shardstore.kd.losses import kl_per_sample
 from shardstore.kd.target_spec import CachedTargets
 from shardstore.loader import ShardLoader
@@ -15,11 +16,15 @@ from shardstore.manifest.reader import ShardStore
 
 
 @torch.no_grad()
-def evaluate(student: nn.Module, teacher: nn.Module | None, store: ShardStore, *, image_field: str,
-             label_field: str, size: int, batch_size: int, device: torch.device, max_batches: int | None = None,
-             autocast: bool = False, teacher_logits_field: str | None = None,
-             cached: CachedTargets | None = None) -> dict[str, float]:
+def evaluate(student: nn.Module, teacher: nn.Module | None, store: ShardStore, *, size: int, batch_size: int,
+             device: torch.device, image_field: str = "images", label_field: str = "labels",
+             image_format: ImageFormat | None = None, max_batches: int | None = None, autocast: bool = False,
+             teacher_logits_field: str | None = None, cached: CachedTargets | None = None) -> dict[str, float]:
     """Metrics over ``store`` read whole in id order; each image is resized to ``size`` (no crop, no flip).
+
+    ``image_format`` (``shardstore.kd.images``) names the fields and says how their values
+    are read; without it, ``image_field`` holds uint8 ``[C, H, W]`` images and ``label_field``
+    their labels.
 
     Returns ``top1`` and, with a teacher (or its cached logits), ``agreement`` (same argmax),
     ``kl`` (KL(teacher || student) at temperature 1, per sample) and ``teacher_top1``. With
@@ -27,6 +32,7 @@ def evaluate(student: nn.Module, teacher: nn.Module | None, store: ShardStore, *
     stored targets of each image's first stored view, on that view replayed: the teacher's
     outputs exist only for the stored views, not for the whole image.
     """
+    fmt = image_format or ImageFormat(image_field=image_field, label_field=label_field)
     was_training = student.training
     student.eval()
     sums = {"top1": 0.0, "agreement": 0.0, "kl": 0.0, "teacher_top1": 0.0}
@@ -38,8 +44,8 @@ def evaluate(student: nn.Module, teacher: nn.Module | None, store: ShardStore, *
         for b, batch in enumerate(loader):
             if max_batches is not None and b >= max_batches:
                 break
-            images = batch[image_field].to(device, non_blocking=True)
-            labels = batch[label_field].to(device, non_blocking=True).long()
+            images = fmt.images(batch[fmt.image_field].to(device, non_blocking=True))
+            labels = fmt.labels(batch[fmt.label_field].to(device, non_blocking=True))
             x = apply_views(images, center_views(images.shape[0], images.shape[2], images.shape[3]).to(device), size)
             with amp:
                 logits = student(x).float()

@@ -6,7 +6,7 @@ See ``shardstore.kd.teacher_cache`` for the fields and how they are written.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,9 @@ from shardstore.store.groups import GroupSpec, check_group_name, group_file, rea
 META_FORMAT = "shardstore-teacher-targets"
 #: settings that must match for a run to add shards to an existing group
 SAME_SETTINGS = ("views", "logits", "topk", "num_classes", "embedding_dim", "seed", "augment", "image_field",
-                 "image_shape", "teacher")
+                 "image_shape", "image_format", "teacher")
+#: how targets written before image formats were recorded read their images (shardstore's own uint8 CHW)
+LEGACY_IMAGE_FORMAT = {"layout": "CHW", "dtype": "uint8", "scale": 255.0, "normalized": False, "repeat_gray": False}
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class TargetSpec:
     image_field: str
     image_shape: tuple[int, int, int]  # C, H, W of the cached images
     teacher: dict[str, Any]  # which teacher, how it ran (see teacher_cache.teacher_identity)
+    #: how the images' values were read (``ImageFormat.settings()``): the replay must read them the same way
+    image_format: dict[str, Any] = field(default_factory=lambda: dict(LEGACY_IMAGE_FORMAT))
 
     # -- fields ----------------------------------------------------------------------------
 
@@ -87,6 +91,8 @@ class TargetSpec:
                               "name a group written by `shardstore cache-teacher`")
         try:
             meta["image_shape"] = tuple(int(d) for d in meta["image_shape"])
+            if not isinstance(meta.get("image_format", {}), dict):
+                raise TypeError("image_format is not a mapping")
             spec = cls(**meta)
         except (TypeError, ValueError, KeyError) as exc:
             raise ConfigError(f"{source}: malformed teacher-target settings ({exc}); "

@@ -41,9 +41,8 @@ from torch import Tensor
 from shardstore.config.resolve import RunConfig
 from shardstore.errors import ConfigError, ManifestError, ShardstoreError
 from shardstore.kd import distributed
-from shardstore.kd.components import (
-    IMAGE_FIELD, amp_enabled, load_teacher, render_teacher_input, teacher_forward,
-)
+from shardstore.kd.components import amp_enabled, load_teacher, render_teacher_input, teacher_forward
+from shardstore.kd.images import SETTING_KEYS, ImageFormat, check_channels, check_values, image_format
 from shardstore.kd.losses import kl_per_sample
 from shardstore.kd.models.io import InputAdapter
 from shardstore.kd.target_spec import SAME_SETTINGS, TargetSpec, read_target_spec, shard_views
@@ -93,7 +92,7 @@ def _autocast(cfg: RunConfig, device: torch.device) -> Any:
 @torch.no_grad()
 def _teacher_targets(teacher: InputAdapter, spec: TargetSpec, images: Tensor, views: Tensor, amp: Any,
                      dtype: torch.dtype) -> dict[str, Tensor]:
-    """Teacher outputs (on the device) for uint8 images ``[n, C, H, W]`` x views ``[n, K, 5]``, by role."""
+    """Teacher outputs (on the device) for images ``[n, C, H, W]`` (``ImageFormat.images``) x views ``[n, K, 5]``."""
     n, k = views.shape[:2]
     flat_images = images.repeat_interleave(k, dim=0)
     x = render_teacher_input(flat_images, views.reshape(n * k, 5).to(images.device), teacher)
@@ -115,11 +114,10 @@ def new_target_spec(cfg: RunConfig, store: ShardStore, teacher: InputAdapter, *,
                     dense: bool, embeddings: bool, seed: int, device: torch.device, logits: bool = True) -> TargetSpec:
     if views < 1:
         raise ConfigError(f"--views must be at least 1, got {views}")
-    if IMAGE_FIELD not in store.fields:
-        raise ConfigError(f"the cache {store.root} has no field {IMAGE_FIELD!r} to run the teacher on")
-    image = store.fields[IMAGE_FIELD]
-    if image.dtype != np.uint8 or len(image.shape) != 3:
-        raise ConfigError(f"{IMAGE_FIELD!r} is {image.describe()}; cache-teacher needs uint8 [C, H, W] images")
+    fmt, readable = image_format(cfg.data, store, labels=False)
+    check_channels(fmt, cfg.model.teacher, "teacher", cfg.data)
+    check_values(readable, fmt)
+    assert fmt.shape is not None
     num_classes = cfg.model.num_classes
     mode = "dense" if dense else "topk" if logits else "none"
     if mode == "topk" and not 1 <= topk <= num_classes:
@@ -132,7 +130,8 @@ def new_target_spec(cfg: RunConfig, store: ShardStore, teacher: InputAdapter, *,
         embedding_dim=teacher.num_features if embeddings else 0, seed=seed,
         augment={"random_resized_crop": a.random_resized_crop, "scale": list(a.scale), "ratio": list(a.ratio),
                  "flip": a.flip},
-        image_field=IMAGE_FIELD, image_shape=tuple(image.shape), teacher=teacher_identity(cfg, device))
+        image_field=fmt.image_field, image_shape=fmt.shape, teacher=teacher_identity(cfg, device),
+        image_format=fmt.settings())
 
 
 def _agree_with_existing(new: TargetSpec, old: TargetSpec, source: Path) -> None:
@@ -183,7 +182,7 @@ def fill_teacher_cache(cfg: RunConfig, *, name: str = "teacher", views: int = 4,
                               embeddings=embeddings, logits=logits, seed=cfg.train.seed if seed is None else seed,
                               overwrite=overwrite)
         root = Path(cfg.data.cache_root)
-        store = ShardStore.open(root)
+        fmt, store = image_format(cfg.data, ShardStore.open(root), labels=False)
         names = spec.field_names()
         todo = [p for p, s in enumerate(store.shards) if not all(f in s.files for f in names.values())]
         mine = todo[info.rank::info.world_size]
@@ -192,7 +191,7 @@ def fill_teacher_cache(cfg: RunConfig, *, name: str = "teacher", views: int = 4,
         filled, images = [], 0
         for position in mine:
             entry = store.shards[position]
-            images += _fill_shard(cfg, info.device, teacher, spec, store, position, batch_size, fsync, progress)
+            images += _fill_shard(cfg, info.device, teacher, spec, store, fmt, position, batch_size, fsync, progress)
             filled.append(entry.id)
             if on_shard is not None:
                 on_shard(entry.id)
@@ -251,7 +250,8 @@ def _prepare_group(cfg: RunConfig, info: distributed.DistInfo, teacher: InputAda
 
 
 def _fill_shard(cfg: RunConfig, device: torch.device, teacher: InputAdapter, spec: TargetSpec, store: ShardStore,
-                position: int, batch_size: int, fsync: bool, progress: Callable[[int], None] | None) -> int:
+                fmt: ImageFormat, position: int, batch_size: int, fsync: bool,
+                progress: Callable[[int], None] | None) -> int:
     """Compute and write the group's files of one shard; returns its number of images."""
     entry = store.shards[position]
     names = spec.field_names()
@@ -268,7 +268,7 @@ def _fill_shard(cfg: RunConfig, device: torch.device, teacher: InputAdapter, spe
     parts: dict[str, list[Tensor]] = {}  # kept on the device: one copy back per shard, no sync per batch
     for lo in range(0, entry.num_samples, per_batch):
         hi = min(lo + per_batch, entry.num_samples)
-        batch = torch.from_numpy(store.read(position, IMAGE_FIELD, slice(lo, hi))).to(device)
+        batch = fmt.images(torch.from_numpy(store.read(position, fmt.image_field, slice(lo, hi))).to(device))
         for role, arr in _teacher_targets(teacher, spec, batch, shard_v[lo:hi], amp, dtype).items():
             parts.setdefault(role, []).append(arr)
         if progress is not None:
@@ -314,10 +314,15 @@ def check_teacher_cache(cfg: RunConfig, *, name: str = "teacher", samples: int =
     """
     root = Path(cfg.data.cache_root)
     spec = read_target_spec(root, check_group_name(name))
-    store = ShardStore.open(root)
+    fmt, store = image_format(cfg.data, ShardStore.open(root), labels=False)
     names = spec.field_names()
     positions = store.manifest.positions_with(list(names.values()))
     report = CheckReport(spec)
+    differ = [k for k, v in fmt.settings().items() if spec.image_format.get(k) != v]
+    if differ:
+        key = differ[0]
+        report.failures.append(f"the targets were made on images read with {key} {spec.image_format.get(key)!r}, "
+                               f"the data config reads them with {getattr(fmt, key)!r} (data.{SETTING_KEYS[key]})")
     if not positions:
         report.failures.append(f"no shard of {root} has the targets {name!r}; fill them with cache-teacher first")
         return report
@@ -346,12 +351,12 @@ def check_teacher_cache(cfg: RunConfig, *, name: str = "teacher", samples: int =
             entry = store.shards[position]
             if entry.id not in redrawn:
                 redrawn[entry.id] = shard_views(spec, entry.id, entry.num_samples)
-            images.append(torch.from_numpy(store.read(position, IMAGE_FIELD, row)))
+            images.append(torch.from_numpy(store.read(position, fmt.image_field, row)))
             for role, fname in names.items():
                 stored[role].append(torch.from_numpy(store.read(position, fname, (row, j))))
             report.views_not_redrawn += not torch.equal(stored["views"][-1].float(), redrawn[entry.id][row, j])
         got = {role: torch.stack(ts).to(dev) for role, ts in stored.items()}
-        x = render_teacher_input(torch.stack(images).to(dev), got["views"], teacher)
+        x = render_teacher_input(fmt.images(torch.stack(images).to(dev)), got["views"], teacher)
         with amp:
             logits, features = teacher_forward(teacher, x.to(dtype), features=spec.embedding_dim > 0)
         if spec.logits == "topk":

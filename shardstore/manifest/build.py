@@ -6,7 +6,7 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -238,7 +238,7 @@ def _add_checksums(
             if isinstance(digest, OSError):
                 failed.append(Problem(f.path, f"cannot be read ({one_line(digest)}); {LEFT_OUT}", s.id))
                 break
-            files[name] = FileEntry(f.path, f.bytes, f.mtime_ns, f.data_offset, digest)
+            files[name] = replace(f, checksum=digest)
         else:
             out.append(ShardEntry(s.id, s.num_samples, s.layout, files))
     return out, failed

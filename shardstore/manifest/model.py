@@ -51,6 +51,8 @@ class FileEntry:
     mtime_ns: int
     data_offset: int  # where the array data starts (after the .npy header)
     checksum: str | None = None  # "sha256:<hex>" when built with --checksum
+    #: smallest and largest value of a label-like field (integers, one per sample), read at build time
+    value_range: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,7 @@ class Manifest:
                             "mtime_ns": f.mtime_ns,
                             "data_offset": f.data_offset,
                             "checksum": f.checksum,
+                            **({"min": f.value_range[0], "max": f.value_range[1]} if f.value_range else {}),
                         }
                         for n, f in s.files.items()
                     },
@@ -236,7 +239,14 @@ def _parse_file(f: Any, name: str, shard_id: int, layout: str, spec: FieldSpec, 
     if offset < 10 or offset + num_samples * spec.sample_bytes != size:
         raise ManifestError(f"{path}: data_offset {offset:,} + {num_samples:,} rows of {spec.sample_bytes:,} bytes "
                             f"do not make its {size:,} bytes")
-    return FileEntry(path, size, _int(f["mtime_ns"], f"{path}: mtime_ns", -MAX_INT64), offset, checksum)
+    value_range = None
+    if "min" in f or "max" in f:
+        low = _int(f.get("min"), f"{path}: min", -MAX_INT64 - 1)
+        high = _int(f.get("max"), f"{path}: max", -MAX_INT64 - 1)
+        if low > high:
+            raise ManifestError(f"{path}: min {low} is above max {high}")
+        value_range = (low, high)
+    return FileEntry(path, size, _int(f["mtime_ns"], f"{path}: mtime_ns", -MAX_INT64), offset, checksum, value_range)
 
 
 def _parse_field(name: Any, spec: Any) -> FieldSpec:

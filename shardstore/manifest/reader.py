@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,20 @@ class ShardStore:
                             shards=[ShardEntry(s.id, s.num_samples, s.layout, {n: f for n, f in s.files.items()
                                                                               if n in fields})
                                     for s in self.manifest.shards])
+        return ShardStore(self.root, manifest, max_open_maps=self._maps.max_open)
+
+    def with_dtype(self, field: str, dtype: np.dtype) -> ShardStore:
+        """The same shards with ``field`` read as ``dtype`` of the same item size (its bytes unchanged).
+
+        For values NumPy has no type for: bfloat16 saved by ml_dtypes is ``V2`` on disk, and is
+        read as its uint16 bit patterns, which torch then views as bfloat16.
+        """
+        spec = self.manifest.fields[field]
+        dtype = np.dtype(dtype)
+        if dtype.itemsize != spec.dtype.itemsize:
+            raise ValueError(f"{field!r} is {spec.dtype} ({spec.dtype.itemsize} bytes); {dtype} has {dtype.itemsize}")
+        fields = {**self.manifest.fields, field: replace(spec, dtype=dtype)}
+        manifest = Manifest(fields=fields, shards=self.manifest.shards, left_out=self.manifest.left_out)
         return ShardStore(self.root, manifest, max_open_maps=self._maps.max_open)
 
     @property

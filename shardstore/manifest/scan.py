@@ -14,9 +14,12 @@ from shardstore.errors import ManifestError
 from shardstore.manifest.checksum import fd_checksum
 from shardstore.manifest.model import CHECKSUM, FileEntry, Manifest, manifest_path
 from shardstore.store.layout import OUTSIDE_ROOT_FIX, OutsideRootError, open_within
-from shardstore.store.npy import NotNpyError, header_problem, read_head_fd, read_header_bytes
+from shardstore.store.npy import NotNpyError, NpyHeader, header_problem, read_head_fd, read_header_bytes
 
 log = logging.getLogger(__name__)
+
+#: label-like files up to this size get their value range recorded (2,048 int64 labels are 16 KB)
+LABEL_RANGE_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -69,9 +72,13 @@ class Scan:
             if reason is not None:
                 return reason
             checksum, unchanged = self._checksum(rel, fd, st)
+            try:
+                value_range = label_range(fd, header)
+            except OSError as exc:
+                return f"cannot be read ({one_line(exc)})"
         finally:
             os.close(fd)
-        entry = FileEntry(rel, st.st_size, st.st_mtime_ns, header.data_offset, checksum)
+        entry = FileEntry(rel, st.st_size, st.st_mtime_ns, header.data_offset, checksum, value_range)
         return FileInfo(entry, header.dtype, header.shape, unchanged)
 
     def _checksum(self, rel: str, fd: int, st: os.stat_result) -> tuple[str | None, bool]:
@@ -97,6 +104,24 @@ class Scan:
             self.changed.append((rel, f"content changed since its checksum was recorded "
                                       f"(manifest {old.checksum[:23]}..., file {digest[:23]}...)"))
         return old.checksum, False
+
+
+def label_range(fd: int, header: NpyHeader) -> tuple[int, int] | None:
+    """Smallest and largest value of a label-like file (integers, one per sample, at most ``LABEL_RANGE_BYTES``).
+
+    Read at every build (never carried over from the previous manifest): a few KB per shard,
+    which lets training check labels against ``num_classes`` before its first step without
+    reading every label file of a large cache. Other fields, and empty files, get None.
+    """
+    label_like = header.dtype.kind in "iu" and header.shape[1:] in ((), (1,))
+    if not label_like or not 0 < header.data_bytes <= LABEL_RANGE_BYTES:
+        return None
+    data = os.pread(fd, header.data_bytes, header.data_offset)
+    if len(data) != header.data_bytes:  # shrunk since its size was checked: the shard is rescanned next build
+        return None
+    values = np.frombuffer(data, dtype=header.dtype)
+    low, high = int(values.min()), int(values.max())
+    return (low, high) if -(2**63) <= low and high < 2**63 else None  # uint64 beyond int64: not recorded
 
 
 def previous_files(root: Path) -> dict[str, FileEntry]:

@@ -106,8 +106,9 @@ def float_keys(cls: type, prefix: str = "") -> list[tuple[str, int]]:
             out += float_keys(tp, f"{prefix}{f.name}.")
         elif tp is float or args == [float]:
             out.append((prefix + f.name, 1))
-        elif typing.get_origin(tp) is tuple and set(typing.get_args(tp)) == {float}:
-            out.append((prefix + f.name, len(typing.get_args(tp))))
+        elif typing.get_origin(tp) is tuple and set(typing.get_args(tp)) - {Ellipsis} == {float}:
+            variadic = typing.get_args(tp)[-1] is Ellipsis  # tuple[float, ...]: as many as the default has
+            out.append((prefix + f.name, len(f.default) if variadic else len(typing.get_args(tp))))
     return out
 
 

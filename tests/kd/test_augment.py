@@ -148,7 +148,9 @@ def test_bad_inputs() -> None:
     assert AugmentSpec(size=8, scale=[0.5, 1]).scale == (0.5, 1.0)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="seed must be non-negative, got -1"):
         DeviceAugment(AugmentSpec(size=8), seed=-1)
-    with pytest.raises(TypeError, match="images must be uint8"):
-        apply_views(torch.zeros(1, 3, 4, 4), center_views(1, 4, 4), 4)
+    with pytest.raises(TypeError, match=r"images must be uint8 or float \[B, C, H, W\], got torch.int32"):
+        apply_views(torch.zeros(1, 3, 4, 4, dtype=torch.int32), center_views(1, 4, 4), 4)
+    with pytest.raises(TypeError, match=r"images must be uint8 or float \[B, C, H, W\], got torch.uint8 \[3, 4, 4\]"):
+        apply_views(torch.zeros(3, 4, 4, dtype=torch.uint8), center_views(1, 4, 4), 4)
     with pytest.raises(ValueError, match=r"views must be \[1, 5\], got \[2, 5\]"):
         apply_views(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), center_views(2, 4, 4), 4)
