@@ -208,9 +208,10 @@ MODEL_ERRORS = [
                                            "did you mean `student.input.size`?"),
     ({"student": {"checkpoint_format": "torchscript"}}, "unknown key `student.checkpoint_format` in "
                                                         "model_config_kd.yaml; did you mean `student.checkpoint`?"),
-    ({"student": {"input": {"mean": [0.5, 0.5]}}}, "model_config_kd.yaml: `student.input.mean` must be a list of 3 "
-                                                   "floats, got [0.5, 0.5]"),
-    ({"student": {"input": {"std": [0.5, 0, 0.5]}}}, "model_config_kd.yaml: `student.input.std` must be three "
+    ({"student": {"input": {"mean": [0.5, 0.5]}}}, "model_config_kd.yaml: `student.input.mean` has 2 values and "
+                                                   "`student.input.std` 3; give one of each per input channel, e.g. "
+                                                   "[0.485, 0.456, 0.406] and [0.229, 0.224, 0.225]"),
+    ({"student": {"input": {"std": [0.5, 0, 0.5]}}}, "model_config_kd.yaml: `student.input.std` must be "
                                                      "positive numbers, got [0.5, 0.0, 0.5]; e.g. [0.229, 0.224, 0.225]"),
     ({"teacher": {"input": {"size": 0}}}, "model_config_kd.yaml: `teacher.input.size` must be at least 1, got 0"),
     ({"student": {"kwargs": [1]}}, "model_config_kd.yaml: `student.kwargs` must be a mapping of keys to values, got [1]"),
