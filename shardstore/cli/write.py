@@ -20,9 +20,9 @@ def _parse_npy_specs(specs: list[str]) -> dict[str, str]:
     return parsed
 
 
-@app.command()
+@app.command(short_help="Fill a cache from .npy files, an image folder or a HF dataset.")
 def write(
-    root: Annotated[str, typer.Argument(help="Cache directory to fill (created if needed).")],
+    root: Annotated[str, typer.Argument(metavar="ROOT", help="Cache directory to fill (created if needed).")],
     from_npy: Annotated[Optional[list[str]], typer.Option("--from-npy", help="FIELD=PATH of a .npy holding the whole dataset; repeat per field (rows keep their order).")] = None,
     from_folder: Annotated[Optional[str], typer.Option("--from-folder", help="Image folder with one subfolder per class.")] = None,
     from_hf: Annotated[Optional[str], typer.Option("--from-hf", help="Hugging Face dataset: a save_to_disk folder, Parquet/Arrow files (a file, glob or folder) or a hub name; needs the hf extra.")] = None,
@@ -41,6 +41,10 @@ def write(
     build: Annotated[bool, typer.Option("--build-manifest/--no-build-manifest", help="Build the manifest afterwards (leave it to the last of several parallel jobs).")] = True,
 ) -> None:
     """Fill a cache from whole-dataset .npy files, an image folder or a Hugging Face dataset.
+
+    Needs: one of --from-npy (a .npy per field, all with the same number of rows), --from-folder (a folder
+    with one subfolder of images per class; Pillow) or --from-hf (the hf extra: pip install 'shardstore[hf]').
+    ROOT is new or holds shards of the same fields, dtypes and shapes: another --image-size needs a new ROOT.
 
     Images are decoded, resized and center-cropped to uint8 CHW `images`, with int64 `labels` and `ids` (the
     source row), in a seeded shuffled order by default. Parallel jobs take disjoint shard ranges; a job run
