@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -107,12 +108,15 @@ class CheckpointConfig:
     """Also keep the checkpoint with the best ``best_metric``."""
     every_steps: int = 0
     """A recovery checkpoint every N optimizer steps inside an epoch; 0 = off."""
+    every_minutes: float = 10.0
+    """A recovery checkpoint inside an epoch once this many minutes passed since the last checkpoint; 0 = off."""
     best_metric: Literal["top1", "agreement", "loss"] = "top1"
     """Evaluation metric that picks the best checkpoint (top1 and agreement higher, loss lower is better)."""
 
     def __post_init__(self) -> None:
         at_least("keep_last", self.keep_last, 1)
         at_least("every_steps", self.every_steps, 0)
+        at_least("every_minutes", self.every_minutes, 0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,9 +127,12 @@ class LogConfig:
     """Log training metrics every N optimizer steps."""
     tensorboard: bool = True
     """Write TensorBoard event files to the run directory (when tensorboard is installed)."""
+    progress_every_s: float = 30.0
+    """When output is not a terminal (a SLURM log), print a plain progress line this often inside an epoch; 0 = off."""
 
     def __post_init__(self) -> None:
         at_least("every_steps", self.every_steps, 1)
+        at_least("progress_every_s", self.progress_every_s, 0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,6 +175,8 @@ class TrainConfig:
     """Use the channels-last memory format for images and models."""
     ema_decay: float | None = None
     """Keep an exponential moving average of the student's weights with this decay; null = off."""
+    threads: int | None = None
+    """torch's CPU threads per process; null or 0 = what the machine leaves after the loader's threads."""
     loss: LossConfig = field(default_factory=LossConfig)
     """The distillation loss."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -178,11 +187,14 @@ class TrainConfig:
     """Checkpoints."""
     log: LogConfig = field(default_factory=LogConfig)
     """Logging."""
+    preempt_signals: tuple[str, ...] = ("SIGTERM", "SIGINT", "SIGUSR1")
+    """Signals that stop the run after the current step with a recovery checkpoint (exit code 75); [] = none."""
 
     def __post_init__(self) -> None:
         if not self.run_dir.strip():
             raise ValueError("`run_dir` is empty; name the directory the run writes to, e.g. runs/kd")
         at_least("seed", self.seed, 0)
+        at_least("threads", self.threads, 0)
         for key in ("epochs", "batch_size", "max_steps_per_epoch", "base_batch_size", "accumulation_steps"):
             at_least(key, getattr(self, key), 1)
         positive("lr", self.lr, "0.001")
@@ -195,6 +207,19 @@ class TrainConfig:
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"`ema_decay` must be above 0 and below 1, got {self.ema_decay}; e.g. 0.999, "
                              "or null for no EMA")
+        for name in self.preempt_signals:
+            catchable_signal(name)
+
+
+def catchable_signal(name: str) -> signal.Signals:
+    """The signal ``name`` (``SIGUSR1``, ``USR1`` or ``usr1``) names, if a handler can catch it; ``ValueError`` if not."""
+    wanted = name.strip().upper()
+    wanted = wanted if wanted.startswith("SIG") else f"SIG{wanted}"
+    found = signal.Signals.__members__.get(wanted)
+    if found is None or found in (signal.SIGKILL, signal.SIGSTOP):
+        raise ValueError(f"`preempt_signals` holds {name!r}, not a signal a process can catch; use names such as "
+                         "SIGTERM, SIGINT, SIGUSR1 (SLURM's --signal=USR1@120), or [] for none")
+    return found
 
 
 def train_config_from_dict(values: dict, source: str = "train_config_kd.yaml") -> TrainConfig:

@@ -2,8 +2,9 @@
 
 Layout under ``RUN_DIR/checkpoints/``: ``epoch_0003.pt`` after each epoch (the last
 ``keep_last`` kept), ``best.pt`` (a copy of the best epoch by the chosen metric),
-``recovery.pt`` inside long epochs (every ``every_steps`` optimizer steps; dropped once an
-epoch checkpoint is newer), and ``latest.json`` naming the newest of them. Every file goes
+``recovery.pt`` inside epochs (every ``every_steps`` optimizer steps, every ``every_minutes``
+minutes, and when a stop signal comes; dropped once an epoch checkpoint is newer), and
+``latest.json`` naming the newest of them. Every file goes
 through ``shardstore.store.atomic.write_atomic``: a reader sees the old file or the new one,
 a full disk is one ``DiskFullError`` line, and no temporary outlives a failed write.
 

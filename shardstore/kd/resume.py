@@ -1,4 +1,5 @@
-"""Resuming a run: which checkpoint it continues from, and on which shards an interrupted epoch goes on.
+"""Resuming a run: which checkpoint it continues from, on which shards an interrupted epoch goes on, and how
+the settings a resume changed (``shardstore.kd.run_changes``) are applied to the restored optimizer and schedule.
 
 The split is part of a run's state: a checkpoint records the held-out shards and the training
 shards its epoch draws from, by id. A cache that grew since keeps both: the held-out shards stay
@@ -13,25 +14,38 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
+from shardstore.config.resolve import RunConfig
 from shardstore.errors import ConfigError
 from shardstore.kd.checkpoint import CheckpointManager, load_checkpoint
 from shardstore.kd.components import missing_shards, restrict_to_shards
+from shardstore.kd.run_changes import ResumeChanges
+from shardstore.kd.schedule import warmup_cosine
 from shardstore.manifest.reader import ShardStore
 
 
 def checkpoint_to_resume(ckpt: CheckpointManager, resume: str | Path | bool | None,
                          ) -> tuple[Path | None, dict[str, Any] | None]:
-    """The checkpoint ``resume`` names (a path, or True / "auto" for the latest) and its state; ``(None, None)`` to
-    start fresh. A fresh start into a run directory that holds checkpoints is refused: it would mix two runs."""
+    """The checkpoint ``resume`` names and its state, or ``(None, None)`` to start fresh.
+
+    ``resume``: a checkpoint path; True for the run directory's latest (an error when it has none:
+    a mistyped ``train.run_dir`` must not train from scratch); ``"auto"`` for the latest if there
+    is one, else a fresh start (a batch job that is requeued runs the same command every time).
+    A fresh start into a run directory that holds checkpoints is refused: it would mix two runs.
+    """
+    if resume == "auto":
+        resume = ckpt.latest_pointer_exists()
     if not resume:
         if ckpt.latest_pointer_exists():
             raise ConfigError(f"{ckpt.run_dir} holds checkpoints of an earlier run; continue it with --resume, "
                               "or choose a new train.run_dir (or delete its checkpoints/ folder)")
         return None, None
-    path = ckpt.latest() if resume is True or resume == "auto" else Path(resume)
+    path = ckpt.latest() if resume is True else Path(resume)
     if path is None:
-        return None, None
+        raise ConfigError(f"--resume: train.run_dir {ckpt.run_dir} holds no checkpoint ({ckpt.dir / 'latest.json'} "
+                          "does not exist); check train.run_dir, or start without --resume (--auto-resume starts "
+                          "fresh when there is none)")
     return path, load_checkpoint(path)
 
 
@@ -74,3 +88,39 @@ def _cannot_continue(ckpt: CheckpointManager, source: Path, epoch: int, reason: 
            "run on the cache as it is now)" if before is not None else
            "no end-of-epoch checkpoint precedes it: start again in a new train.run_dir")
     return ConfigError(f"{source}: cannot continue epoch {epoch + 1} where it stopped: {reason}; {how}")
+
+
+def apply_changes(changes: ResumeChanges, cfg: RunConfig, optimizer: torch.optim.Optimizer, scheduler: LambdaLR, *,
+                  lr: float, total_steps: int, updates_left: int) -> tuple[LambdaLR, int, str]:
+    """Give the restored ``optimizer`` and ``scheduler`` the resumed run's settings.
+
+    ``lr`` is the resumed run's peak (scaled) lr; ``updates_left`` the optimizer updates from now to the end under
+    the new settings. A changed length recomputes the schedule's total (``global step + updates_left``): from the
+    current update on the lr is what a run started with these settings would use there (no new warmup, no restart).
+    Returns the scheduler, its total and a note for the resume line.
+    """
+    t = cfg.train
+    update = scheduler.last_epoch  # optimizer updates so far
+    note = ""
+    if changes.schedule_changed:
+        new_total = max(1, update + updates_left)
+        rebuilt = warmup_cosine(optimizer, total_steps=new_total, warmup_steps=min(t.warmup_steps, new_total),
+                                min_lr_ratio=t.min_lr_ratio)
+        rebuilt.last_epoch, rebuilt.base_lrs = update, list(scheduler.base_lrs)
+        scheduler = rebuilt
+        note = f"; the lr schedule now ends at update {new_total:,} (was {total_steps:,}) and continues at {update:,}"
+        total_steps = new_total
+    if changes.has("train.lr", "train.base_batch_size"):
+        scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+        for group in optimizer.param_groups:
+            group["initial_lr"] = lr
+    if changes.has("train.weight_decay"):
+        optimizer.param_groups[0]["weight_decay"] = t.weight_decay  # group 1 holds biases and norms: no decay
+    if changes.has("train.momentum") and isinstance(optimizer, torch.optim.SGD):
+        for group in optimizer.param_groups:
+            group["momentum"] = t.momentum
+    factor = scheduler.lr_lambdas[0](update)
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * factor
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
+    return scheduler, total_steps, note

@@ -2,92 +2,80 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import random
+import logging
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from shardstore.config.resolve import RunConfig, run_config_to_yaml
+from shardstore.config.train import TrainConfig
 from shardstore.errors import ConfigError
 from shardstore.kd import distributed
 from shardstore.kd.checkpoint import CheckpointManager
 from shardstore.kd.augment import AugmentSpec, DeviceAugment, apply_views, view_generator
 from shardstore.kd.components import (
-    Trainable, amp_enabled, build_criterion, build_data, build_optimizer, build_student,
-    build_teacher, render_teacher_input, teacher_forward, train_dataset,
+    IMAGE_FIELD, LABEL_FIELD, Trainable, amp_enabled, build_criterion, build_data, build_optimizer, build_student,
+    build_teacher, render_teacher_input, teacher_forward,
 )
 from shardstore.kd.divergence import diverged, finite_weights
 from shardstore.kd.target_spec import CachedTargets
 from shardstore.kd.ema import ModelEma
 from shardstore.kd.evaluate import evaluate
+from shardstore.kd.lock import RunDirLock
 from shardstore.kd.metrics import EpochTally, MetricsLog
-from shardstore.kd.resume import checkpoint_to_resume, epoch_store, held_out_ids, split_record
+from shardstore.kd.reporter import Reporter, SilentReporter, TrainResult, weights_digest
+from shardstore.kd.preempt import PreemptionGuard, RecoveryTrigger, StopPoint, TrainingPreempted
+from shardstore.kd.resume import checkpoint_to_resume, held_out_ids
+from shardstore.kd.run_changes import check_resume
+from shardstore.kd.run_state import RunState
 from shardstore.kd.run_dir import check_seed, prepare_run_dir
 from shardstore.kd.schedule import scaled_lr, warmup_cosine
+from shardstore.kd.threads import configure_threads
 from shardstore.loader import ShardLoader
 from shardstore.store.atomic import write_bytes_atomic
 
-
-class Reporter(Protocol):
-    """What a front end shows while training (the CLI draws a rich progress bar); every method is optional work."""
-
-    def epoch_start(self, epoch: int, epochs: int, shards: list[int], steps: int) -> None: ...
-    def step(self, epoch: int, step: int, values: dict[str, float]) -> None: ...
-    def epoch_end(self, epoch: int, values: dict[str, Any]) -> None: ...
-
-
-class _Silent:
-    def epoch_start(self, epoch: int, epochs: int, shards: list[int], steps: int) -> None:
-        pass
-
-    def step(self, epoch: int, step: int, values: dict[str, float]) -> None:
-        pass
-
-    def epoch_end(self, epoch: int, values: dict[str, Any]) -> None:
-        pass
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    global_step: int
-    epochs_done: int
-    last_eval: dict[str, float] = field(default_factory=dict)
-    weights_sha256: str = ""
+log = logging.getLogger(__name__)
 
 
 def _view_seed(seed: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, rank, 0x56494557]).generate_state(1)[0])
 
 
-def weights_digest(module: torch.nn.Module) -> str:
-    """SHA-256 of a module's parameters and buffers, in state-dict order (equal weights, equal digest)."""
-    h = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        h.update(name.encode())
-        h.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+def no_evaluation_note(t: TrainConfig) -> str | None:
+    """The line a run that evaluates nothing starts with (it measures no top-1, and may keep no best.pt)."""
+    if t.eval.every_epochs == 0:
+        why = "train.eval.every_epochs is 0"
+    elif t.eval.held_out_shards == 0 and t.eval.cache_root is None:
+        why = "train.eval.held_out_shards is 0 and train.eval.cache_root is null"
+    else:
+        return None
+    best = "" if t.checkpoint.best_metric == "loss" else " and keeps no best.pt"
+    return (f"no evaluation: {why}, so this run measures no top-1{best}; set train.eval.held_out_shards "
+            "(e.g. 1) or train.eval.cache_root to evaluate")
 
 
-class _Run:
+class _Run(RunState):
     def __init__(self, cfg: RunConfig, info: distributed.DistInfo, reporter: Reporter,
-                 resume: str | Path | bool | None) -> None:
-        self.cfg, self.info, self.reporter = cfg, info, reporter
+                 resume: str | Path | bool | None, guard: PreemptionGuard, lock: RunDirLock) -> None:
+        self.cfg, self.info, self.reporter, self.guard, self.lock = cfg, info, reporter, guard, lock
         t = cfg.train
         self.device = info.device
         check_seed(t.seed)
         self.run_dir = Path(t.run_dir)
         prepare_run_dir(self.run_dir, create=False)  # checked now, made once the data and models are known good
+        if distributed.broadcast_object(self.run_dir.is_dir(), info):
+            lock.acquire_on_main(info)  # before reading its checkpoints: another run may be writing them
         self.ckpt = CheckpointManager(self.run_dir, keep_last=t.checkpoint.keep_last, keep_best=t.checkpoint.keep_best)
         self.resume_path, self.resume_state = checkpoint_to_resume(self.ckpt, resume)
+        # Compared before anything is built or loaded: a setting that cannot change is one line, not a page of keys.
+        self.changes = None if self.resume_state is None else check_resume(
+            self.resume_state, cfg, run_dir=self.run_dir, source=self.resume_path, world_size=info.world_size)
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         # A resumed run evaluates on the shards it held out when it began, however the cache grew since.
         self.data = build_data(cfg, info, held_out_ids=held_out_ids(self.resume_state))
@@ -97,6 +85,7 @@ class _Run:
         self.criterion = build_criterion(cfg, student, self.teacher, self.data.targets)
         # A run refused above leaves no run directory behind.
         prepare_run_dir(self.run_dir, create=info.is_main)
+        lock.acquire_on_main(info)
         if info.is_main:  # what a killed earlier run left half-written (a writer's pid means something here only)
             self.ckpt.remove_stale_temporaries(["config.yaml", "metrics.jsonl",
                                                 *(f"final_rank{r}.json" for r in range(info.world_size))])
@@ -116,7 +105,7 @@ class _Run:
         self.global_batch = t.batch_size * info.world_size * self.accum
         self.lr = scaled_lr(t.lr, self.global_batch, t.base_batch_size)
         self.optimizer = build_optimizer(cfg, self.trainable, self.lr)
-        updates = -(-self.data.train.steps_per_epoch // self.accum)
+        updates = self.updates_per_epoch = -(-self.data.train.steps_per_epoch // self.accum)
         # The schedule's length is the run's, not the cache's: a cache that grew does not bend the lr curve.
         total = int((self.resume_state or {}).get("total_steps") or max(1, t.epochs * updates))
         self.total_steps = total
@@ -143,68 +132,23 @@ class _Run:
         self.epoch_started = time.perf_counter()
         self.metrics: MetricsLog | None = None
         self.global_step = 0
+        self.samples_seen = 0  # over all ranks, for the messages of a stop or a resume
+        self.resume_point: StopPoint | None = None
+        self.recovery = RecoveryTrigger(guard, info, every_steps=t.checkpoint.every_steps,
+                                        every_minutes=t.checkpoint.every_minutes)
         self.best: float | None = None
         self.best_epoch: int | None = None
         self.teacher_top1: float | None = None
 
+    def _note(self, line: str) -> None:
+        log.info("%s", line)
+        note = getattr(self.reporter, "note", None)
+        if note is not None and self.info.is_main:
+            note(line)
+
     def _make_loader(self, dataset: Any, *, prepare_next_epoch: bool = True) -> ShardLoader:
         return ShardLoader(dataset, device=self.device if self.device.type == "cuda" else None,
                            prepare_next_epoch=prepare_next_epoch, **self.cfg.data.loader_kwargs())
-
-    # -- state --------------------------------------------------------------------------------
-
-    def state(self, epoch: int, epoch_complete: bool) -> dict[str, Any]:
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        # The split is part of the run: the held-out shards, and the training shards this epoch draws from.
-        split = split_record(self.data.held_out_ids, self.active.store)
-        tally = None if epoch_complete else self.tally.state_dict(time.perf_counter() - self.epoch_started)
-        return {
-            "student": self.student.state_dict(), "criterion": self.criterion.state_dict(),
-            "ema": self.ema.state_dict() if self.ema else None, "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng,
-            "sampler": self.active.state_dict(), "epoch": epoch, "epoch_complete": epoch_complete,
-            "global_step": self.global_step, "best": self.best, "best_epoch": self.best_epoch,
-            "teacher_top1": self.teacher_top1, "split": split, "tally": tally, "total_steps": self.total_steps,
-            "config": run_config_to_yaml(self.cfg),
-        }
-
-    def restore(self, state: dict[str, Any]) -> int:
-        """Load a checkpoint; returns the epoch to continue (the sampler is positioned inside it if needed)."""
-        self.student.load_state_dict(state["student"])
-        self.criterion.load_state_dict(state["criterion"])
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        self.global_step, self.best = int(state["global_step"]), state["best"]
-        self.best_epoch = state.get("best_epoch")
-        self.teacher_top1 = state.get("teacher_top1")
-        if self.info.is_main:
-            self.ckpt.restore_best(self.best_epoch)  # a best.pt copy that a full disk interrupted is made now
-        epoch = int(state["epoch"])
-        if state["epoch_complete"]:
-            return epoch + 1
-        self._continue_epoch(state)
-        return epoch
-
-    def _continue_epoch(self, state: dict[str, Any]) -> None:
-        """Position a loader at the exact next batch of the interrupted epoch, on the shards it was drawn from.
-
-        Shards added to the cache since the checkpoint join from the next epoch on (see ``shardstore.kd.resume``).
-        """
-        store = epoch_store(self.data.train.store, state, ckpt=self.ckpt, source=self.resume_path or Path())
-        if store is not self.data.train.store:
-            self.resume_loader = self._make_loader(train_dataset(self.cfg, store, self.info), prepare_next_epoch=False)
-            self.active = self.resume_loader
-        self.active.load_state_dict(state["sampler"])  # continue at the exact next batch
-        self.tally = EpochTally.from_state(state.get("tally"), self.device)
 
     def check_finite(self, epoch: int, step: int, *, weights: bool = False) -> None:
         """Stop with ``NonFiniteLossError`` once a loss (or, with ``weights``, a weight) is NaN or infinite.
@@ -240,6 +184,12 @@ class _Run:
                 write_bytes_atomic(self.run_dir / "config.yaml", run_config_to_yaml(self.cfg).encode())
                 MetricsLog.truncate(self.run_dir, self.global_step)
                 self.metrics = MetricsLog(self.run_dir, tensorboard=t.log.tensorboard)
+            self.recovery.saved(self.global_step)  # the clock of checkpoint.every_minutes starts now
+            if self.recovery.stop_requested():  # asked during start-up: nothing new to save
+                raise self._preempted(self.resume_point or self.stop_point(0, False), self.resume_path, saved=False)
+            note = no_evaluation_note(t)
+            if note is not None:
+                self._note(note)
             for epoch in range(start_epoch, t.epochs):
                 if not mid_epoch:
                     self.active = self.loader
@@ -256,9 +206,12 @@ class _Run:
                     last_eval = self.evaluate()
                     values |= {f"eval_{k}": v for k, v in last_eval.items()}
                 self.end_epoch(epoch, values, last_eval)
+                self.recovery.saved(self.global_step)
                 if self.resume_loader is not None:  # the resumed epoch is done: new shards join from here on
                     self.resume_loader.close()
                     self.resume_loader = None
+                if epoch + 1 < t.epochs and self.recovery.stop_requested():  # continue from this epoch's checkpoint
+                    raise self._preempted(self.stop_point(epoch, True), self.ckpt.dir / f"epoch_{epoch:04d}.pt")
         finally:
             self.loader.close()
             if self.resume_loader is not None:
@@ -284,9 +237,8 @@ class _Run:
         b = first - 1
         for i, batch in enumerate(loader):
             b = first + i
-            fmt = self.data.image_format  # the user's fields, layout and dtype -> [B, C, H, W] (see kd/images.py)
-            images = fmt.images(batch[fmt.image_field].to(self.device, non_blocking=True))
-            labels = fmt.labels(batch[fmt.label_field].to(self.device, non_blocking=True))
+            images = batch[IMAGE_FIELD].to(self.device, non_blocking=True)
+            labels = batch[LABEL_FIELD].to(self.device, non_blocking=True).long()
             # Views (fresh or stored) depend on (seed, rank, epoch, batch) only: a resumed run uses the same ones.
             step = epoch * (1 << 32) + b
             t_logits = t_feats = t_log_probs = None
@@ -317,6 +269,7 @@ class _Run:
                 step_parts[k] = step_parts[k] + v if k in step_parts else v
             tally.add(parts, labels.shape[0])
             window_samples += labels.shape[0]
+            self.samples_seen += labels.shape[0] * self.info.world_size
             if not sync:
                 continue
             micro = (i % self.accum) + 1
@@ -344,10 +297,12 @@ class _Run:
                     self.metrics.write("step", {"global_step": self.global_step, "epoch": epoch, "step": b + 1,
                                                 **values})
                 self.reporter.step(epoch, b + 1, values)
-            if t.checkpoint.every_steps and self.global_step % t.checkpoint.every_steps == 0 and i < num - 1:
-                self.check_finite(epoch, b + 1, weights=True)  # never save NaN weights over the last good ones
-                if self.info.is_main:
-                    self.ckpt.save_recovery(self.state(epoch, epoch_complete=False))
+            # Under torchrun the ranks agree on logged steps, where they wait for the device anyway.
+            stop, due = self.recovery.at_step(self.global_step, can_agree=logging_now)
+            if stop or (due and i < num - 1):  # the epoch's own checkpoint follows its last batch
+                self.save_recovery(epoch, b + 1)
+            if stop:
+                raise self._preempted(self.stop_point(epoch, False), self.ckpt.dir / "recovery.pt")
         elapsed = time.perf_counter() - started
         self.check_finite(epoch, b + 1, weights=True)
         seconds = tally.seconds + elapsed  # the whole epoch's, across a resume
@@ -356,6 +311,18 @@ class _Run:
                 "wait_frac": loader.stats.epoch_s / max(elapsed, 1e-9), "batches": tally.batches,
                 "shards": loader.dataset.selected_shards}
         return out
+
+    def save_recovery(self, epoch: int, step: int) -> None:
+        """A recovery checkpoint of the current step (every rank calls it: the finiteness check is collective)."""
+        if not self.recovery.is_new(self.global_step):
+            return  # the newest checkpoint is of this very step
+        self.check_finite(epoch, step, weights=True)  # never save NaN weights over the last good ones
+        if self.info.is_main:
+            self.ckpt.save_recovery(self.state(epoch, epoch_complete=False))
+        self.recovery.saved(self.global_step)
+
+    def _preempted(self, point: StopPoint, checkpoint: Path | None, *, saved: bool = True) -> TrainingPreempted:
+        return TrainingPreempted(self.recovery.signal_name, point, checkpoint, saved=saved and checkpoint is not None)
 
     def live_step(self, step: int) -> bool:
         """With cached targets, whether ``step`` is taught by the live teacher on fresh views (hybrid)."""
@@ -370,8 +337,8 @@ class _Run:
         result: dict[str, float] = {}
         if self.info.is_main:
             assert self.data.eval_store is not None
-            result = evaluate(model, self.teacher, self.data.eval_store, image_format=self.data.image_format,
-                              size=self.cfg.model.student.input.size,
+            result = evaluate(model, self.teacher, self.data.eval_store, image_field=IMAGE_FIELD,
+                              label_field=LABEL_FIELD, size=self.cfg.model.student.input.size,
                               batch_size=t.eval.batch_size, device=self.device, max_batches=t.eval.max_batches,
                               autocast=self.autocast, teacher_logits_field=t.loss.target_field,
                               cached=self.cached if self.teacher is None and self.data.eval_has_targets else None)
@@ -397,12 +364,25 @@ class _Run:
 
 def train(cfg: RunConfig, *, resume: str | Path | bool | None = None, reporter: Reporter | None = None,
           device: str | None = None) -> TrainResult:
-    """Run ``cfg`` to its last epoch (continuing from a checkpoint with ``resume``: a path, or True for the latest).
+    """Run ``cfg`` to its last epoch, continuing from a checkpoint with ``resume``: a path, True for the run
+    directory's latest (an error if it has none) or ``"auto"`` (the latest if any, else from scratch).
 
-    Under torchrun every process calls this; rank 0 alone writes logs and checkpoints.
+    Under torchrun every process calls this; rank 0 alone writes logs and checkpoints and holds ``RUN_DIR/.lock``.
+    A signal of ``train.preempt_signals`` ends the run after the current step with a recovery checkpoint and
+    ``TrainingPreempted`` (see ``shardstore.kd.preempt``).
     """
     info = distributed.setup(device)
+    configure_threads(cfg.train.threads, cfg.data.loader_threads)  # torch's threads beside the loader's, not on them
+    lock = RunDirLock(cfg.train.run_dir)
     try:
-        return _Run(cfg, info, reporter or _Silent(), resume).run()
+        # The signals only set a flag from here on: the loop stops at the next step with a recovery checkpoint.
+        with PreemptionGuard(cfg.train.preempt_signals, notify=info.is_main) as guard:
+            try:
+                return _Run(cfg, info, reporter or SilentReporter(), resume, guard, lock).run()
+            except Exception:
+                if guard.aborted:  # raised inside torch.save, the interrupt comes out as its RuntimeError
+                    raise KeyboardInterrupt from None
+                raise
     finally:
+        lock.release()
         distributed.teardown(info)

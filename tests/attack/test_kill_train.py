@@ -70,7 +70,7 @@ def test_train_killed_at_random_points_resumes_to_the_uninterrupted_result(tmp_p
         step = 0
         for _ in range(KILLS_PER_CHAIN):
             remaining = 1 - step / reference["global_step"]
-            child = cli_start("train", *run_sets(run_dir, cache), "--resume", "--device", "cpu")
+            child = cli_start("train", *run_sets(run_dir, cache), "--auto-resume", "--device", "cpu")
             time.sleep(kill_delay(next(fractions), startup, whole.seconds, remaining))
             child.kill()
             outcome = child.wait()
@@ -85,7 +85,7 @@ def test_train_killed_at_random_points_resumes_to_the_uninterrupted_result(tmp_p
             for name in ("recovery.pt", "epoch_0000.pt", "best.pt", "latest.json"):
                 plant_stale(run_dir / "checkpoints", name)
             plant_stale(run_dir, "config.yaml")
-        rerun = cli("train", *run_sets(run_dir, cache), "--resume", "--device", "cpu")
+        rerun = cli("train", *run_sets(run_dir, cache), "--auto-resume", "--device", "cpu")
         assert rerun.code == 0, rerun.describe()
         assert temporaries(run_dir) == [], "temporaries of killed runs were left behind"
         final = json.loads((run_dir / "final_rank0.json").read_text())

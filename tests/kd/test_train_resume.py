@@ -65,11 +65,17 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tiny_cache: Path, t
     assert (run_dir / "checkpoints" / "best.pt").exists() and not (run_dir / "checkpoints" / "recovery.pt").exists()
 
 
-def test_resume_without_a_checkpoint_starts_fresh_and_a_bad_file_is_named(tiny_cache: Path, tmp_path: Path) -> None:
+def test_resume_without_a_checkpoint_is_refused_auto_starts_fresh_and_a_bad_file_is_named(
+        tiny_cache: Path, tmp_path: Path) -> None:
     from shardstore import ConfigError
 
     cfg = load_run_config(*CONFIGS, overrides(tmp_path / "run", tiny_cache, train__epochs=1))
-    assert train(cfg, resume=True).epochs_done == 1
+    # A mistyped run_dir must not train from scratch: --resume names the folder it found empty.
+    with pytest.raises(ConfigError, match=r"^--resume: train.run_dir .*/run holds no checkpoint \(.*/run/checkpoints/"
+                                          r"latest.json does not exist\); check train.run_dir"):
+        train(cfg, resume=True)
+    assert not (tmp_path / "run").exists()
+    assert train(cfg, resume="auto").epochs_done == 1  # what a requeued batch job runs every time
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="bad.pt: is not a readable torch.save file .*resume from another file"):
