@@ -20,7 +20,7 @@ from shardstore.kd import distributed
 from shardstore.kd.checkpoint import CheckpointManager
 from shardstore.kd.augment import AugmentSpec, DeviceAugment, apply_views, view_generator
 from shardstore.kd.components import (
-    IMAGE_FIELD, LABEL_FIELD, Trainable, amp_enabled, build_criterion, build_data, build_optimizer, build_student,
+    Trainable, amp_enabled, build_criterion, build_data, build_optimizer, build_student,
     build_teacher, render_teacher_input, teacher_forward,
 )
 from shardstore.kd.divergence import diverged, finite_weights
@@ -237,8 +237,9 @@ class _Run(RunState):
         b = first - 1
         for i, batch in enumerate(loader):
             b = first + i
-            images = batch[IMAGE_FIELD].to(self.device, non_blocking=True)
-            labels = batch[LABEL_FIELD].to(self.device, non_blocking=True).long()
+            fmt = self.data.image_format  # the user's fields, layout and dtype -> [B, C, H, W] (see kd/images.py)
+            images = fmt.images(batch[fmt.image_field].to(self.device, non_blocking=True))
+            labels = fmt.labels(batch[fmt.label_field].to(self.device, non_blocking=True))
             # Views (fresh or stored) depend on (seed, rank, epoch, batch) only: a resumed run uses the same ones.
             step = epoch * (1 << 32) + b
             t_logits = t_feats = t_log_probs = None
@@ -337,8 +338,8 @@ class _Run(RunState):
         result: dict[str, float] = {}
         if self.info.is_main:
             assert self.data.eval_store is not None
-            result = evaluate(model, self.teacher, self.data.eval_store, image_field=IMAGE_FIELD,
-                              label_field=LABEL_FIELD, size=self.cfg.model.student.input.size,
+            result = evaluate(model, self.teacher, self.data.eval_store, image_format=self.data.image_format,
+                              size=self.cfg.model.student.input.size,
                               batch_size=t.eval.batch_size, device=self.device, max_batches=t.eval.max_batches,
                               autocast=self.autocast, teacher_logits_field=t.loss.target_field,
                               cached=self.cached if self.teacher is None and self.data.eval_has_targets else None)
