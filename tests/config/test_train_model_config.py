@@ -133,9 +133,10 @@ TRAIN_ERRORS = [
                          "or `log.every_steps`?"),
     ({"zzzz": 1}, "unknown key `zzzz` in train_config_kd.yaml; valid keys: run_dir, seed, epochs, batch_size, "
                   "max_steps_per_epoch, optimizer, lr, base_batch_size, weight_decay, momentum, warmup_steps, "
-                  "min_lr_ratio, grad_clip, accumulation_steps, amp, compile, channels_last, ema_decay, loss, augment, "
-                  "eval, checkpoint, log"),
-    ({"log": {"zzzz": 1}}, "unknown key `log.zzzz` in train_config_kd.yaml; valid keys in `log`: every_steps, tensorboard"),
+                  "min_lr_ratio, grad_clip, accumulation_steps, amp, compile, channels_last, ema_decay, threads, loss, "
+                  "augment, eval, checkpoint, log, preempt_signals"),
+    ({"log": {"zzzz": 1}}, "unknown key `log.zzzz` in train_config_kd.yaml; valid keys in `log`: every_steps, tensorboard, "
+     "progress_every_s"),
     ({"epochs": True}, "train_config_kd.yaml: `epochs` must be int, got True"),
     ({"epochs": 2.0}, "train_config_kd.yaml: `epochs` must be int, got 2.0"),
     ({"lr": "fast"}, "train_config_kd.yaml: `lr` must be float, got 'fast'"),
