@@ -109,3 +109,24 @@ def test_the_layout_key_settles_an_ambiguous_shape(tmp_path: Path, capsys: pytes
     cache = write_flat(tmp_path / "cache", cache_of("ambiguous"))  # [3, 16, 3]: 3 channels first and last
     config = data_config(tmp_path / "data_config.yaml", cache, image_layout=layout)
     assert main(["train", "--data_config", str(config), *sets(tmp_path / "run")]) == 0, capsys.readouterr().err
+
+
+def test_an_evaluation_cache_is_read_like_the_training_cache(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    images, labels = pixels()
+    train_cache = write_flat(tmp_path / "train", {"x": images.astype(np.float16), "y": labels})
+    config = data_config(tmp_path / "data_config.yaml", train_cache, image_field="x", label_field="y")
+    same = write_flat(tmp_path / "same", {"x": images[:24].astype(np.float16), "y": labels[:24]})
+    assert main(["train", "--data_config", str(config),
+                 *sets(tmp_path / "ok", train__eval__held_out_shards=0, train__eval__cache_root=str(same))]) == 0
+    other = write_flat(tmp_path / "other", {"x": uint8(images[:24]), "y": np.where(labels[:24] == 1, 10, labels[:24])})
+    capsys.readouterr()
+    for cache, message in [(other, r"the evaluation cache .* holds uint8 CHW images of 3 channels, the training cache "
+                                   r"float16 CHW of 3; write both the same way"),
+                           (write_flat(tmp_path / "labels", {"x": images[:24].astype(np.float16),
+                                                             "y": np.where(labels[:24] == 1, 10, labels[:24])}),
+                            r"the labels 'y' in .*labels go up to 10 \(shard 0\), but model.num_classes is 10")]:
+        code = main(["train", "--data_config", str(config),
+                     *sets(tmp_path / "bad", train__eval__held_out_shards=0, train__eval__cache_root=str(cache))])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and re.search(message, err[0]), err
+        assert not (tmp_path / "bad").exists()
