@@ -296,9 +296,9 @@ def _launch_rank(rank: int, port: int, sets: list[str], logs: Path) -> subproces
     """One rank of a 2-process gloo job started directly (as ``srun`` starts one task per GPU), not by torchrun."""
     env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    out = open(logs / f"rank{rank}.out", "w")
-    return subprocess.Popen([sys.executable, "-m", "shardstore", "train", "--device", "cpu", *sets], env=env,
-                            stdout=out, stderr=subprocess.STDOUT)
+    with open(logs / f"rank{rank}.out", "w") as out:  # the child keeps its own descriptor
+        return subprocess.Popen([sys.executable, "-m", "shardstore", "train", "--device", "cpu", *sets], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
 
 
 def _free_port() -> int:
@@ -315,7 +315,8 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step_and_they_resume_identi
     def job(run_dir: Path, *args: str, signal_rank1: bool = False) -> list[int]:
         sets = [a for o in overrides(run_dir, tiny_cache, train__epochs=3, train__log__every_steps=1)
                 for a in ("--set", o)] + list(args)
-        ranks = [_launch_rank(r, port, sets, tmp_path) for r, port in ((0, ports[0]), (1, ports[0]))]
+        port = _free_port()
+        ranks = [_launch_rank(r, port, sets, tmp_path) for r in (0, 1)]
         if signal_rank1:
             deadline = time.monotonic() + 180
             while not (run_dir / "metrics.jsonl").exists() or '"step"' not in (run_dir / "metrics.jsonl").read_text():
@@ -324,15 +325,12 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step_and_they_resume_identi
             ranks[1].send_signal(signal.SIGTERM)  # only rank 1 hears it; rank 0 must stop at the same step
         return [p.wait(timeout=300) for p in ranks]
 
-    ports = [_free_port()]
     assert job(tmp_path / "whole") == [0, 0]
     run_dir = tmp_path / "run"
-    ports[0] = _free_port()
     assert job(run_dir, signal_rank1=True) == [EXIT_PREEMPTED, EXIT_PREEMPTED], (tmp_path / "rank0.out").read_text()
     rank0 = (tmp_path / "rank0.out").read_text()
     assert "shardstore: stopped by a signal to another rank in epoch" in rank0, rank0
     assert latest(run_dir)["path"] == "recovery.pt"
-    ports[0] = _free_port()
     assert job(run_dir, "--resume") == [0, 0], (tmp_path / "rank0.out").read_text()
     for r in (0, 1):
         assert json.loads((run_dir / f"final_rank{r}.json").read_text()) == \
