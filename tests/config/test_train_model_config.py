@@ -359,8 +359,10 @@ def test_run_config_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=exactly(f"`num_classes` is missing in {paths[2]}; set it to the number of "
                                                   "classes the networks predict, e.g. 10")):
         load_run_config(*paths)
-    paths[1].unlink()
-    with pytest.raises(ConfigError, match=exactly(f"{paths[1]}: no such file; pass --train-config PATH")):
+    paths[1].unlink()  # the model file still lacks num_classes: both problems come at once
+    with pytest.raises(ConfigError, match=exactly(f"{paths[1]}: no such file; pass --train-config PATH\n"
+                                                  f"`num_classes` is missing in {paths[2]}; set it to the number of "
+                                                  "classes the networks predict, e.g. 10")):
         load_run_config(*paths)
 
 
