@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -201,3 +202,25 @@ def test_three_decoding_processes_write_the_same_cache_as_one(tmp_path: Path) ->
                                               r"\(.*\); fix or remove it, or pass --on-error skip$"):
         write_image_folder(tmp_path / "stop", folder, image_size=12, shard_size=7, workers=3, chunk_rows=4,
                            on_error="stop", fsync=False)
+
+
+class _ExitsWhenUnpickled:
+    """An input that ends the decoding process receiving it, as a decoder crash (a segfault) would."""
+
+    def __reduce__(self) -> tuple[object, tuple[int]]:
+        return os._exit, (3,)
+
+
+@pytest.mark.slow
+def test_a_decoding_process_that_dies_is_one_line_naming_the_rows(tmp_path: Path) -> None:
+    listing = list_image_folder(make_folder(tmp_path / "imgs"))
+
+    def fetch(rows: np.ndarray) -> list[object]:
+        return [_ExitsWhenUnpickled() if int(r) == 7 else str(listing.paths[int(r)]) for r in rows]
+
+    rows = np.arange(10)
+    with pytest.raises(ShardstoreError, match=r"^a decoding process died while decoding source rows \d\.\.\d \(.*\); "
+                                              r"run again \(finished shards are kept\), with --workers 1 to find an "
+                                              r"image that crashes the decoder$"):
+        list(decode_in_order(rows, fetch, 8, workers=2, chunk_rows=3))
+

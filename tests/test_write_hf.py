@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -334,3 +335,28 @@ def test_source_mistakes_are_one_line(source: dict, tmp_path: Path, capsys: pyte
         "Hub (LocalEntryNotFoundError)); check the name, --config and --split, and that the hub is reachable (or "
         "save the dataset with save_to_disk where it is, and pass that folder)")
     assert not (tmp_path / "c").exists()
+
+
+def test_more_source_mistakes_are_one_line(source: dict, tmp_path: Path) -> None:
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "a.parquet").write_bytes(source["parquet"].read_bytes())
+    (tmp_path / "mixed" / "b.arrow").write_bytes(b"")
+    with pytest.raises(ShardstoreError, match=r"mixed/\*: expected only .parquet or only .arrow files, found .arrow, "
+                                              r".parquet; pass the files of one format$"):
+        hf_image_source(str(tmp_path / "mixed" / "*"))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "state.json").write_text("{")
+    with pytest.raises(ShardstoreError, match=rf"^cannot load {re.escape(str(tmp_path / 'broken'))} from disk \(.+\); "
+                                              r"check the files$"):
+        hf_image_source(str(tmp_path / "broken"))
+    ds = datasets.load_from_disk(str(source["saved"]))
+    splits = datasets.DatasetDict({"a": ds, "b": ds})
+    with pytest.raises(ShardstoreError, match=r"^the dataset has splits a, b; choose one with --split$"):
+        hf_image_source(splits)
+    gaps = datasets.Dataset.from_dict({"image": ds["image"][:3], "label": [1, None, 2]},
+                                      features=datasets.Features({"image": datasets.Image(),
+                                                                  "label": datasets.Value("int64")}))
+    with pytest.raises(ShardstoreError, match=r"^column 'label' of the dataset has 1 rows without a label; filter "
+                                              r"them out first, or pass --label-column with another column$"):
+        hf_image_source(gaps)
+
