@@ -63,10 +63,19 @@ def auto_threads(loader_threads: int, *, cpus: int, processes: int = 1, env: Map
 
 
 def configure_threads(threads: int | None, loader_threads: int) -> int:
-    """Set torch's intra-op threads to ``threads`` or, when it is 0 or None, to ``auto_threads``; the number set."""
+    """Set torch's intra-op threads to ``threads`` or, when it is 0 or None, to ``auto_threads``; the number set.
+
+    Never more than ``available_cpus()``: a larger ``train.threads`` or ``OMP_NUM_THREADS`` is lowered with a warning.
+    """
     processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     cpus = available_cpus()
     chosen = threads or auto_threads(loader_threads, cpus=cpus, processes=processes)
+    if chosen > cpus:
+        # More threads than CPUs only oversubscribe; tens of thousands make OpenMP fail to start them and crash.
+        source = "train.threads" if threads else "OMP_NUM_THREADS"
+        log.warning("%s is %d, more than the %d CPU(s) this process may use; torch uses %d thread(s)",
+                    source, chosen, cpus, cpus)
+        chosen = cpus
     if torch.get_num_threads() != chosen:
         torch.set_num_threads(chosen)
     if threads:

@@ -1,0 +1,100 @@
+"""Training met by a hostile or unlucky user: a cache changed under its manifest, odd thread counts, a hostile
+run directory (lock file, recorded config), and signals at awkward moments. Each case ends in one honest line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from shardstore.errors import CorruptShardError
+from shardstore.kd import threads
+from shardstore.kd.images import ImageFormat
+from shardstore.kd.threads import configure_threads
+
+from . import harness
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return harness.tiny_cache(tmp_path_factory.mktemp("train-attacks") / "cache")
+
+
+# -- torch threads ----------------------------------------------------------------------------
+
+
+def test_threads_above_the_cpus_are_lowered(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """train.threads: 100000 made OpenMP fail to start its threads and the process crash (SIGSEGV) at the first op."""
+    before = torch.get_num_threads()
+    monkeypatch.setattr(threads, "available_cpus", lambda: 2)
+    try:
+        with caplog.at_level(logging.WARNING, logger="shardstore.kd.threads"):
+            assert configure_threads(100_000, 1) == 2
+        assert torch.get_num_threads() == 2
+        assert "train.threads is 100000, more than the 2 CPU(s)" in caplog.text
+        monkeypatch.setenv("OMP_NUM_THREADS", "100000")
+        assert configure_threads(None, 1) == 2
+        assert "OMP_NUM_THREADS is 100000" in caplog.text
+    finally:
+        torch.set_num_threads(before)
+
+
+# -- labels the manifest does not know of -------------------------------------------------------
+
+
+def test_batch_labels_outside_the_classes_are_refused_on_cpu() -> None:
+    fmt = ImageFormat(num_classes=10)
+    assert torch.equal(fmt.labels(torch.tensor([[0], [9], [-1]])), torch.tensor([0, 9, -1]))
+    for bad in (452, 10, -2):
+        with pytest.raises(CorruptShardError, match=f"holds the label {bad} outside 0..9") as info:
+            fmt.labels(torch.tensor([3, bad, 1]))
+        assert "\n" not in str(info.value) and "build-manifest --full" in str(info.value)
+    assert torch.equal(ImageFormat().labels(torch.tensor([452])), torch.tensor([452]))  # unchecked: num_classes 0
+
+
+def test_gpu_path_masks_bad_labels_and_reports_them_later() -> None:
+    """On a GPU the step must not wait: bad labels become -1 (no device-side assert) and a flag raises later."""
+    fmt = ImageFormat(num_classes=10)
+    y = torch.tensor([1, 2, 3])
+    assert torch.equal(fmt._mask_labels(y, (y < -1) | (y >= 10)), y)
+    fmt.check_seen_labels()  # nothing seen
+    y = torch.tensor([1, 452, 3])
+    assert torch.equal(fmt._mask_labels(y, (y < -1) | (y >= 10)), torch.tensor([1, -1, 3]))
+    y = torch.tensor([4])
+    fmt._mask_labels(y, (y < -1) | (y >= 10))  # a later good batch does not clear the flag
+    with pytest.raises(CorruptShardError, match="held a label outside 0..9"):
+        fmt.check_seen_labels()
+
+
+def _rewrite_keeping_stat(path: Path, array: np.ndarray) -> None:
+    """Rewrite a .npy in place with the same size and mtime (what a hand-edited manifest amounts to)."""
+    st = path.stat()
+    np.save(path, array)
+    assert path.stat().st_size == st.st_size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.slow
+def test_label_out_of_range_behind_the_manifest_is_one_line(cache: Path, tmp_path: Path) -> None:
+    """A label file changed with its size and mtime kept (or a manifest edited by hand): was `IndexError: Target
+    452 is out of bounds` with a traceback."""
+    import shutil
+
+    root = tmp_path / "cache"
+    shutil.copytree(cache, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    for shard in manifest["shards"]:  # the copy has new mtimes: record them so nothing looks changed
+        for entry in shard["files"].values():
+            entry["mtime_ns"] = (root / entry["path"]).stat().st_mtime_ns
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    labels_path = root / "shard_000002" / "labels.npy"
+    labels = np.load(labels_path)
+    labels[3] = 452
+    _rewrite_keeping_stat(labels_path, labels)
+    outcome = harness.cli("train", *harness.run_sets(tmp_path / "run", root, data__shards_per_epoch=5))
+    harness.assert_one_line_error(outcome, "holds the label 452", "build-manifest --full")
