@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -142,6 +142,7 @@ def build_data(cfg: RunConfig, info: DistInfo, *, held_out_ids: list[int] | None
     for part in (store, eval_store):
         if part is not None:
             check_labels(part, fmt, cfg.model.num_classes)
+    fmt = replace(fmt, num_classes=cfg.model.num_classes)  # and every batch as it is read (kd/images.py)
     check_values(store, fmt)
     spec, eval_has_targets = None, False
     if cfg.data.teacher_targets:

@@ -16,7 +16,7 @@ Augmentation and the replay of cached teacher views then run the same code on an
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,7 @@ from torch import Tensor
 
 from shardstore.config.data import DataConfig
 from shardstore.config.model import NetworkConfig
-from shardstore.errors import ConfigError
+from shardstore.errors import ConfigError, CorruptShardError
 from shardstore.kd.losses import UNLABELED
 from shardstore.manifest.reader import ShardStore
 
@@ -60,6 +60,10 @@ class ImageFormat:
     repeat_gray: bool = False
     #: ``(C, H, W)`` as stored; None for a format not read from a cache
     shape: tuple[int, int, int] | None = None
+    #: labels outside ``[0, num_classes)`` and -1 are refused when a batch is read (0: not checked)
+    num_classes: int = 0
+    #: on a GPU: whether a batch held such labels (one device flag, read by ``check_seen_labels``)
+    _bad_labels: list[Tensor] = field(default_factory=list, compare=False, repr=False)
 
     @property
     def channels(self) -> int:
@@ -69,7 +73,7 @@ class ImageFormat:
 
     def settings(self) -> dict[str, Any]:
         """What decides the pixels a network sees (cached teacher targets record it): not the fields or the size."""
-        return {k: v for k, v in asdict(self).items() if k in SETTING_KEYS}
+        return {k: getattr(self, k) for k in SETTING_KEYS}
 
     def images(self, raw: Tensor) -> Tensor:
         """A loader batch of the image field -> ``[B, C, H, W]`` for ``apply_views``: uint8 as is, else float values.
@@ -94,8 +98,43 @@ class ImageFormat:
         return x
 
     def labels(self, raw: Tensor) -> Tensor:
-        """A loader batch of the label field -> int64 ``[B]``."""
-        return raw.reshape(-1).long()
+        """A loader batch of the label field -> int64 ``[B]``, checked against ``num_classes`` when it is set.
+
+        The manifest's recorded label range is checked before the first step, but a label file
+        rewritten in place or a hand-edited manifest.json can still bring a label the loss would
+        index out of bounds (a raw ``IndexError`` on a CPU, a device-side assert that kills a GPU
+        process). On a CPU the batch is checked at once (no device to wait for); on a GPU such
+        labels become -1 (unlabeled) and a flag, read where the trainer reads the device anyway
+        (``check_seen_labels``), so the step never waits.
+        """
+        y = raw.reshape(-1).long()
+        if not self.num_classes or y.numel() == 0:
+            return y
+        bad = (y < UNLABELED) | (y >= self.num_classes)
+        if y.device.type == "cpu":
+            if bool(bad.any()):
+                raise self._label_error(int(y[bad][0]))
+            return y
+        return self._mask_labels(y, bad)
+
+    def _mask_labels(self, y: Tensor, bad: Tensor) -> Tensor:
+        """The GPU path of ``labels``: ``bad`` labels become -1 and the flag remembers them, without a sync."""
+        seen = bad.any()
+        self._bad_labels[:] = [seen if not self._bad_labels else self._bad_labels[0] | seen]
+        return y.masked_fill(bad, UNLABELED)
+
+    def check_seen_labels(self) -> None:
+        """``CorruptShardError`` if a GPU batch held a label outside the classes since the format was made (syncs)."""
+        if self._bad_labels and bool(self._bad_labels[0]):
+            raise self._label_error(None)
+
+    def _label_error(self, value: int | None) -> CorruptShardError:
+        what = f"holds the label {value}" if value is not None else "held a label"
+        return CorruptShardError(
+            f"a batch of the field {self.label_field!r} {what} outside 0..{self.num_classes - 1} (or -1: "
+            "unlabeled), though manifest.json records every label file in range: a label file changed after the "
+            "manifest was built, or manifest.json was edited; rebuild it with shardstore build-manifest --full "
+            "on data.cache_root (training then names the shard before its first step)")
 
 
 def _describe(store: ShardStore, field: str) -> str:

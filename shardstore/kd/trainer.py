@@ -157,6 +157,7 @@ class _Run(RunState):
         before every checkpoint, so no NaN weights are ever saved over the last good ones.
         Every rank calls it at the same points and they agree, so none waits on another.
         """
+        self.data.image_format.check_seen_labels()  # on a GPU: a label outside the classes (see kd/images.py)
         ok = self.tally.finite() and (not weights or finite_weights(self.trainable))
         if self.info.distributed:
             ok = distributed.all_reduce_mean(0.0 if ok else 1.0, self.info) == 0.0
