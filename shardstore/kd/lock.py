@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,13 @@ class RunDirLock:
             raise ConfigError(f"{self.path}: cannot open the run directory's lock file "
                               f"({exc.strerror or type(exc).__name__}); choose a train.run_dir you can write to, "
                               "or remove that path if it is not a plain file") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            # A hard link to a file elsewhere (or a FIFO, a device) would be emptied by the record's ftruncate.
+            os.close(fd)
+            what = "a hard link to another file" if stat.S_ISREG(st.st_mode) else "not a plain file"
+            raise ConfigError(f"{self.path}: the run directory's lock file is {what}; remove it (shardstore "
+                              "makes its own), or choose another train.run_dir")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

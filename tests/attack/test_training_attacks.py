@@ -98,3 +98,48 @@ def test_label_out_of_range_behind_the_manifest_is_one_line(cache: Path, tmp_pat
     _rewrite_keeping_stat(labels_path, labels)
     outcome = harness.cli("train", *harness.run_sets(tmp_path / "run", root, data__shards_per_epoch=5))
     harness.assert_one_line_error(outcome, "holds the label 452", "build-manifest --full")
+
+
+# -- the run directory's lock file ------------------------------------------------------------
+
+
+def test_lock_file_planted_as_a_hard_link_leaves_its_target_whole(tmp_path: Path) -> None:
+    """RUN_DIR/.lock hard-linked to a file elsewhere: taking the lock emptied that file (the holder's record)."""
+    from shardstore.errors import ConfigError
+    from shardstore.kd.lock import RunDirLock
+
+    victim = tmp_path / "notes.txt"
+    victim.write_text("a week of results\n")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    os.link(victim, run_dir / ".lock")
+    with pytest.raises(ConfigError, match="lock file is a hard link to another file; remove it") as info:
+        RunDirLock(run_dir).acquire()
+    assert "\n" not in str(info.value)
+    assert victim.read_text() == "a week of results\n"
+
+
+@pytest.mark.parametrize("kind", ["symlink", "directory", "fifo"])
+def test_lock_file_that_is_not_a_plain_file_is_one_line(tmp_path: Path, kind: str) -> None:
+    from shardstore.errors import ConfigError
+    from shardstore.kd.lock import RunDirLock
+
+    target = tmp_path / "target"
+    target.write_text("keep\n")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lock = run_dir / ".lock"
+    {"symlink": lambda: lock.symlink_to(target), "directory": lock.mkdir, "fifo": lambda: os.mkfifo(lock)}[kind]()
+    with pytest.raises(ConfigError, match=r"\.lock") as info:
+        RunDirLock(run_dir).acquire()
+    assert "\n" not in str(info.value) and target.read_text() == "keep\n"
+
+
+def test_lock_file_holding_garbage_is_taken_over(tmp_path: Path) -> None:
+    from shardstore.kd.lock import RunDirLock
+
+    (tmp_path / ".lock").write_bytes(b"\x00\xff not json {" * 1000)
+    with RunDirLock(tmp_path) as lock:
+        assert lock.held
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    assert (tmp_path / ".lock").read_bytes() == b""
