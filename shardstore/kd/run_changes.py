@@ -15,6 +15,10 @@ Keys the record does not have (settings added to shardstore since) are not compa
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,8 @@ import yaml
 from shardstore.config.resolve import RunConfig, run_config_to_yaml
 from shardstore.config.schema import parse_yaml
 from shardstore.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 #: Keys a resume may change (everything else is fixed for the run).
 MUTABLE_KEYS = frozenset({
@@ -46,6 +52,10 @@ MUTABLE_SECTIONS = ("train.log.",)
 SCHEDULE_KEYS = frozenset({"train.epochs", "train.max_steps_per_epoch", "train.warmup_steps", "train.min_lr_ratio"})
 #: Keys whose value is a mapping compared whole (constructor arguments), not key by key.
 WHOLE_VALUE_KEYS = ("kwargs",)
+#: A recorded configuration larger than this is not read (shardstore writes a few KiB).
+MAX_RECORD_BYTES = 64 << 10
+#: A value in a message is cut to this many characters (a hostile record may hold a list of millions).
+SHOW_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -79,9 +89,16 @@ class ResumeChanges:
 
 
 def show(value: Any) -> str:
-    """A value as the YAML a user would write (``cnn_small``, ``{width: 4}``, ``[SIGTERM, SIGINT]``, ``null``)."""
-    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 16).strip()
-    return text.removesuffix("...").strip()
+    """A value as the YAML a user would write (``cnn_small``, ``{width: 4}``, ``[SIGTERM, SIGINT]``, ``null``).
+
+    Always one short line: a value from someone else's record may hold newlines or millions of items.
+    """
+    if isinstance(value, (list, dict)) and len(value) > SHOW_CHARS:
+        return f"<a {type(value).__name__} of {len(value):,} items>"
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 16).strip().removesuffix("...").strip()
+    if "\n" in text or not text.isprintable():
+        text = json.dumps(value, default=str)
+    return text if len(text) <= SHOW_CHARS else text[: SHOW_CHARS - 3] + "..."
 
 
 def flatten(values: Any, prefix: str = "") -> dict[str, Any]:
@@ -106,22 +123,47 @@ def recorded_config(state: dict[str, Any], run_dir: Path) -> tuple[dict[str, Any
     """The configuration the checkpoint was written under (as plain data) and where it was found."""
     text, where = state.get("config"), "the checkpoint"
     if not isinstance(text, str):
-        path = run_dir / "config.yaml"
-        try:
-            text, where = path.read_text(), str(path)
-        except OSError:
+        where = str(run_dir / "config.yaml")
+        text = _read_record(run_dir / "config.yaml")
+        if text is None:
             return None, "nothing"
+    problem = None
+    if len(text) > MAX_RECORD_BYTES:
+        problem = f"it is {len(text):,} characters long"
+    else:
+        try:
+            values = parse_yaml(text)
+        except yaml.YAMLError as exc:
+            problem = " ".join(str(exc).split())[:SHOW_CHARS]
+        else:
+            if isinstance(values, dict) and all(isinstance(v, dict) for v in values.values()):
+                return values, where
+            problem = "it is not a mapping of sections"
+    log.warning("%s: the recorded configuration cannot be read (%s), so this resume is not compared with it; check "
+                "that the settings are the ones the run started with", where, problem)
+    return None, where
+
+
+def _read_record(path: Path) -> str | None:
+    """``RUN_DIR/config.yaml`` as text, or None when it is missing or not a plain file (a FIFO would block a read,
+    a symlink could lead out of the run directory, ``/dev/zero`` never ends)."""
     try:
-        values = parse_yaml(text)
-    except yaml.YAMLError:
-        return None, where
-    return (values if isinstance(values, dict) else None), where
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        log.warning("%s is not a plain file; this resume is not compared with it", path)
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read(MAX_RECORD_BYTES + 1).decode("utf-8", errors="replace")
 
 
 def check_resume(state: dict[str, Any], cfg: RunConfig, *, run_dir: Path, source: Path | None,
                  world_size: int) -> ResumeChanges:
     """The allowed changes between ``state``'s recorded configuration and ``cfg``; ``ConfigError`` naming every
     fixed key that changed (with both values), or a length too short for where the run already is."""
+    _check_state(state, source if source is not None else run_dir)
     old_values, where = recorded_config(state, run_dir)
     if old_values is None:
         return ResumeChanges((), where)
@@ -147,9 +189,19 @@ def check_resume(state: dict[str, Any], cfg: RunConfig, *, run_dir: Path, source
     return ResumeChanges(tuple(applied), where)
 
 
+def _check_state(state: dict[str, Any], name: Path) -> None:
+    """The values the comparison reads have their types (a checkpoint may come from someone else)."""
+    epoch = state.get("epoch", 0)
+    for key, value, ok in (("epoch", epoch, isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0),
+                           ("sampler", state.get("sampler"), isinstance(state.get("sampler") or {}, dict))):
+        if not ok:
+            raise ConfigError(f"{name}: not a shardstore training checkpoint (its {key} is {show(value)}); pass "
+                              "--resume-from a checkpoint this run wrote, or start a new run in another train.run_dir")
+
+
 def _check_length(state: dict[str, Any], cfg: RunConfig, name: Path) -> None:
     """A shorter ``epochs`` or ``max_steps_per_epoch`` cannot end before where the run already is."""
-    epoch, complete = int(state.get("epoch", 0)), bool(state.get("epoch_complete", True))
+    epoch, complete = state.get("epoch", 0), bool(state.get("epoch_complete", True))
     needed = epoch + 1
     if cfg.train.epochs < needed:
         done = f"finished {needed} epochs" if complete else f"is in epoch {needed}"

@@ -143,3 +143,99 @@ def test_lock_file_holding_garbage_is_taken_over(tmp_path: Path) -> None:
         assert lock.held
         assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
     assert (tmp_path / ".lock").read_bytes() == b""
+
+
+# -- what --resume compares with ------------------------------------------------------------------
+
+
+@pytest.fixture
+def run_cfg(cache: Path, tmp_path: Path):
+    from shardstore.config.resolve import DEFAULT_DATA_CONFIG, DEFAULT_MODEL_CONFIG, DEFAULT_TRAIN_CONFIG, load_run_config
+    from tests.kd.conftest import overrides
+
+    return load_run_config(DEFAULT_DATA_CONFIG, DEFAULT_TRAIN_CONFIG, DEFAULT_MODEL_CONFIG,
+                           overrides(tmp_path / "run", cache, **harness.TINY_RUN))
+
+
+def _state(cfg, **extra):
+    from shardstore.config.resolve import run_config_to_yaml
+
+    return {"config": run_config_to_yaml(cfg), "epoch": 0, "epoch_complete": True, "global_step": 6,
+            "sampler": {"global_batch": cfg.train.batch_size, "samples_consumed": 48}, **extra}
+
+
+def test_values_in_a_refusal_are_one_short_line() -> None:
+    from shardstore.kd.run_changes import SHOW_CHARS, show
+
+    assert show("cnn_small") == "cnn_small" and show({"width": 4}) == "{width: 4}" and show(None) == "null"
+    for value in ("adamw\nevil", "x" * 100_000, list(range(100_000)), {"k": "a\x1b[31mred"}):
+        text = show(value)
+        assert "\n" not in text and text.isprintable() and len(text) <= SHOW_CHARS, (value if len(str(value)) < 50
+                                                                                      else text)
+
+
+@pytest.mark.parametrize("record", [
+    "a: &a [x, x]\nb: [*a, *a]\n",  # aliases (the bomb's building block)
+    "!!python/object/apply:os.system ['echo pwned']",
+    "[1, 2]",
+    "train: 5\nmodel: x\n",
+    "model: {num_classes: [" + ",".join(["1"] * 40_000) + "]}\n",  # 80 KB: seconds of parsing
+])
+def test_an_unreadable_recorded_config_is_a_warning_not_a_crash(run_cfg, tmp_path: Path, record: str,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    import time
+
+    from shardstore.kd.run_changes import check_resume
+
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="shardstore.kd.run_changes"):
+        changes = check_resume(_state(run_cfg, config=record), run_cfg, run_dir=tmp_path, source=tmp_path / "c.pt",
+                               world_size=1)
+    assert changes.applied == () and "cannot be read" in caplog.text and "not compared" in caplog.text
+    assert time.monotonic() - started < 1.5  # parsing 80 KB of YAML took 3 s before the size limit (not a benchmark)
+
+
+@pytest.mark.parametrize("extra, needle", [({"epoch": "x"}, "its epoch is x"), ({"epoch": -5}, "its epoch is -5"),
+                                           ({"epoch": True}, "its epoch is true"),
+                                           ({"sampler": "x"}, "its sampler is x")])
+def test_a_checkpoint_with_odd_fields_is_one_line(run_cfg, tmp_path: Path, extra: dict, needle: str) -> None:
+    """Was `ValueError: invalid literal for int()` / `AttributeError: 'str' object has no attribute 'get'`."""
+    from shardstore.errors import ConfigError
+    from shardstore.kd.run_changes import check_resume
+
+    with pytest.raises(ConfigError, match="not a shardstore training checkpoint") as info:
+        check_resume(_state(run_cfg, **extra), run_cfg, run_dir=tmp_path, source=tmp_path / "c.pt", world_size=1)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "directory"])
+def test_a_config_yaml_that_is_not_a_plain_file_is_not_read(run_cfg, tmp_path: Path, kind: str,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """A checkpoint without a recorded config is compared with RUN_DIR/config.yaml: a FIFO there blocked forever,
+    a symlink was followed out of the run directory."""
+    import signal
+
+    from shardstore.kd.run_changes import check_resume
+
+    outside = tmp_path / "outside.yaml"
+    outside.write_text("model: {num_classes: 999}\n")
+    record = tmp_path / "config.yaml"
+    {"fifo": lambda: os.mkfifo(record), "symlink": lambda: record.symlink_to(outside),
+     "directory": record.mkdir}[kind]()
+    state = _state(run_cfg)
+    del state["config"]
+
+    class Hung(Exception):  # not an OSError: the reader must not swallow it
+        pass
+
+    def hung(*_: object) -> None:
+        raise Hung("reading RUN_DIR/config.yaml blocked")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(5)
+    try:
+        changes = check_resume(state, run_cfg, run_dir=tmp_path, source=tmp_path / "c.pt", world_size=1)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert changes.applied == ()  # num_classes 999 outside the run directory was not compared
