@@ -21,11 +21,13 @@ def finite_weights(module: torch.nn.Module) -> bool:
 
 
 def diverged(cfg: RunConfig, *, epoch: int, step: int, global_step: int, last_good: Path | None,
-             autocast: bool) -> NonFiniteLossError:
+             autocast: bool, float_images: bool = False) -> NonFiniteLossError:
     """The one-line error: where it happened, which checkpoint is kept, and the likely fixes."""
     t = cfg.train
     kept = f"the last good checkpoint is {last_good}" if last_good is not None else "no checkpoint was saved before it"
     fixes = [f"lower train.lr (now {t.lr:g})"]
+    if float_images:  # a NaN/inf pixel poisons the loss at any lr; only the first images were checked at start
+        fixes.insert(0, "check the cache's float images for NaN or inf values (only the first 16 are checked at start)")
     if t.grad_clip is None:
         fixes.append("set train.grad_clip (e.g. 1.0)")
     if autocast:

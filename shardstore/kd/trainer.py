@@ -168,7 +168,7 @@ class _Run(RunState):
         except ConfigError:
             last = None
         raise diverged(self.cfg, epoch=epoch, step=step, global_step=self.global_step, last_good=last,
-                       autocast=self.autocast)
+                       autocast=self.autocast, float_images=self.data.image_format.dtype not in ("uint8", "uint16"))
 
     # -- the loop -------------------------------------------------------------------------------
 

@@ -335,3 +335,15 @@ def test_a_teacher_checkpoint_that_is_not_one_is_one_line(tiny_cache: Path, tmp_
                           ("teacher.npy", "is a NumPy .npy file, not a torch.save file")):
         with pytest.raises(ConfigError, match=rf"{name}: {message}.*torch.save\(model.state_dict\(\), path\)"):
             train(cfg(tmp_path / "run", tiny_cache, train__epochs=1, model__teacher__checkpoint=str(tmp_path / name)))
+
+
+@pytest.mark.parametrize("float_images", [False, True])
+def test_a_float_cache_gets_the_nan_image_hint_first(tiny_cache: Path, tmp_path: Path, float_images: bool) -> None:
+    from shardstore.kd.divergence import diverged
+
+    err = diverged(cfg(tmp_path / "run", tiny_cache), epoch=0, step=3, global_step=3, last_good=None, autocast=False,
+                   float_images=float_images)
+    hint = "check the cache's float images for NaN or inf values"
+    assert (hint in str(err)) is float_images and "lower train.lr" in str(err) and "\n" not in str(err)
+    if float_images:
+        assert str(err).index(hint) < str(err).index("lower train.lr")
