@@ -6,8 +6,8 @@ import logging
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from collections.abc import Callable, Iterator
-from typing import Annotated, Any, Optional
+from collections.abc import Iterator
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console

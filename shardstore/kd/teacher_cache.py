@@ -345,7 +345,7 @@ def check_teacher_cache(cfg: RunConfig, *, name: str = "teacher", samples: int =
     rows: dict[str, list[Tensor]] = {"kl": [], "top1": [], "cos": []}
     for lo in range(0, picks.size, batch_size):
         sel = range(lo, min(lo + batch_size, picks.size))
-        images, stored, views = [], {role: [] for role in names}, []
+        images, stored = [], {role: [] for role in names}
         for i in sel:
             position, row, j = positions[at[i]], int(picks[i] - starts[at[i]]), int(which[i])
             entry = store.shards[position]
