@@ -16,11 +16,21 @@ import numpy as np
 from shardstore.errors import ShardstoreError
 from shardstore.store.atomic import write_bytes_atomic
 from shardstore.store.decode import (  # noqa: F401  (load_image and check_image_size are used from here too)
-    DEFAULT_CHUNK_ROWS, ImageInput, check_image_size, decode_in_order, default_workers, load_image,
+    DEFAULT_CHUNK_ROWS,
+    ImageInput,
+    check_image_size,
+    decode_in_order,
+    default_workers,
+    load_image,
 )
 from shardstore.store.layout import check_field_name
 from shardstore.store.npy import open_npy
-from shardstore.store.order import record_order, resume_position, source_order
+from shardstore.store.order import (
+    read_small_json,
+    record_order,
+    resume_position,
+    source_order,
+)
 from shardstore.store.writer import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -162,6 +172,9 @@ def list_image_folder(folder: str | os.PathLike[str]) -> ImageFolder:
         files = sorted(
             p for p in (folder / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
         )
+        if not files:  # kept, so the labels match a validation folder that has images of it
+            log.warning("%s: class %r has no images (%s); its label %d stays unused", folder, name,
+                        ", ".join(sorted(IMAGE_SUFFIXES)), label)
         paths.extend(files)
         labels.extend([label] * len(files))
     if not paths:
@@ -174,7 +187,7 @@ def write_classes(root: Path, classes: list[str], origin: str = ImageFolder.clas
     path = root / CLASSES_FILE
     if path.exists():
         try:
-            existing = json.loads(path.read_bytes())
+            existing = read_small_json(path)
         except (OSError, ValueError) as exc:
             raise ShardstoreError(
                 f"{path}: not a readable list of class names ({' '.join(str(exc).split())}); delete it and run "

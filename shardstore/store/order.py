@@ -11,8 +11,11 @@ or a source that grew is refused before it writes a shard that does not fit the 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,38 @@ from shardstore.store.writer import ShardWriter
 
 ORDER_FILE = "order.json"
 ORDER_FORMAT = 1
+MAX_RECORD_BYTES = 1 << 20  # order.json is ~150 bytes, classes.json ~20 bytes a class
+MAX_SEED = 2**64  # seeds below it; a larger one could not be told apart in a message or record
+
+
+def read_small_json(path: Path) -> object:
+    """The JSON value in ``path``: a regular file of at most 1 MiB, read without following a symbolic link.
+
+    ``order.json`` and ``classes.json`` may come with a cache from someone else. A link there must not make
+    the ingest read outside the root, a FIFO or ``/dev/zero`` must not hang it or fill its memory, and a deeply
+    nested document must not crash the JSON parser: each is a ``ValueError`` (or ``OSError``) with the reason.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ValueError("it is a symbolic link, and nothing in a cache root is read through a link") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError("not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_RECORD_BYTES + 1)
+    if len(data) > MAX_RECORD_BYTES:
+        raise ValueError(f"larger than {MAX_RECORD_BYTES:,} bytes")
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _is_int(value: object, limit: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < limit
 
 
 def source_order(num_rows: int, shuffle_seed: int | None) -> np.ndarray:
@@ -37,8 +72,9 @@ def source_order(num_rows: int, shuffle_seed: int | None) -> np.ndarray:
         raise ValueError(f"num_rows must be >= 0, got {num_rows}")
     if shuffle_seed is None:
         return np.arange(num_rows, dtype=np.int64)
-    if isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, (int, np.integer)) or shuffle_seed < 0:
-        raise ShardstoreError(f"the shuffle seed must be a non-negative integer, got {shuffle_seed!r}")
+    if isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, (int, np.integer)) or not (
+            0 <= shuffle_seed < MAX_SEED):
+        raise ShardstoreError(f"the shuffle seed must be a non-negative integer, got {shuffle_seed!r} (the largest is 2**64 - 1)")
     draws = np.random.PCG64(np.random.SeedSequence(int(shuffle_seed))).random_raw(num_rows)
     return np.argsort(draws, kind="stable").astype(np.int64)
 
@@ -71,10 +107,10 @@ def record_order(root: Path, order: np.ndarray, shuffle_seed: int | None) -> Non
         return
     fix = f"delete {root} (or write to a new cache directory) to start over with {wanted}"
     try:
-        existing = json.loads(path.read_bytes())
-        seed, rows, digest = existing["shuffle_seed"], existing["num_rows"], existing["order_sha256"]
-        if existing.get("format") != ORDER_FORMAT or not isinstance(rows, int) or not isinstance(digest, str) or not (
-                seed is None or isinstance(seed, int)):
+        existing = read_small_json(path)
+        seed, rows, digest = existing["shuffle_seed"], existing["num_rows"], existing["order_sha256"]  # type: ignore[index]
+        if existing.get("format") != ORDER_FORMAT or not _is_int(rows, 2**63) or not isinstance(  # type: ignore[union-attr]
+                digest, str) or not (seed is None or _is_int(seed, MAX_SEED)):
             raise ValueError("unexpected values")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ShardstoreError(f"{path}: not a readable record of the order the cache's rows were written in "
