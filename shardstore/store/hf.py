@@ -10,6 +10,7 @@ and hub datasets are first converted by ``datasets`` into its own cache (``HF_DA
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -75,6 +76,34 @@ def _files(source: str) -> list[Path] | None:
     return files
 
 
+def _refuse_empty(source: str, files: list[Path] | None) -> None:
+    """One line for a source without rows, which ``datasets`` fails to load with an unrelated error.
+
+    Zero-row Parquet files make its Parquet builder fail ("BatchSize must be greater than 0", logged twice on
+    stderr), and a dataset saved with no rows leaves no Arrow file for ``load_from_disk`` (an ``IndexError``).
+    """
+    if files is not None and files[0].suffix == ".parquet":
+        import pyarrow.parquet as pq  # a dependency of datasets
+
+        try:
+            rows = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
+        except Exception:  # noqa: BLE001 - not Parquet: datasets names the problem when it reads the file
+            return
+        if rows == 0:
+            raise ShardstoreError(f"{source} holds no rows ({len(files)} Parquet file(s) of 0 rows); there are no "
+                                  "images to write")
+        return
+    state = Path(source).expanduser() / "state.json"
+    if files is None and state.is_file():
+        try:
+            empty = json.loads(state.read_bytes()).get("_data_files") == []
+        except (OSError, ValueError, AttributeError):
+            return
+        if empty:
+            raise ShardstoreError(f"{source} is a saved dataset with no rows ({state} lists no data files); there "
+                                  "are no images to write")
+
+
 def _pick_split(loaded: Any, source: str, split: str | None) -> Any:
     """One split of a ``DatasetDict``: the one asked for, else ``train``, else the only one."""
     names = list(loaded)
@@ -98,6 +127,7 @@ def open_hf_dataset(source: str, *, split: str | None = None, config: str | None
     if local and config is not None:
         raise ShardstoreError(f"--config {config!r} chooses a configuration of a hub dataset; {source} is local, "
                               "drop --config")
+    _refuse_empty(source, files)
     try:
         if files is not None and files[0].suffix == ".arrow":
             loaded = datasets.concatenate_datasets([datasets.Dataset.from_file(str(p)) for p in files])
@@ -185,7 +215,12 @@ def _labels(dataset: Any, column: str, source: str) -> tuple[np.ndarray, list[st
     if kind == "ClassLabel":
         return np.asarray(values.to_numpy(), dtype=np.int64), list(feature.names), f"{source}'s ClassLabel names"
     if kind == "Value" and feature.dtype.startswith(("int", "uint")):
-        return np.asarray(values.to_numpy(), dtype=np.int64), None, ""
+        raw = values.to_numpy()
+        if raw.dtype == np.uint64 and raw.size and int(raw.max()) > np.iinfo(np.int64).max:
+            raise ShardstoreError(f"column {column!r} of {source} holds label {int(raw.max()):,}, beyond int64 (labels "
+                                  "are written as int64); map the labels to class indices first, or pass "
+                                  "--label-column with another column")
+        return np.asarray(raw, dtype=np.int64), None, ""
     if kind == "Value" and feature.dtype in ("string", "large_string"):
         names = values.to_pylist()
         classes = sorted(set(names))
@@ -243,6 +278,8 @@ def hf_image_source(dataset: Any, *, image_column: str | None = None, label_colu
         raise ShardstoreError(f"{name} has type {type(dataset).__name__}; an image source needs a map-style Dataset "
                               "(rows are read in a shuffled order)")
     dataset = dataset.with_format(None)
+    if len(dataset) == 0:
+        raise ShardstoreError(f"{name} has no rows; there are no images to write (check --split, or the files)")
     features = dataset.features
     image_column = _choose(features, name, image_column, "image", "Image", IMAGE_NAMES)
     label_column = _choose(features, name, label_column, "label", "ClassLabel", LABEL_NAMES)
