@@ -261,6 +261,11 @@ def check_channels(fmt: ImageFormat, net: NetworkConfig, role: str, data: DataCo
         raise ConfigError(f"{what} have 1 channel (grayscale) and model.{role} takes 3; set data.repeat_gray: true, "
                           f"or make it a 1-channel network (model.{role}.input.mean and std with one value each)")
     given = f"{fmt.channels} channels" + (" (data.repeat_gray)" if fmt.repeat_gray else "")
+    if fmt.layout != "HW" and data.image_layout and fmt.channels > 4:  # an axis no image has: the layout is wrong
+        other = "HWC" if fmt.layout == "CHW" else "CHW"
+        raise ConfigError(f"{what} give {given} and model.{role} takes {takes}: data.image_layout is "
+                          f"{data.image_layout}, which reads the wrong axis as channels; set data.image_layout: "
+                          f"{other} (or null to detect it)")
     fix = "" if fmt.layout == "HW" or data.image_layout else ", or set data.image_layout if that is the wrong axis"
     raise ConfigError(f"{what} give {given} and model.{role} takes {takes}; give model.{role}.input.mean and std "
                       f"one value per channel{fix}")

@@ -62,7 +62,8 @@ CASES = [
      r"model.student.input.mean and std one value per channel, or set data.image_layout"),
     ("rgb", {}, {"model.teacher.kwargs": {"width": 8, "in_chans": 1}},
      r"model_config: teacher.kwargs.in_chans is 1, but teacher.input.mean and std have 3 values"),
-    ("rgb", {"image_layout": "HWC"}, {}, r"give 16 channels and model.student takes 3"),
+    ("rgb", {"image_layout": "HWC"}, {}, r"give 16 channels and model.student takes 3: data.image_layout is HWC, "
+                                          r"which reads the wrong axis as channels; set data.image_layout: CHW"),
     ("label 12", {}, {}, r"the labels 'labels' in .* go up to 12 \(shard \d+\), but model.num_classes is 10; set "
                          r"model.num_classes to at least 13, or set data.label_field to the class labels"),
     ("label -2", {}, {}, r"the labels 'labels' in .* include -2 \(shard \d+\); labels are class indices from 0 "
