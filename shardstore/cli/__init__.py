@@ -9,6 +9,7 @@ from pathlib import Path
 from collections.abc import Iterator
 from typing import Annotated, Any
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -20,8 +21,9 @@ from rich.text import Text
 from shardstore import __version__
 from shardstore.errors import ManifestError, ShardstoreError
 from shardstore.manifest.build import build_manifest
-from shardstore.manifest.model import Manifest, manifest_path
-from shardstore.manifest.reader import load_manifest
+from shardstore.store.manifest import Manifest
+from shardstore.store.reader import load_manifest
+from shardstore.store.snapshot import manifest_path
 from shardstore.manifest.verify import verify_checksums
 from shardstore.store.atomic import disk_full_error, is_disk_full
 from shardstore.store.groups import read_group_specs
@@ -87,27 +89,34 @@ def _progress(description: str, total: int | None, *, bytes_: bool = False, rate
 
 
 def print_summary(root: Path, manifest: Manifest) -> None:
-    """The manifest summary: shards, samples, bytes, and each field's dtype, shape and bytes per sample."""
+    """The manifest summary: format, shards, samples, bytes, and each field's dtype, shape and bytes per sample."""
+    n = manifest.num_shards
     table = Table(title=f"cache {root}", show_header=False, title_justify="left")
-    table.add_row("shards", f"{len(manifest.shards):,}")
+    if manifest.format_version >= 3:
+        where = f", {manifest.source[1]}" if manifest.source else ""
+        table.add_row("format", f"{manifest.format_version} (JSON header + columnar table in manifest.d/{where}), "
+                                f"generation {manifest.generation}")
+    else:
+        table.add_row("format", f"{manifest.format_version} (all JSON; the next `shardstore build-manifest` "
+                                "converts it to format 3)")
+    table.add_row("shards", f"{n:,}")
     table.add_row("samples", f"{manifest.num_samples:,}")
     table.add_row("bytes", _fmt_bytes(manifest.total_bytes))
     table.add_row("left out", f"{len(manifest.left_out):,} shard(s)")
-    checksummed = sum(f.checksum is not None for s in manifest.shards for f in s.files.values())
-    files = sum(len(s.files) for s in manifest.shards)
+    checksummed = sum(int((manifest.checksummed(f) & manifest.has(f)).sum()) for f in manifest.fields)
+    files = sum(int(manifest.has(f).sum()) for f in manifest.fields)
     table.add_row("checksums", f"{checksummed:,} of {files:,} files")
-    layouts = {}
-    for s in manifest.shards:
-        layouts[s.layout] = layouts.get(s.layout, 0) + 1
-    table.add_row("layout", ", ".join(f"{name} ({count:,})" for name, count in sorted(layouts.items())))
-    if manifest.shards:
-        table.add_row("shard ids", f"{manifest.shards[0].id} .. {manifest.shards[-1].id}")
+    layouts = np.bincount(np.asarray(manifest.columns["layout"]), minlength=2) if n else np.zeros(2, int)
+    table.add_row("layout", ", ".join(f"{name} ({int(count):,})" for name, count in zip(("native", "flat"), layouts)
+                                      if count))
+    if n:
+        table.add_row("shard ids", f"{int(manifest.ids[0])} .. {int(manifest.ids[-1])}")
     out.print(table)
     fields = Table("field", "dtype", "shape", "bytes/sample", "group", "shards", title_justify="left")
     for name, spec in manifest.fields.items():
-        have = len(manifest.positions_with([name]))
+        have = int(manifest.has(name).sum())
         fields.add_row(name, spec.dtype.name, str(list(spec.shape)), f"{spec.sample_bytes:,}", spec.group or "",
-                       f"{have:,}" if have == len(manifest.shards) else f"{have:,} of {len(manifest.shards):,}")
+                       f"{have:,}" if have == n else f"{have:,} of {n:,}")
     base = sum(f.sample_bytes for f in manifest.fields.values() if f.group is None)
     fields.add_row("all own fields", "", "", f"{base:,}", "", "")
     for group in sorted({f.group for f in manifest.fields.values() if f.group}):
@@ -152,7 +161,7 @@ def build_manifest_cmd(
         err.print(f"incomplete group: {problem}", markup=False)
     for problem in report.changed:
         err.print(f"changed: {problem}", markup=False)
-    if not report.manifest.shards:
+    if not report.manifest.num_shards:
         raise ShardstoreError(f"no usable shards in {path} (every shard was left out, see above); fix them and rebuild")
     print_summary(path, report.manifest)
     out.print(
@@ -193,9 +202,9 @@ def verify(root: Annotated[str, typer.Argument(metavar="ROOT", help="Cache direc
     (a manifest without any is refused with that hint). Reads every checksummed byte once.
     """
     path = _root(root)
-    manifest = load_manifest(path)
-    total = sum(f.bytes for s in manifest.shards for f in s.files.values() if f.checksum)
-    if total == 0 and manifest.shards:
+    manifest = load_manifest(path, check="all")
+    total = sum(int(manifest.file_sizes(f)[manifest.checksummed(f)].sum()) for f in manifest.fields)
+    if total == 0 and manifest.num_shards:
         raise ManifestError(f"{manifest_path(path)} has no checksums; run `shardstore build-manifest --checksum {path}`")
     with _progress("verifying", total, bytes_=True) as advance:
         report = verify_checksums(path, manifest, progress=advance)

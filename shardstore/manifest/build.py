@@ -13,9 +13,10 @@ import numpy as np
 from shardstore.errors import ManifestError
 from shardstore.manifest.checksum import checksum_files
 from shardstore.manifest.discover import LEFT_OUT, Candidate, discover_shards
-from shardstore.manifest.model import FieldSpec, FileEntry, Manifest, Problem, ShardEntry, manifest_path
-from shardstore.manifest.scan import FileInfo, Scan, one_line, previous_files
-from shardstore.store.atomic import remove_stale_temporaries, write_bytes_atomic
+from shardstore.store.manifest import FieldSpec, FileEntry, Manifest, Problem, ShardEntry
+from shardstore.store.snapshot import write_manifest
+from shardstore.manifest.scan import FileInfo, Scan, one_line, previous_manifest
+from shardstore.store.atomic import remove_stale_temporaries
 from shardstore.store.groups import GroupSpec, read_group_specs
 from shardstore.store.layout import MANIFEST_NAME, OUTSIDE_ROOT_FIX, OutsideRootError
 
@@ -57,8 +58,14 @@ def _majority_specs(shards: dict[int, dict[str, FileInfo]]) -> tuple[dict[str, F
     return specs, ignored
 
 
+def _digits(cand: Candidate) -> int:
+    """Width of the id in the shard's names (``shard_000042`` is 6, ``images_42.npy`` is 2)."""
+    name = cand.where if cand.layout == "native" else cand.where[: -len(".npy")]
+    return len(name.rsplit("_", 1)[1])
+
+
 def _missing_name(cand: Candidate, name: str) -> str:
-    return f"{cand.where}/{name}.npy" if cand.layout == "native" else f"{name}_{cand.id:06d}.npy"
+    return f"{cand.where}/{name}.npy" if cand.layout == "native" else f"{name}_{str(cand.id).zfill(_digits(cand))}.npy"
 
 
 def build_manifest(
@@ -86,7 +93,9 @@ def build_manifest(
         raise ManifestError(f"{root} does not exist; pass the directory that holds the shards")
     if not root.is_dir():
         raise ManifestError(f"{root} is not a directory; pass the directory that holds the shards")
-    previous = previous_files(root) if incremental else {}
+    before = previous_manifest(root)
+    previous = before.files if incremental else {}
+    generation = before.generation + 1
     candidates, problems = discover_shards(root)
     if not candidates and not problems:
         raise ManifestError(
@@ -176,7 +185,8 @@ def build_manifest(
         entries = {n: files[n].entry for n, f in specs.items() if f.group is None}
         for g in groups.values():
             entries |= _group_entries(g, group_files[shard_id], cand, num_samples, report.incomplete_groups, shard_id)
-        shards.append(ShardEntry(shard_id, num_samples, cand.layout, entries))
+        shards.append(ShardEntry(shard_id, num_samples, cand.layout, entries, _digits(cand),
+                                 before.since.get(shard_id, generation)))
 
     fix = f"restore the file, or accept its new content with `shardstore build-manifest --full --checksum {root}`"
     for rel, why in scan.changed:
@@ -186,12 +196,10 @@ def build_manifest(
         shards, failed = _add_checksums(root, shards, progress, report)
         problems.extend(failed)
     problems.sort(key=lambda p: (p.shard_id if p.shard_id is not None else -1, p.path))
-    report.manifest = Manifest(specs, shards, problems)
+    report.manifest = Manifest(specs, shards, problems, generation=generation)
     if write and shards:
         remove_stale_temporaries(root, MANIFEST_NAME)
-        path = manifest_path(root)
-        write_bytes_atomic(path, report.manifest.to_json().encode())
-        report.path = path
+        report.path = write_manifest(root, report.manifest)
     return report
 
 
@@ -239,5 +247,5 @@ def _add_checksums(
                 break
             files[name] = replace(f, checksum=digest)
         else:
-            out.append(ShardEntry(s.id, s.num_samples, s.layout, files))
+            out.append(replace(s, files=files))
     return out, failed

@@ -12,7 +12,9 @@ import numpy as np
 
 from shardstore.errors import ManifestError
 from shardstore.manifest.checksum import fd_checksum
-from shardstore.manifest.model import CHECKSUM, FileEntry, Manifest, manifest_path
+from shardstore.store.manifest import FileEntry
+from shardstore.store.manifest_json import CHECKSUM
+from shardstore.store.snapshot import manifest_path, read_manifest
 from shardstore.store.layout import OUTSIDE_ROOT_FIX, OutsideRootError, open_within
 from shardstore.store.npy import NotNpyError, NpyHeader, header_problem, read_head_fd, read_header_bytes
 
@@ -124,27 +126,46 @@ def label_range(fd: int, header: NpyHeader) -> tuple[int, int] | None:
     return (low, high) if -(2**63) <= low and high < 2**63 else None  # uint64 beyond int64: not recorded
 
 
-def previous_files(root: Path) -> dict[str, FileEntry]:
-    """File entries of the existing manifest by path (empty if there is none).
+@dataclass
+class Previous:
+    """What a build takes from the existing manifest: which files are unchanged, their checksums, shard history."""
+
+    files: dict[str, FileEntry]
+    #: the generation that first listed each shard id (kept across builds)
+    since: dict[int, int]
+    generation: int = -1
+
+
+def previous_manifest(root: Path) -> Previous:
+    """File entries of the existing manifest by path, and each shard's ``since`` (empty if there is none).
 
     Only what says whether a file changed (size, mtime) and its checksum are used from
     it; dtype, shape, rows and offsets always come from the file's own header. A manifest
-    that fails validation still lends the checksums of its well-formed file entries: a
-    recorded checksum can only make ``verify`` stricter, and dropping them all because one
-    value was edited would let any change through unnoticed.
+    that fails validation still lends the checksums of its well-formed file entries (format
+    1 and 2 JSON): a recorded checksum can only make ``verify`` stricter, and dropping them all
+    because one value was edited would let any change through unnoticed.
     """
     path = manifest_path(root)
     if not path.exists():
-        return {}
+        return Previous({}, {})
     try:
-        text = path.read_text()
-        old = Manifest.from_json(text, str(path))
-    except (ManifestError, OSError, UnicodeDecodeError) as exc:
-        salvaged = _salvage(text) if isinstance(exc, ManifestError) else {}
+        old = read_manifest(root)
+    except ManifestError as exc:
+        try:
+            salvaged = _salvage(path.read_text())
+        except (OSError, UnicodeDecodeError):
+            salvaged = {}
         log.warning("ignoring the existing manifest (every header is read again; %d recorded checksums kept): %s",
                     sum(f.checksum is not None for f in salvaged.values()), one_line(exc))
-        return salvaged
-    return {f.path: f for shard in old.shards for f in shard.files.values()}
+        return Previous(salvaged, {})
+    files = {f.path: f for shard in old.shards for f in shard.files.values()}
+    since = dict(zip(old.ids.tolist(), old.columns["since"].tolist()))
+    return Previous(files, since, old.generation)
+
+
+def previous_files(root: Path) -> dict[str, FileEntry]:
+    """File entries of the existing manifest by path (see ``previous_manifest``)."""
+    return previous_manifest(root).files
 
 
 def _salvage(text: str) -> dict[str, FileEntry]:
