@@ -29,6 +29,8 @@ class DataConfig:
     """``sequential`` (file order) or ``interleave`` (mix ``active_shards`` shards, each read front to back)."""
     active_shards: int = 4
     """Shards read at once by ``interleave``."""
+    refresh_manifest: bool = False
+    """Re-read the manifest at every epoch: shards added to the cache (and to its manifest) join from that epoch on."""
     loader_threads: int = 2
     """Background threads gathering batches (``ShardLoader(num_threads=)``); two saturate memory copies."""
     prefetch_batches: int = 4

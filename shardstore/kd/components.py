@@ -72,7 +72,7 @@ def _with_targets(cfg: RunConfig, store: ShardStore, fmt: ImageFormat) -> tuple[
         shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
         what = (f"the cached targets {name!r} cover {len(have)} of the {store.num_shards} training shards of "
                 f"{store.root} (missing: {shown})")
-        if not have:
+        if not len(have):
             raise ConfigError(f"{what}; fill them with {fix}")
         if cfg.data.missing_targets == "error":
             raise ConfigError(f"{what}; fill them with {fix}, or set data.missing_targets: skip to train on the others")

@@ -276,21 +276,25 @@ def check_labels(store: ShardStore, fmt: ImageFormat, num_classes: int) -> None:
 
     From the ranges the manifest records per label file; a file without one is read.
     """
-    low = high = None
-    low_at = high_at = -1
-    for position, shard in enumerate(store.shards):
-        if shard.num_samples == 0:
-            continue
-        recorded = shard.files[fmt.label_field].value_range
-        if recorded is None:  # a manifest built before ranges were recorded, or a label file too large to record
-            values = store.read(position, fmt.label_field)
-            recorded = int(values.min()), int(values.max())
-        if low is None or recorded[0] < low:
-            low, low_at = recorded[0], shard.id
-        if high is None or recorded[1] > high:
-            high, high_at = recorded[1], shard.id
-    if low is None or high is None:
+    m = store.manifest
+    counts = np.asarray(store.counts)
+    if f"{fmt.label_field}.min" in m.columns:
+        low_col = np.asarray(m.columns[f"{fmt.label_field}.min"]).copy()
+        high_col = np.asarray(m.columns[f"{fmt.label_field}.max"]).copy()
+    else:
+        low_col = np.ones(store.num_shards, np.int64)
+        high_col = np.zeros(store.num_shards, np.int64)
+    # A manifest built before ranges were recorded, or a label file too large to record: read those files.
+    for position in np.flatnonzero((low_col > high_col) & (counts > 0)).tolist():
+        values = store.read(position, fmt.label_field)
+        low_col[position], high_col[position] = int(values.min()), int(values.max())
+    used = np.flatnonzero(counts > 0)
+    if not used.size:
         return
+    low_p = int(used[np.argmin(low_col[used])])
+    high_p = int(used[np.argmax(high_col[used])])
+    low, low_at = int(low_col[low_p]), int(store.shard_ids[low_p])
+    high, high_at = int(high_col[high_p]), int(store.shard_ids[high_p])
     where = f"the labels {fmt.label_field!r} in {store.root}"
     if low < UNLABELED:
         raise ConfigError(f"{where} include {low} (shard {low_at}); labels are class indices from 0 to "
@@ -309,11 +313,11 @@ def check_values(store: ShardStore, fmt: ImageFormat) -> None:
     """
     if fmt.dtype in DEFAULT_SCALE and fmt.scale == DEFAULT_SCALE[fmt.dtype] or not store.num_shards:
         return  # integers at their full range cannot leave [0, 1]
-    rows = min(CHECKED_ROWS, store.shards[0].num_samples)
+    rows = min(CHECKED_ROWS, int(store.counts[0]))
     if rows == 0:
         return
     x = fmt.images(torch.from_numpy(store.read(0, fmt.image_field, slice(0, rows)))).float()
-    where = f"the images {fmt.image_field!r} (first {rows} of shard {store.shards[0].id})"
+    where = f"the images {fmt.image_field!r} (first {rows} of shard {int(store.shard_ids[0])})"
     if not bool(torch.isfinite(x).all()):
         raise ConfigError(f"{where} hold NaN or infinite values; write finite values (or set data.image_field)")
     if fmt.normalized:

@@ -184,10 +184,12 @@ def fill_teacher_cache(cfg: RunConfig, *, name: str = "teacher", views: int = 4,
         root = Path(cfg.data.cache_root)
         fmt, store = image_format(cfg.data, ShardStore.open(root), labels=False)
         names = spec.field_names()
-        todo = [p for p, s in enumerate(store.shards) if not all(f in s.files for f in names.values())]
+        have = np.zeros(store.num_shards, bool)
+        have[store.manifest.positions_with(list(names.values()))] = True
+        todo = np.flatnonzero(~have).tolist()
         mine = todo[info.rank::info.world_size]
         if on_plan is not None:
-            on_plan(sum(store.shards[p].num_samples for p in mine))
+            on_plan(int(store.counts[mine].sum()))
         filled, images = [], 0
         for position in mine:
             entry = store.shards[position]
@@ -323,10 +325,10 @@ def check_teacher_cache(cfg: RunConfig, *, name: str = "teacher", samples: int =
         key = differ[0]
         report.failures.append(f"the targets were made on images read with {key} {spec.image_format.get(key)!r}, "
                                f"the data config reads them with {getattr(fmt, key)!r} (data.{SETTING_KEYS[key]})")
-    if not positions:
+    if not len(positions):
         report.failures.append(f"no shard of {root} has the targets {name!r}; fill them with cache-teacher first")
         return report
-    counts = np.array([store.shards[p].num_samples for p in positions])
+    counts = np.asarray(store.counts[positions])
     rng = np.random.default_rng(seed)
     picks = np.sort(rng.choice(int(counts.sum()), size=min(samples, int(counts.sum())), replace=False))
     which = rng.integers(0, spec.views, size=picks.size)

@@ -18,7 +18,13 @@ class SamplerState:
     shard_policy: str
     order: str
     active_shards: int
-    snapshot_id: str  # the manifest's shard list; another one would give another order
+    snapshot_id: str  # the manifest snapshot the epoch was planned on (for messages)
+    #: what the epoch's order depends on besides the settings: its shards' ids and sample counts, hashed
+    plan_id: str = ""
+    #: the manifest generation of that snapshot: with ``refresh_manifest``, its shards are those with ``since <= it``
+    generation: int = 0
+    #: version of the ``permutation`` policy's schedule (``shardstore.sampling.shards.PERMUTATION_SCHEDULE``)
+    schedule: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for a checkpoint (``torch.save`` with ``weights_only=True`` can load them)."""
@@ -28,6 +34,6 @@ class SamplerState:
     def from_dict(cls, state: dict[str, Any]) -> SamplerState:
         """Validate and rebuild a state saved with ``to_dict``."""
         try:
-            return cls(**state)
+            return cls(**state)  # a state saved before plan_id existed gets "": its epoch cannot be continued
         except TypeError as exc:
             raise ValueError(f"not a sampler state ({exc}); pass what state_dict() returned") from None
