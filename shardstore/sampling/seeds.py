@@ -21,3 +21,11 @@ def check_seed(seed: object) -> int:
 def rng_for(seed: int, *key: int) -> np.random.Generator:
     """A generator for ``(seed, *key)``: a SeedSequence of the whole tuple, so (1, 0) and (0, 1) differ."""
     return np.random.default_rng([seed, *key])
+
+
+def words_for(seed: int, *key: int, count: int) -> np.ndarray:
+    """``count`` uint64 words for ``(seed, *key)``, from the same SeedSequence ``rng_for`` starts from.
+
+    For keys of a keyed function (the round keys of ``permutation``'s bijection): no generator is built.
+    """
+    return np.random.SeedSequence([seed, *key]).generate_state(count, np.uint64)
