@@ -206,6 +206,62 @@ class ShardStore:
             return self._derived(self.manifest)
         return self._derived(self.manifest.take(keep))
 
+    # -- a cache that grows ---------------------------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        """The manifest generation this store was opened on (one more at every written build)."""
+        return self.manifest.generation
+
+    def refreshed(self, *, exclude_ids: np.ndarray | None = None, generation: int | None = None) -> ShardStore:
+        """This store over the cache's manifest as it is now: the shards it has, and those added since.
+
+        The new snapshot is read with this store's fields (and dtypes); a shard joins when it
+        has every one of them, its id is not in ``exclude_ids`` (e.g. the shards a run holds
+        out for evaluation) and, with ``generation``, it was listed by that generation already
+        (``since <= generation``: the snapshot an epoch was planned on). Shards are only ever
+        added: one this store has that the manifest lost, or whose sample count changed, is a
+        ``ManifestError`` naming it. Returns ``self`` when the manifest is unchanged. Cheap
+        with a format-3 manifest: a header, a mapped table and a few vectorized passes.
+        """
+        manifest = read_manifest(self.root)
+        if (generation is None and manifest.source is not None and manifest.source == self.manifest.source):
+            return self
+        fields = self.manifest.fields
+        for name, spec in fields.items():
+            new = manifest.fields.get(name)
+            if new is None or new.shape != spec.shape or new.dtype.itemsize != spec.dtype.itemsize:
+                raise ManifestError(f"{manifest_path(self.root)}: field {name!r} is now "
+                                    f"{new.describe() if new else 'gone'}, it was {spec.describe()} when this run "
+                                    "started; a cache that grows may only gain shards")
+        view = manifest.with_fields(fields)
+        mask = np.ones(view.num_shards, bool)
+        for name in self.fields:
+            mask &= view.has(name)
+        if exclude_ids is not None and len(exclude_ids):
+            mask &= ~np.isin(view.ids, np.asarray(exclude_ids, np.int64))
+        if generation is not None:
+            mask &= np.asarray(view.columns["since"]) <= generation
+        keep = np.flatnonzero(mask)
+        new_ids = np.asarray(view.ids)[keep]
+        old_ids = np.asarray(self.shard_ids)
+        at = np.searchsorted(new_ids, old_ids)
+        found = (at < new_ids.size) & (new_ids[np.minimum(at, max(new_ids.size - 1, 0))] == old_ids) if new_ids.size \
+            else np.zeros(old_ids.size, bool)
+        if not found.all():
+            lost = old_ids[~found]
+            shown = ", ".join(map(str, lost[:8].tolist())) + (" ..." if lost.size > 8 else "")
+            raise ManifestError(f"{manifest_path(self.root)}: {lost.size} shard(s) this run reads are no longer in the "
+                                f"manifest (ids {shown}); a cache that grows while training may only gain shards: "
+                                "restore them and run `shardstore build-manifest` again")
+        old_counts = np.asarray(self.counts)
+        new_counts = np.asarray(view.counts)[keep[at]]
+        if not np.array_equal(old_counts, new_counts):
+            i = int(np.flatnonzero(old_counts != new_counts)[0])
+            raise ManifestError(f"{manifest_path(self.root)}: shard {int(old_ids[i])} now has {int(new_counts[i]):,} "
+                                f"samples, it had {int(old_counts[i]):,}; shards of a growing cache may not change")
+        return self._derived(view if keep.size == view.num_shards else view.take(keep))
+
     # -- reading -------------------------------------------------------------------------
 
     def relative_path(self, position: int, field: str) -> str:
