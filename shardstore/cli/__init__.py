@@ -246,6 +246,7 @@ def _fail(message: str | ShardstoreError) -> int:
 from shardstore.cli import train as _train_commands  # noqa: E402,F401  (registers train, plot and demo)
 from shardstore.cli import teacher as _teacher_commands  # noqa: E402,F401  (registers cache-teacher)
 from shardstore.cli import write as _write_commands  # noqa: E402,F401  (registers write)
+from shardstore.cli import coverage as _coverage_commands  # noqa: E402,F401  (registers coverage)
 
 
 def main(argv: list[str] | None = None) -> int:
