@@ -202,14 +202,15 @@ def test_maps_hold_no_descriptor_and_unmap_with_their_last_view(tmp_path) -> Non
     path = tmp_path / "x.npy"
     np.save(path, np.arange(3000, dtype=np.int32).reshape(1000, 3))
     fds = len(os.listdir("/proc/self/fd"))
-    arr = map_array(Path(path), np.dtype(np.int32), (1000, 3), 128)
+    arr, st = map_array(Path(path), np.dtype(np.int32), (1000, 3), 128)
     assert len(os.listdir("/proc/self/fd")) == fds
+    assert st.st_size == 128 + arr.nbytes
     assert not arr.flags.writeable and arr[999, 2] == 2999
     with pytest.raises(ValueError, match="read-only"):
         arr[0, 0] = 1
     np.testing.assert_array_equal(kernels.copy_from_map(arr[10:12]), [[30, 31, 32], [33, 34, 35]])
     row = arr[5]
-    del arr
+    del arr, st
 
     def mapped() -> bool:
         with open("/proc/self/maps") as f:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 
 from shardstore import CorruptShardError, ManifestError, ShardStore, build_manifest
 from tests.conftest import sample_arrays, write_native
+from tests.manifest.synthetic import write_synthetic
 
 
 def test_missing_manifest(native_cache: Path) -> None:
@@ -23,31 +25,74 @@ def test_root_not_a_directory(tmp_path: Path) -> None:
         ShardStore.open(tmp_path / "nope")
 
 
-def test_vanished_file(native_cache: Path) -> None:
+def _first_batch_error(store: ShardStore) -> str:
+    """The error a loader over every shard of ``store`` stops with (reading the shards in id order)."""
+    from shardstore.dataset.subset import RandomShardSubsetCachedDataset
+    from shardstore.loader import ShardLoader
+
+    dataset = RandomShardSubsetCachedDataset(store, None, 0, batch_size=2, order="sequential")
+    with pytest.raises(CorruptShardError) as info, ShardLoader(dataset, num_threads=1) as loader:
+        for _ in loader:
+            pass
+    return str(info.value)
+
+
+def test_vanished_file_is_named_at_first_use_and_by_check_all(native_cache: Path) -> None:
     build_manifest(native_cache)
-    (native_cache / "shard_000001" / "labels.npy").unlink()
-    with pytest.raises(ManifestError, match=r"shard_000001/labels.npy: listed in the manifest but missing; run"):
-        ShardStore.open(native_cache)
+    path = native_cache / "shard_000001" / "labels.npy"
+    path.unlink()
+    store = ShardStore.open(native_cache)  # opening reads the manifest only
+    store.field(0, "labels")
+    message = (rf"{path}: file listed in the manifest has vanished; restore it, or rebuild the manifest with "
+               r"`shardstore build-manifest`")
+    with pytest.raises(CorruptShardError, match=message):
+        store.field(1, "labels")
+    with pytest.raises(CorruptShardError, match=message):
+        store.sample(5)
+    assert re.search(message, _first_batch_error(ShardStore.open(native_cache)))
+    with pytest.raises(ManifestError, match=rf"{path}: listed in the manifest but missing; run "
+                       rf"`shardstore build-manifest {native_cache}`"):
+        ShardStore.open(native_cache, check="all")
 
 
-def test_changed_size(native_cache: Path) -> None:
+def test_changed_size_is_named_at_first_use_and_by_check_all(native_cache: Path) -> None:
     build_manifest(native_cache)
-    np.save(native_cache / "shard_000000" / "labels.npy", np.zeros(5, np.int64))
-    with pytest.raises(ManifestError, match=r"changed size since the manifest was built \(160 -> 168 bytes\)"):
-        ShardStore.open(native_cache)
+    path = native_cache / "shard_000000" / "labels.npy"
+    np.save(path, np.zeros(5, np.int64))
+    store = ShardStore.open(native_cache)
+    message = (rf"{path}: file has 168 bytes, the manifest promises 160 \(changed since the manifest was built\); "
+               r"restore it, or rebuild the manifest with `shardstore build-manifest`")
+    with pytest.raises(CorruptShardError, match=message):
+        store.field(0, "labels")
+    assert re.search(message, _first_batch_error(ShardStore.open(native_cache)))
+    with pytest.raises(ManifestError, match=r"labels.npy: changed size since the manifest was built \(160 -> 168 bytes\)"):
+        ShardStore.open(native_cache, check="all")
 
 
-def test_new_mtime_same_size_warns(native_cache: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_new_mtime_same_size_warns_at_first_map(native_cache: Path, caplog: pytest.LogCaptureFixture) -> None:
     build_manifest(native_cache)
-    os.utime(native_cache / "shard_000000" / "labels.npy", ns=(5, 5))
-    ShardStore.open(native_cache)
+    path = native_cache / "shard_000000" / "labels.npy"
+    os.utime(path, ns=(5, 5))
+    store = ShardStore.open(native_cache)
+    store.field(1, "labels")
+    assert "new mtime" not in caplog.text  # an untouched file maps silently
+    np.testing.assert_array_equal(store.field(0, "labels"), sample_arrays(4)["labels"])
+    assert f"{path} has a new mtime but the size the manifest records" in caplog.text
+    caplog.clear()
+    ShardStore.open(native_cache, check="all")
     assert "1 shard files" in caplog.text and "new mtime" in caplog.text
 
 
+def _format2(root: Path) -> dict:
+    """Build, then replace manifest.json by the same manifest in format 2 (all JSON), returned as a document."""
+    doc = json.loads(build_manifest(root).manifest.to_json())
+    assert doc["version"] == 2
+    return doc
+
+
 @pytest.mark.parametrize("bad_path", ["/etc/passwd", "../outside.npy", "shard_000000/../../x.npy"])
-def test_paths_outside_root_are_refused(native_cache: Path, bad_path: str) -> None:
-    build_manifest(native_cache)
-    doc = json.loads((native_cache / "manifest.json").read_text())
+def test_format2_paths_outside_root_are_refused(native_cache: Path, bad_path: str) -> None:
+    doc = _format2(native_cache)
     doc["shards"][0]["files"]["labels"]["path"] = bad_path
     (native_cache / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(ManifestError, match="points outside the cache root"):
@@ -60,19 +105,26 @@ def test_symlink_escaping_root_is_refused_with_a_fix_that_works(native_cache: Pa
     build_manifest(native_cache)  # the shard was inside when the manifest was built
     (native_cache / "shard_000002").rename(outside / "shard_000002")
     (native_cache / "shard_000002").symlink_to(outside / "shard_000002")
+    store = ShardStore.open(native_cache)  # files are checked when first mapped
+    store.field(0, "images")
+    with pytest.raises(CorruptShardError, match=r"shard_000002/images.npy resolves to .*outside/shard_000002/images"
+                       r".npy, outside the cache root; replace the symlink with the file itself, or move what it "
+                       r"points to inside the cache root; then rebuild the manifest with `shardstore build-manifest`"):
+        store.field(2, "images")
+    assert len(store._maps) == 1  # nothing outside was mapped
     with pytest.raises(ManifestError, match=r"manifest.json lists shard_000002/\w+.npy resolves to .*outside/"
                        r"shard_000002/\w+.npy, outside the cache root; replace the symlink with the file itself, or "
                        r"move what it points to inside the cache root, then run `shardstore build-manifest .*`"):
-        ShardStore.open(native_cache)
+        ShardStore.open(native_cache, check="all")
     # Doing what the message says works (no loop): a rebuild alone leaves the linked shard out ...
     report = build_manifest(native_cache)
     assert [s.id for s in report.manifest.shards] == [0, 1] and "outside the cache root" in str(report.problems[0])
-    assert ShardStore.open(native_cache).num_shards == 2
+    assert ShardStore.open(native_cache, check="all").num_shards == 2
     # ... and replacing the symlink with the files brings it back.
     (native_cache / "shard_000002").unlink()
     (outside / "shard_000002").rename(native_cache / "shard_000002")
     build_manifest(native_cache)
-    assert ShardStore.open(native_cache).num_shards == 3
+    assert ShardStore.open(native_cache, check="all").num_shards == 3
 
 
 @pytest.mark.parametrize(
@@ -84,9 +136,8 @@ def test_symlink_escaping_root_is_refused_with_a_fix_that_works(native_cache: Pa
         (lambda d: d["shards"][0].pop("num_samples"), "malformed entry"),
     ],
 )
-def test_malformed_manifest(native_cache: Path, edit, match: str) -> None:
-    build_manifest(native_cache)
-    doc = json.loads((native_cache / "manifest.json").read_text())
+def test_malformed_format2_manifest(native_cache: Path, edit, match: str) -> None:
+    doc = _format2(native_cache)
     edit(doc)
     (native_cache / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(ManifestError, match=match):
@@ -138,13 +189,16 @@ def test_file_truncated_after_open_is_a_clear_error(native_cache: Path) -> None:
         store.field(1, "images")
 
 
-def test_manifest_without_shards_is_a_clear_error(native_cache: Path) -> None:
-    build_manifest(native_cache)
-    doc = json.loads((native_cache / "manifest.json").read_text())
+def test_manifest_without_shards_is_a_clear_error(native_cache: Path, tmp_path: Path) -> None:
+    doc = _format2(native_cache)
     doc["shards"] = []
     (native_cache / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(ManifestError, match="lists no shards; write some and rebuild the manifest"):
         ShardStore.open(native_cache)
+    empty = tmp_path / "empty"
+    write_synthetic(empty, 0)  # format 3, an empty table
+    with pytest.raises(ManifestError, match="empty/manifest.json lists no shards; write some and rebuild the manifest"):
+        ShardStore.open(empty)
 
 
 def test_subset_keeps_chosen_shards_in_id_order(native_cache: Path) -> None:
