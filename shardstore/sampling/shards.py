@@ -11,6 +11,7 @@ the cache (only the whole-cache case permutes every shard, as it must).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -140,22 +141,34 @@ def bijection(num_shards: int, seed: int, cycle: int, index: np.ndarray) -> np.n
     bits = max(1, (num_shards - 1).bit_length())
     low_bits = (bits + 1) // 2
     high_bits = bits - low_bits
-    shift, low_mask, limit = np.uint64(low_bits), np.uint64((1 << low_bits) - 1), np.uint64(num_shards)
-    keys = words_for(seed, cycle, PERMUTATION, count=_ROUNDS)
+    keys = _round_keys(seed, cycle)
     values = np.asarray(index, dtype=np.int64).astype(np.uint64)
     todo = np.arange(values.size)
-    while todo.size:
+    shift, low_mask, limit = np.uint64(low_bits), np.uint64((1 << low_bits) - 1), np.uint64(num_shards)
+    while todo.size > _FEW:  # one encryption of every value still out of range, as whole arrays
         x = values[todo]
         high, low = x >> shift, x & low_mask
         for r, key in enumerate(keys):
             if r % 2 == 0:
-                low ^= _mix(high, key, low_bits)
+                low ^= _mix(high, np.uint64(key), low_bits)
             elif high_bits:
-                high ^= _mix(low, key, high_bits)
+                high ^= _mix(low, np.uint64(key), high_bits)
         x = (high << shift) | low
         values[todo] = x
         todo = todo[x >= limit]
+    if todo.size:  # the last few (or a small call): plain integers, without NumPy's cost per call
+        values[todo] = [_walk(int(v), num_shards, keys, low_bits, high_bits) for v in values[todo]]
     return values.astype(np.int64)
+
+
+_FEW = 32  # below this many values, Python integers beat NumPy's overhead of about a microsecond per operation
+_MASK64 = (1 << 64) - 1
+
+
+@functools.lru_cache(maxsize=16)
+def _round_keys(seed: int, cycle: int) -> tuple[int, ...]:
+    """The Feistel round keys of ``(seed, cycle)`` (cached: an epoch asks for the same cycle up to four times)."""
+    return tuple(int(w) for w in words_for(seed, cycle, PERMUTATION, count=_ROUNDS))
 
 
 def _mix(values: np.ndarray, key: np.uint64, bits: int) -> np.ndarray:
@@ -164,6 +177,25 @@ def _mix(values: np.ndarray, key: np.uint64, bits: int) -> np.ndarray:
     z ^= z >> np.uint64(31)
     z *= _M2
     return z >> np.uint64(64 - bits)
+
+
+def _walk(x: int, num_shards: int, keys: tuple[int, ...], low_bits: int, high_bits: int) -> int:
+    """Encrypt ``x`` until it lands in ``[0, num_shards)``: ``_mix`` and the rounds of ``bijection`` on one integer."""
+    low_mask, m1, m2 = (1 << low_bits) - 1, int(_M1), int(_M2)
+    while True:
+        high, low = x >> low_bits, x & low_mask
+        for r, key in enumerate(keys):
+            if r % 2 == 0:
+                z = ((high + key) & _MASK64) * m1 & _MASK64
+                z = (z ^ (z >> 31)) * m2 & _MASK64
+                low ^= z >> (64 - low_bits)
+            elif high_bits:
+                z = ((low + key) & _MASK64) * m1 & _MASK64
+                z = (z ^ (z >> 31)) * m2 & _MASK64
+                high ^= z >> (64 - high_bits)
+        x = (high << low_bits) | low
+        if x < num_shards:
+            return x
 
 
 SHARD_POLICIES: dict[str, ShardPolicy] = {

@@ -163,11 +163,13 @@ def test_a_million_shards_in_whole_cycles() -> None:
     assert np.array_equal(np.sort(first_cycle), np.arange(n))
 
 
+@pytest.mark.slow
 def test_a_hundred_thousand_shards_fifteen_at_a_time_over_two_cycles() -> None:
     n, k = 10**5, 15
     balanced_prefixes(n, k, 1, math.ceil(2 * n / k) + 1)
 
 
+@pytest.mark.slow
 def test_straddling_epoch_at_a_million_shards_takes_the_rest_of_the_cycle() -> None:
     """Epoch 66,666 of 15 takes the last 10 slots of cycle 0 and the first 5 of cycle 1: the 10 are exactly the
     shards epochs 0..66,665 left, and none of the 15 repeats."""
