@@ -1,12 +1,14 @@
 """Hostile manifests and shard files. A manifest edited to hold 1e400, 10^5 nested brackets, a 5,000-digit
 integer, a NUL byte in a path, negative offsets, a shard id of 2^64 or a ``..`` path makes every reading command
 exit 2 with one line, and ``build-manifest`` recovers; values tampered within range are never used to read the
-wrong bytes. Hostile ``.npy`` files (text, empty, pickled objects, cut headers, Fortran order, other byte orders
+wrong bytes. Format 2 (all JSON, still read) is attacked through its shard entries, format 3 through its header
+and its table's columns. Hostile ``.npy`` files (text, empty, pickled objects, cut headers, Fortran order, other byte orders
 and dtypes) are left out of the manifest with one precise line each, never loaded, never advised around."""
 
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 from collections.abc import Callable
@@ -17,7 +19,9 @@ import pytest
 
 from shardstore import ShardstoreError, ShardStore
 from shardstore.manifest.model import Manifest
+from shardstore.store.reader import load_manifest
 from tests.conftest import sample_arrays, write_native
+from tests.manifest.synthetic import column, replace_column
 
 from .harness import assert_one_line_error, cli, run_sets, tiny_cache, warm
 
@@ -76,21 +80,99 @@ TAMPERED: dict[str, Callable[[str], str]] = {
 }
 
 
-def hostile_copy(pristine: Path, tmp_path: Path, edit: Callable[[str], str]) -> Path:
+def _edit_column(name: str, change: Callable[[np.ndarray], np.ndarray | bytes]) -> Callable[[Path], None]:
+    def apply(root: Path) -> None:
+        replace_column(root, name, change(column(root, name)))
+    return apply
+
+
+def _header(edit: Callable[[str], str]) -> Callable[[Path], None]:
+    def apply(root: Path) -> None:
+        path = root / "manifest.json"
+        path.write_text(edit(path.read_text()))
+    return apply
+
+
+def _rows(position: int, rows: int) -> Callable[[Path], None]:
+    """Shard ``position`` claims ``rows`` rows, and the header's total agrees (so only the files can tell)."""
+    def apply(root: Path) -> None:
+        samples = column(root, "samples")
+        change = rows - int(samples[position])
+        samples[position] = rows
+        replace_column(root, "samples", samples)
+        _header(lambda t: re.sub(r'"num_samples": (\d+)', lambda m: f'"num_samples": {int(m.group(1)) + change}', t,
+                                 count=1))(root)
+    return apply
+
+
+def _shift(ids: np.ndarray) -> np.ndarray:
+    ids = ids.copy()
+    ids[1] = ids[0]
+    return ids
+
+
+# Format 3: the header or a column of the table, broken.
+MALFORMED_TABLE: dict[str, Callable[[Path], None]] = {
+    "header-1e400": _header(lambda t: re.sub(r'"num_samples": \d+', '"num_samples": 1e400', t, count=1)),
+    "header-nested-1e5": _header(lambda t: t.replace('"left_out": []', '"left_out": ' + "[" * 100_000 + "]" * 100_000)),
+    "header-5000-digits": _header(lambda t: re.sub(r'"num_shards": \d+', '"num_shards": 1' + "0" * 4999, t, count=1)),
+    "header-table-dotdot": _header(as_doc(lambda d: d.update(table="manifest.d/../../outside"))),
+    "column-pickled": _edit_column("id", lambda c: pickle.dumps(c.tolist())),
+    "column-int32": _edit_column("samples", lambda c: c.astype(np.int32)),
+    "column-short": _edit_column("images.offset", lambda c: c[:-1]),
+}
+
+# Format 3: parseable, in range, and wrong.
+TAMPERED_TABLE: dict[str, Callable[[Path], None]] = {
+    "rows-fewer": _rows(0, 3),
+    "rows-more": _rows(0, 40),
+    "duplicate-shard": _edit_column("id", _shift),
+    "offset-header": _edit_column("images.offset", lambda c: np.where(np.arange(c.size) == 0, 64, c).astype(c.dtype)),
+}
+
+
+def hostile_copy(pristine: Path, tmp_path: Path, edit: Callable[[str], str] | None = None,
+                 table_edit: Callable[[Path], None] | None = None) -> Path:
+    """A copy of the pristine cache whose manifest is format 2 edited by ``edit``, or format 3 edited by ``table_edit``."""
     root = tmp_path / "cache"
     shutil.copytree(pristine, root)
     outside = tmp_path / "outside"
     outside.mkdir()
     shutil.copyfile(root / "shard_000000" / "images.npy", outside / "images.npy")
-    manifest = root / "manifest.json"
-    manifest.write_text(edit(manifest.read_text()))
+    if edit is not None:
+        manifest = root / "manifest.json"
+        manifest.write_text(edit(load_manifest(root).to_json()))
+    if table_edit is not None:
+        table_edit(root)
     return root
 
 
-@pytest.mark.parametrize("kind", list(MALFORMED))
+# build-manifest parses a deeply nested manifest.json once more outside its guard (store/snapshot.py,
+# _current_table catches OSError and ValueError, not RecursionError): a traceback instead of a rebuild.
+DEEP = pytest.mark.xfail(strict=True, reason="snapshot._current_table lets RecursionError escape build-manifest")
+
+
+# A format-3 table refused at open (one id duplicated) lends no checksums to the next build: manifest/scan.py's
+# previous_manifest salvages them from format 1/2 JSON only, so every recorded checksum is lost and verify refuses.
+SALVAGE = pytest.mark.xfail(strict=True, reason="previous_manifest salvages no checksums from a refused format-3 table")
+
+
+def _cases(json_cases: dict, table_cases: dict) -> list:
+    def marks(kind: str, table: bool) -> list:
+        if "nested" in kind:
+            return [DEEP]
+        return [SALVAGE] if table and kind == "duplicate-shard" else []
+
+    return ([pytest.param(kind, json_cases[kind], None, id=f"v2-{kind}", marks=marks(kind, False))
+             for kind in json_cases]
+            + [pytest.param(kind, None, table_cases[kind], id=f"v3-{kind}", marks=marks(kind, True))
+               for kind in table_cases])
+
+
+@pytest.mark.parametrize(("kind", "edit", "table_edit"), _cases(MALFORMED, MALFORMED_TABLE))
 def test_a_malformed_manifest_is_one_line_everywhere_and_a_rebuild_recovers(pristine: Path, tmp_path: Path,
-                                                                            kind: str) -> None:
-    root = hostile_copy(pristine, tmp_path, MALFORMED[kind])
+                                                                            kind: str, edit, table_edit) -> None:
+    root = hostile_copy(pristine, tmp_path, edit, table_edit)
     lines = []
     for argv in (["info", root], ["verify", root],
                  ["train", *run_sets(tmp_path / "run", root, train__epochs=1), "--device", "cpu"]):
@@ -99,17 +181,17 @@ def test_a_malformed_manifest_is_one_line_everywhere_and_a_rebuild_recovers(pris
     rebuilt = cli("build-manifest", root, timeout=60)
     assert rebuilt.code == 0, rebuilt.describe()
     assert "Traceback" not in rebuilt.err
-    want = Manifest.from_json((pristine / "manifest.json").read_text())
-    assert shape_of(Manifest.from_json((root / "manifest.json").read_text())) == shape_of(want)
+    assert shape_of(load_manifest(root, check="all")) == shape_of(load_manifest(pristine))
     for name, values in read_everything(root).items():
         np.testing.assert_array_equal(values, read_everything(pristine)[name])
     print(f"\nattack manifest {kind}: {lines[0][:200]}")
 
 
-@pytest.mark.parametrize("kind", list(TAMPERED))
+@pytest.mark.parametrize(("kind", "edit", "table_edit"), _cases(TAMPERED, TAMPERED_TABLE))
 def test_a_tampered_manifest_never_reads_the_wrong_bytes_and_a_rebuild_rederives_it(pristine: Path, tmp_path: Path,
-                                                                                    kind: str) -> None:
-    root = hostile_copy(pristine, tmp_path, TAMPERED[kind])
+                                                                                    kind: str, edit,
+                                                                                    table_edit) -> None:
+    root = hostile_copy(pristine, tmp_path, edit, table_edit)
     want = read_everything(pristine)
     try:
         got = read_everything(root)
@@ -121,8 +203,7 @@ def test_a_tampered_manifest_never_reads_the_wrong_bytes_and_a_rebuild_rederives
             np.testing.assert_array_equal(got[name], want[name], err_msg=f"{kind}: {name} read wrongly")
     rebuilt = cli("build-manifest", root, timeout=60)  # incremental, as write and cache-teacher run it
     assert rebuilt.code == 0, rebuilt.describe()
-    assert shape_of(Manifest.from_json((root / "manifest.json").read_text())) == shape_of(
-        Manifest.from_json((pristine / "manifest.json").read_text())), f"{kind} survived a rebuild"
+    assert shape_of(load_manifest(root, check="all")) == shape_of(load_manifest(pristine)), f"{kind} survived a rebuild"
     verify_out = cli("verify", root, timeout=60)
     assert verify_out.code == 0, verify_out.describe()
 

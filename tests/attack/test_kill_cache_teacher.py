@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from shardstore.manifest.model import Manifest
 from shardstore.store.groups import GroupSpec
+from shardstore.store.reader import load_manifest
 
 from .harness import (
     assert_visible_npy_load, cli, cli_start, file_digests, kill_delay, kill_fractions, plant_stale, run_sets,
@@ -36,7 +36,7 @@ def check_after_kill(root: Path, base: dict[str, bytes], want: dict[str, bytes])
     declaration = root / "teacher.fields.json"
     if declaration.exists():
         GroupSpec.from_json(declaration.read_text(), str(declaration))
-    Manifest.from_json((root / "manifest.json").read_text())
+    load_manifest(root, check="all")  # the header and the table it names, whole and of one snapshot
     return sum(1 for rel in got if rel.endswith("teacher_views.npy"))
 
 
@@ -89,9 +89,10 @@ def test_cache_teacher_killed_at_random_points_fills_exactly_once(tmp_path: Path
         assert temporaries(root) == [], "temporaries of killed fills were left behind"
         check_after_kill(root, base, want)
         assert file_digests(root, GROUP_FILES) == want, "the finished fill differs from an uninterrupted one"
-        manifest = Manifest.from_json((root / "manifest.json").read_text())
+        manifest = load_manifest(root, check="all")
         fields = [f"teacher_{n}" for n in ("views", "topk_index", "topk_logp", "tail_logp")]
-        assert manifest.positions_with(fields) == list(range(NUM_SHARDS)), "the manifest misses targets of some shards"
+        assert manifest.positions_with(fields).tolist() == list(range(NUM_SHARDS)), \
+            "the manifest misses targets of some shards"
     assert kills >= KILLS // 2, f"only {kills} kills landed while a fill was going"
     print(f"\nattack cache-teacher: {kills} SIGKILLs survived over {chains} chains, half of them --overwrite "
           f"({finished_early} runs finished before their kill came, {left_behind} temporaries seen after kills; an "

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shardstore import ManifestError, ShardStore
-from shardstore.manifest.model import Manifest
+from shardstore import CorruptShardError, ManifestError, ShardStore
+from shardstore.store.reader import load_manifest
 
 from .harness import Outcome, assert_one_line_error, cli, file_digests, run_sets, tiny_cache, warm
 
@@ -93,7 +93,7 @@ def test_build_manifest_leaves_linked_shards_out_without_reading_them(tmp_path: 
         assert any("shard_000003" in line for line in left_out), outcome.describe()
         for line in left_out:
             assert "rebuild" not in line, f"advice that loops: {line}"
-    manifest = Manifest.from_json((root / "manifest.json").read_text())
+    manifest = load_manifest(root, check="all")
     assert [s.id for s in manifest.shards] == [0, 1, 2, 4, 5]
     outside.assert_untouched(*runs)
     for line in runs[0].err_lines:
@@ -116,7 +116,11 @@ def test_verify_open_and_train_refuse_a_manifest_entry_linked_outside(tmp_path: 
     assert "shard_000003/labels.npy" in verify.out + verify.err, verify.describe()
     assert "0 bad" not in verify.out, f"verify passed a file outside the root: {verify.describe()}"
     with pytest.raises(ManifestError, match=r"shard_000003/labels\.npy.*outside"):
-        ShardStore.open(root)
+        ShardStore.open(root, check="all")
+    store = ShardStore.open(root)  # files are checked when first mapped
+    position = store.shard_ids.tolist().index(3)
+    with pytest.raises(CorruptShardError, match=r"shard_000003/labels\.npy resolves to .*, outside the cache root"):
+        store.field(position, "labels")
     train = cli("train", *run_sets(tmp_path / "run", root), "--device", "cpu")
     line = assert_one_line_error(train, "shard_000003/labels.npy")
     outside.assert_untouched(verify, train)

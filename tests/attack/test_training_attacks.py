@@ -87,11 +87,13 @@ def test_label_out_of_range_behind_the_manifest_is_one_line(cache: Path, tmp_pat
 
     root = tmp_path / "cache"
     shutil.copytree(cache, root)
-    manifest = json.loads((root / "manifest.json").read_text())
-    for shard in manifest["shards"]:  # the copy has new mtimes: record them so nothing looks changed
-        for entry in shard["files"].values():
-            entry["mtime_ns"] = (root / entry["path"]).stat().st_mtime_ns
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    from shardstore.store.reader import load_manifest
+    from tests.manifest.synthetic import replace_column
+
+    manifest = load_manifest(root)
+    for name in manifest.fields:  # the copy may have new mtimes: record them in the table so nothing looks changed
+        mtimes = [(root / manifest.file_path(p, name)).stat().st_mtime_ns for p in range(manifest.num_shards)]
+        replace_column(root, f"{name}.mtime_ns", np.array(mtimes, np.int64))
     labels_path = root / "shard_000002" / "labels.npy"
     labels = np.load(labels_path)
     labels[3] = 452
