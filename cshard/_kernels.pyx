@@ -103,6 +103,116 @@ def split_rank(const int64_t[::1] order, Py_ssize_t rank, Py_ssize_t world_size,
                 out[b * batch_size + t] = order[src + t]
 
 
+cdef inline Py_ssize_t _touch(int64_t j, Py_ssize_t k, int64_t *local, int64_t *touched, int64_t *first_sample,
+                              Py_ssize_t *m) noexcept nogil:
+    """Index into ``touched`` of visited shard ``j``, which sample ``k`` reads; added on the rank's first read."""
+    cdef int64_t l = local[j]
+    if l < 0:
+        l = m[0]
+        local[j] = l
+        touched[l] = j
+        first_sample[l] = k
+        m[0] += 1
+    return l
+
+
+cdef Py_ssize_t _rank_rows(const int64_t *counts, Py_ssize_t num, const int64_t *source, bint mixed, int64_t total,
+                           Py_ssize_t rank, Py_ssize_t world_size, Py_ssize_t batch_size, Py_ssize_t start_batch,
+                           Py_ssize_t n, int64_t *cursor, int64_t *local, int64_t *touched, int64_t *source_index,
+                           int64_t *rows, int64_t *first_sample, int64_t *last_sample) noexcept nogil:
+    cdef Py_ssize_t G = world_size * batch_size
+    cdef Py_ssize_t k = 0, i, size, m = 0
+    cdef int64_t g, stop, p = 0, j = 0, l, r, here = 0  # here (sequential): epoch position of shard j's row 0
+    cdef int64_t b = start_batch
+    while k < n:  # one global batch at a time: the rank reads positions [g, g + size) of it
+        g = b * G + rank * batch_size
+        size = min(batch_size, n - k)
+        stop = g + size
+        if stop > total:
+            return -2
+        if mixed:
+            while p < g:  # positions of other ranks (or earlier batches) still move their shard's cursor
+                j = source[p]
+                if j < 0 or j >= num or cursor[j] >= counts[j]:
+                    return -1
+                cursor[j] += 1
+                p += 1
+            for i in range(size):
+                j = source[p]
+                if j < 0 or j >= num or cursor[j] >= counts[j]:
+                    return -1
+                rows[k] = cursor[j]
+                cursor[j] += 1
+                l = _touch(j, k, local, touched, first_sample, &m)
+                source_index[k] = l
+                last_sample[l] = k
+                k += 1
+                p += 1
+        else:
+            while g < stop:  # runs of consecutive rows of one shard; positions only grow, so shards only advance
+                while g >= here + counts[j]:
+                    here += counts[j]
+                    j += 1
+                size = min(stop, here + counts[j]) - g
+                l = _touch(j, k, local, touched, first_sample, &m)
+                r = g - here
+                for i in range(size):
+                    rows[k + i] = r + i
+                    source_index[k + i] = l
+                k += size
+                g += size
+                last_sample[l] = k - 1
+        b += 1
+    return m
+
+
+def rank_rows(const int64_t[::1] counts, const int64_t[::1] source, Py_ssize_t rank, Py_ssize_t world_size,
+              Py_ssize_t batch_size, Py_ssize_t start_batch, int64_t[::1] touched, int64_t[::1] source_index,
+              int64_t[::1] rows, int64_t[::1] first_sample, int64_t[::1] last_sample):
+    """This rank's samples of an epoch as (shard, row) pairs, without global ids; returns the shards touched.
+
+    The epoch visits shard ``j`` (``counts[j]`` samples, read front to back) in the order
+    ``source`` gives (empty: one shard after the other). Read position ``g`` of the epoch is
+    this rank's sample ``k`` when ``g = (start_batch + k // batch_size) * G + rank * batch_size
+    + k % batch_size`` with ``G = world_size * batch_size``, for ``k < source_index.shape[0]``.
+
+    Sample ``k`` is row ``rows[k]`` of visited shard ``touched[source_index[k]]``: ``touched``
+    lists the visited shards in the order this rank first reads them, and
+    ``first_sample``/``last_sample`` the first and last of its samples that read each (room
+    for ``counts.shape[0]`` entries each). Returns the number of shards touched, or -1 if
+    ``source`` names a shard outside ``counts`` or more often than its count (outputs then
+    partial), or -2 if a position lies past the epoch's end.
+    """
+    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or start_batch < 0:
+        raise ValueError(f"rank_rows needs batch_size >= 1, world_size >= 1, 0 <= rank < world_size and "
+                         f"start_batch >= 0, got {batch_size}, {world_size}, {rank}, {start_batch}")
+    cdef Py_ssize_t num = counts.shape[0]
+    cdef Py_ssize_t n = source_index.shape[0]
+    cdef Py_ssize_t k
+    cdef int64_t total = 0
+    cdef Py_ssize_t m
+    if rows.shape[0] != n or touched.shape[0] < num or first_sample.shape[0] < num or last_sample.shape[0] < num:
+        raise ValueError("rows must be as long as source_index; touched, first_sample and last_sample "
+                         "need room for every visited shard")
+    for k in range(num):
+        if counts[k] < 0:
+            raise ValueError("counts must be non-negative")
+        total += counts[k]
+    if source.shape[0] != 0 and source.shape[0] != total:
+        raise ValueError(f"source has {source.shape[0]} entries, the shards {total} samples")
+    if n == 0 or num == 0:
+        return 0
+    cdef int64_t[::1] cursor = np.zeros(num, dtype=np.int64)  # rows of each shard read so far
+    cdef int64_t[::1] local = np.full(num, -1, dtype=np.int64)  # index into touched, -1 before first read
+    cdef bint mixed = source.shape[0] != 0
+    cdef const int64_t *src = &source[0] if mixed else NULL
+    with nogil:
+        m = _rank_rows(&counts[0], num, src, mixed, total, rank, world_size, batch_size, start_batch, n,
+                       &cursor[0], &local[0], &touched[0], &source_index[0], &rows[0], &first_sample[0],
+                       &last_sample[0])
+    return m
+
+
 cdef extern from "gather.h" nogil:
     int SHARDSTORE_DONE, SHARDSTORE_FAULT
     int shardstore_gather(const uint64_t *bases, const uint64_t *source_bytes, int64_t num_fields,

@@ -94,6 +94,45 @@ def split_rank(order: np.ndarray, rank: int, world_size: int, batch_size: int,
     return out
 
 
+def rank_rows(counts: np.ndarray, source: np.ndarray | None, rank: int, world_size: int, batch_size: int,
+              start_batch: int, num_samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """This rank's first ``num_samples`` samples of an epoch as (visited shard, row), without global ids.
+
+    The epoch visits shard ``j`` (``counts[j]`` samples, read front to back) as ``source``
+    orders its read positions (see ``expand_epoch``; None: one shard after the other).
+    Global batch ``b`` is read positions ``[b*G, (b+1)*G)`` with ``G = world_size *
+    batch_size``, and rank ``rank`` reads ``[r*batch_size, (r+1)*batch_size)`` of each, from
+    global batch ``start_batch`` on (as ``split_rank``).
+
+    Returns ``(touched, source_index, rows, first_sample, last_sample)``: ``touched`` the
+    visited shards (indices into ``counts``) in the order this rank first reads them; for
+    each sample ``k``, shard ``touched[source_index[k]]`` and its row ``rows[k]``; for each
+    touched shard, the first and last sample that read it (``first_sample`` is increasing).
+    """
+    counts = _int64_vector("counts", counts)
+    src = np.empty(0, dtype=np.int64) if source is None else _int64_vector("source", source)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside [0, {world_size})")
+    if batch_size < 1 or start_batch < 0 or num_samples < 0:
+        raise ValueError("batch_size must be >= 1, start_batch and num_samples >= 0")
+    num = counts.size
+    touched = np.empty(num, dtype=np.int64)
+    first_sample = np.empty(num, dtype=np.int64)
+    last_sample = np.empty(num, dtype=np.int64)
+    source_index = np.empty(num_samples, dtype=np.int64)
+    rows = np.empty(num_samples, dtype=np.int64)
+    if source is not None and src.size == 0 and counts.size and counts.sum() > 0:
+        raise ValueError(f"source has 0 entries, the shards {int(counts.sum())} samples")
+    m = _kernels.rank_rows(counts, src, rank, world_size, batch_size, start_batch, touched, source_index, rows,
+                           first_sample, last_sample)
+    if m == -1:
+        raise ValueError("source must name each visited shard exactly as often as its sample count")
+    if m == -2:
+        raise ValueError(f"{num_samples} samples of rank {rank} from global batch {start_batch} of "
+                         f"{world_size * batch_size} reach past the epoch's {int(counts.sum())} samples")
+    return touched[:m].copy(), source_index, rows, first_sample[:m].copy(), last_sample[:m].copy()
+
+
 _EMPTY = np.zeros(1, np.uint8)  # stands in for the address of a source or buffer with no bytes
 
 FieldSpecs = dict[str, tuple[np.dtype, tuple[int, ...]]]

@@ -118,6 +118,109 @@ def test_expand_and_split_check_arguments() -> None:
         kernels.split_rank(np.arange(10, dtype=np.int64), 2, 2, 3, 0, 1)
 
 
+def reference_rank_rows(counts: np.ndarray, source: np.ndarray | None, rank: int, world_size: int, batch_size: int,
+                        start_batch: int, num_samples: int) -> tuple[np.ndarray, ...]:
+    """The specification of ``kernels.rank_rows``, the slow way: (shard, row) of every read position of the
+    epoch, the rank's positions taken from it, and the shards numbered in the order the rank first reads them."""
+    counts = np.asarray(counts, dtype=np.int64)
+    if source is None:
+        source = np.repeat(np.arange(counts.size, dtype=np.int64), counts)
+    row_at = np.empty(source.size, dtype=np.int64)
+    for j in range(counts.size):
+        where = np.flatnonzero(source == j)  # the positions shard j feeds, in order: its rows 0, 1, 2, ...
+        row_at[where] = np.arange(where.size)
+    k = np.arange(num_samples, dtype=np.int64)
+    position = (start_batch + k // batch_size) * world_size * batch_size + rank * batch_size + k % batch_size
+    shard, rows = source[position], row_at[position]
+    touched, first = np.unique(shard, return_index=True)
+    by_first_read = np.argsort(first, kind="stable")
+    touched, first_sample = touched[by_first_read], first[by_first_read]
+    local = np.full(counts.size, -1, dtype=np.int64)
+    local[touched] = np.arange(touched.size)
+    source_index = local[shard]
+    last_sample = np.array([np.flatnonzero(source_index == t)[-1] for t in range(touched.size)], dtype=np.int64)
+    return touched, source_index, rows, first_sample, last_sample.reshape(-1)
+
+
+@given(
+    counts=st.lists(st.integers(0, 40), min_size=1, max_size=12),
+    mixed=st.booleans(),
+    world_size=st.integers(1, 4),
+    batch_size=st.integers(1, 9),
+    seed=st.integers(0, 2**32),
+    data=st.data(),
+)
+def test_rank_rows_matches_reference(counts: list[int], mixed: bool, world_size: int, batch_size: int, seed: int,
+                                     data: st.DataObject) -> None:
+    c = np.array(counts, dtype=np.int64)
+    total = int(c.sum())
+    source = None
+    if mixed:
+        source = np.repeat(np.arange(c.size, dtype=np.int64), c)
+        np.random.default_rng(seed).shuffle(source)
+    steps = total // (world_size * batch_size)
+    rank = data.draw(st.integers(0, world_size - 1))
+    start = data.draw(st.integers(0, steps))
+    # Whole batches, or (one rank) a short last batch too: any number of samples up to the epoch's end.
+    last = steps - start if world_size > 1 else None
+    num_samples = (data.draw(st.integers(0, last)) * batch_size if last is not None
+                   else data.draw(st.integers(0, total - start * batch_size)))
+    got = kernels.rank_rows(c, source, rank, world_size, batch_size, start, num_samples)
+    want = reference_rank_rows(c, source, rank, world_size, batch_size, start, num_samples)
+    for name, g, w in zip(("touched", "source_index", "rows", "first_sample", "last_sample"), got, want):
+        np.testing.assert_array_equal(g, w, err_msg=name)
+        assert g.dtype == np.int64
+    # And the meaning, through the other kernels: the same samples as expanding the epoch to ids and splitting it.
+    starts = np.concatenate([[0], np.cumsum(c)[:-1]]).astype(np.int64)
+    touched, source_index, rows = got[:3]
+    ids = starts[touched][source_index] + rows
+    order = kernels.expand_epoch(starts, c, source)
+    if world_size > 1 or num_samples % batch_size == 0:
+        np.testing.assert_array_equal(ids, kernels.split_rank(order, rank, world_size, batch_size, start,
+                                                               num_samples // batch_size))
+    else:
+        np.testing.assert_array_equal(ids, order[start * batch_size : start * batch_size + num_samples])
+
+
+def test_rank_rows_edges() -> None:
+    counts = np.array([3, 0, 0, 4, 2], dtype=np.int64)  # empty shards are never touched
+    touched, source_index, rows, first, last = kernels.rank_rows(counts, None, 0, 1, 4, 0, 9)
+    assert touched.tolist() == [0, 3, 4] and source_index.tolist() == [0, 0, 0, 1, 1, 1, 1, 2, 2]
+    assert rows.tolist() == [0, 1, 2, 0, 1, 2, 3, 0, 1] and first.tolist() == [0, 3, 7] and last.tolist() == [2, 6, 8]
+    # Rank 1 of 2, batches of 2, from global batch 1: positions 6, 7 of the epoch (shard 3 rows 3, shard 4 row 0).
+    touched, source_index, rows, first, last = kernels.rank_rows(counts, None, 1, 2, 2, 1, 2)
+    assert touched.tolist() == [3, 4] and rows.tolist() == [3, 0] and first.tolist() == [0, 1]
+    # A merge: the rank's first read decides the order of ``touched``, not the shards' visit order.
+    source = np.array([3, 0, 3, 4, 0, 3, 0, 4, 3], dtype=np.int64)
+    touched, source_index, rows, first, last = kernels.rank_rows(counts, source, 0, 1, 3, 0, 9)
+    assert touched.tolist() == [3, 0, 4] and rows.tolist() == [0, 0, 1, 0, 1, 2, 2, 1, 3]
+    assert first.tolist() == [0, 1, 3] and last.tolist() == [8, 6, 7]
+    for got in kernels.rank_rows(counts, None, 0, 1, 4, 0, 0):
+        assert got.size == 0
+
+
+def test_rank_rows_checks_arguments() -> None:
+    counts = np.array([2, 2], dtype=np.int64)
+    with pytest.raises(ValueError, match="source must name each visited shard exactly as often"):
+        kernels.rank_rows(counts, np.array([0, 0, 0, 1], np.int64), 0, 1, 4, 0, 4)
+    with pytest.raises(ValueError, match="source must name each visited shard"):
+        kernels.rank_rows(counts, np.array([0, 2, 1, 1], np.int64), 0, 1, 4, 0, 4)
+    with pytest.raises(ValueError, match="source has 3 entries, the shards 4 samples"):
+        kernels.rank_rows(counts, np.array([0, 1, 1], np.int64), 0, 1, 4, 0, 3)
+    with pytest.raises(ValueError, match="reach past the epoch's 4 samples"):
+        kernels.rank_rows(counts, None, 1, 2, 2, 0, 4)
+    with pytest.raises(ValueError, match="reach past the epoch's 4 samples"):
+        kernels.rank_rows(counts, None, 0, 1, 2, 1, 3)
+    with pytest.raises(ValueError, match=r"rank 2 is outside \[0, 2\)"):
+        kernels.rank_rows(counts, None, 2, 2, 1, 0, 1)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        kernels.rank_rows(counts, None, 0, 1, 0, 0, 1)
+    with pytest.raises(TypeError, match="counts must be a 1-D int64 array, got 1-D int32"):
+        kernels.rank_rows(counts.astype(np.int32), None, 0, 1, 1, 0, 1)
+    with pytest.raises(ValueError, match="counts must be non-negative"):
+        kernels.rank_rows(np.array([2, -1], np.int64), None, 0, 1, 1, 0, 1)
+
+
 def test_split_rank_refuses_a_batch_size_below_one() -> None:
     """A zero batch size once reached a C division (SIGFPE killed the process); both layers refuse it."""
     from cshard import _kernels

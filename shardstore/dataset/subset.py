@@ -13,7 +13,7 @@ from shardstore.config.data import DataConfig, load_data_config
 from shardstore.dataset.cached import CachedTensorDataset
 from shardstore.errors import ConfigError, ShardstoreError
 from shardstore.manifest.reader import ShardStore
-from shardstore.sampling.plan import EpochPlan, EpochSpec, plan_epoch, rank_indices, steps_per_epoch
+from shardstore.sampling.plan import EpochPlan, EpochSpec, RankPlan, plan_epoch, rank_plan, steps_per_epoch
 from shardstore.sampling.state import SamplerState
 from shardstore.sampling.world import World
 
@@ -70,14 +70,14 @@ class RandomShardSubsetCachedDataset(Dataset):
             raise ConfigError(str(exc)) from None
         self.batch_size = batch_size
         self.max_steps_per_epoch = max_steps_per_epoch
-        self._counts = np.diff(self.store.offsets)
+        self._counts = (self.store, np.diff(self.store.offsets))  # the store's shard sizes, and which store
         # (epoch, start_batch) in shared memory: DataLoader workers read it at every item,
         # so a set_epoch in the main process reaches persistent workers too.
         self._shared = torch.zeros(2, dtype=torch.int64).share_memory_()
         self._cell = self._shared.numpy()  # a NumPy view of it: cheap to read on every item
         self._key: tuple[int, int] | None = None
         self._plan: EpochPlan | None = None
-        self._indices = np.empty(0, np.int64)
+        self._rank_plan: RankPlan | None = None
         self.set_epoch(0)
 
     @classmethod
@@ -127,15 +127,19 @@ class RandomShardSubsetCachedDataset(Dataset):
         """Global batch the current epoch (re)started from: 0, or the resume point."""
         return int(self._cell[1])
 
-    def _plan_for(self, epoch: int, start_batch: int) -> tuple[EpochPlan, np.ndarray]:
+    def _plans(self, epoch: int, start_batch: int) -> tuple[EpochPlan, RankPlan]:
+        store = self.store
+        counted, counts = self._counts
+        if counted is not store:  # a store other than the one counted (kept as it is: planning changes nothing)
+            counts = np.diff(store.offsets)
         try:
-            plan = plan_epoch(self._counts, self.store.offsets, self.spec, epoch)
+            plan = plan_epoch(counts, store.offsets, self.spec, epoch)
         except ValueError as exc:
             raise ShardstoreError(str(exc)) from None
-        if plan.order.size < self.global_batch:
+        if plan.num_samples < self.global_batch:
             raise self._too_small(plan)
         try:
-            return plan, rank_indices(plan, self.world, self.batch_size, self.max_steps_per_epoch, start_batch)
+            return plan, rank_plan(plan, store, self.world, self.batch_size, self.max_steps_per_epoch, start_batch)
         except ValueError as exc:
             raise ShardstoreError(str(exc)) from None
 
@@ -145,53 +149,57 @@ class RandomShardSubsetCachedDataset(Dataset):
         if self.world.world_size > 1:
             per_step += f" x world_size {self.world.world_size} = {self.global_batch} samples"
         return ConfigError(
-            f"{per_step} per step is more than the {plan.order.size:,} samples of epoch {plan.epoch} "
+            f"{per_step} per step is more than the {plan.num_samples:,} samples of epoch {plan.epoch} "
             f"({plan.shard_positions.size} shards of {self.store.root}), so the epoch would have 0 steps; "
             "lower batch_size, or raise shards_per_epoch (or write more shards)"
         )
 
-    def epoch_indices(self, epoch: int, start_batch: int = 0) -> np.ndarray:
-        """This rank's sample ids of ``epoch`` from global batch ``start_batch``, without making it current.
+    def rank_plan(self, epoch: int, start_batch: int = 0) -> RankPlan:
+        """What this rank reads of ``epoch`` from global batch ``start_batch``, without making it current.
 
-        A loader uses it to prepare the next epoch's first batches before ``set_epoch``.
+        Pure data from the seed, the epoch and the store (no state changes), so a loader's
+        planning thread calls it to prepare the next epoch before ``set_epoch``; the plan names
+        the store it indexes (``plan.store``), which is what to read through.
         """
-        return self._plan_for(epoch, start_batch)[1]
+        return self._plans(epoch, start_batch)[1]
 
-    def _sync(self) -> None:
+    def epoch_indices(self, epoch: int, start_batch: int = 0) -> np.ndarray:
+        """This rank's global sample ids of ``epoch`` from global batch ``start_batch``, without making it current."""
+        return self.rank_plan(epoch, start_batch).sample_ids
+
+    def _sync(self) -> RankPlan:
         key = (int(self._cell[0]), int(self._cell[1]))
-        if key == self._key:
-            return
-        plan, indices = self._plan_for(*key)
-        self._plan, self._indices, self._key = plan, indices, key
+        if key != self._key or self._rank_plan is None or self._rank_plan.store is not self.store:
+            self._plan, self._rank_plan = self._plans(*key)
+            self._key = key
+            if self._counts[0] is not self._rank_plan.store:
+                self._counts = (self._rank_plan.store, np.diff(self._rank_plan.store.offsets))
+        return self._rank_plan
 
     @property
     def selected_shards(self) -> list[int]:
         """Ids of this epoch's shards, in visit order."""
-        self._sync()
+        store = self._sync().store
         assert self._plan is not None
-        return [int(self.store.shard_ids[p]) for p in self._plan.shard_positions]
+        return [int(store.shard_ids[p]) for p in self._plan.shard_positions]
 
     @property
     def steps_per_epoch(self) -> int:
         """Batches each rank takes in a full epoch (whole global batches, capped)."""
         self._sync()
         assert self._plan is not None
-        return steps_per_epoch(self._plan.order.size, self.world.world_size, self.batch_size, self.max_steps_per_epoch)
+        return steps_per_epoch(self._plan.num_samples, self.world.world_size, self.batch_size,
+                               self.max_steps_per_epoch)
 
     def indices(self) -> np.ndarray:
         """This rank's global sample ids for the rest of the epoch (read-only)."""
-        self._sync()
-        view = self._indices.view()
-        view.flags.writeable = False
-        return view
+        return self._sync().sample_ids
 
     def __len__(self) -> int:
-        self._sync()
-        return int(self._indices.size)
+        return self._sync().num_samples
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        self._sync()
-        return self.base[int(self._indices[i])]
+        return self.base[int(self._sync().sample_ids[i])]
 
     # -- resume ----------------------------------------------------------------------------
 

@@ -1,43 +1,44 @@
-"""One pass of the loader over an index array: where each row lives, and a gather per field over its shards."""
+"""One pass of the loader over a rank's plan: which shards it reads, when, and a gather per field over them."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from shardstore.kernels import BatchGather
 from shardstore.manifest.reader import ShardStore
+from shardstore.sampling.plan import RankPlan
 
 
 @dataclass
 class Job:
     """An epoch (or the rest of one) as the pipeline sees it; planned lazily by a background thread.
 
-    Batch ``b`` of the job is ``indices[b*batch_size : (b+1)*batch_size]`` and is the
-    pipeline's batch number ``first_seq + b``.
+    Batch ``b`` of the job is samples ``[b*batch_size, (b+1)*batch_size)`` of its plan and is
+    the pipeline's batch number ``first_seq + b``.
     """
 
     key: Hashable
-    plan_indices: Callable[[], np.ndarray]
-    batch_size: int
-    drop_last: bool
     planned: bool = False
     #: the consumer took a batch of it: a new iteration cannot take it over
     started: bool = False
     planning: bool = False
     error: BaseException | None = None
     first_seq: int = 0
+    batch_size: int = 1
     num_batches: int = 0
     num_samples: int = 0
+    #: the store the plan indexes: every shard of this job is read through it
+    store: ShardStore | None = None
     #: shard positions this job reads, in the order it first touches them
     visited: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     #: for every sample of the job: index into ``visited``, and row within that shard
     source_index: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
-    #: per visited shard: the first and last batch that reads it
+    #: per visited shard: the first and last batch that reads it (``first_batch`` never decreases)
     first_batch: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     last_batch: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     gather: BatchGather | None = None
@@ -49,30 +50,26 @@ class Job:
     unmapped: np.ndarray = field(default_factory=lambda: np.empty(0, bool))
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def plan(self, store: ShardStore) -> None:
-        """Locate every sample and set up the per-field gathers (maps open lazily, on first use)."""
-        indices = np.ascontiguousarray(self.plan_indices(), dtype=np.int64)
-        full, rest = divmod(indices.size, self.batch_size)
-        if self.drop_last and rest:
-            indices = indices[: full * self.batch_size]
-        self.num_samples = int(indices.size)
-        self.num_batches = full if self.drop_last else full + (rest > 0)
-        positions, self.rows = store.locate(indices)
-        visited, first_seen, inverse = np.unique(positions, return_index=True, return_inverse=True)
-        rank = np.argsort(first_seen, kind="stable")  # visit order: by first appearance
-        local_of = np.empty_like(rank)
-        local_of[rank] = np.arange(rank.size)
-        self.visited = visited[rank].astype(np.int64)
-        self.source_index = local_of[inverse.reshape(-1)].astype(np.int64)
-        batch_of = np.arange(self.num_samples, dtype=np.int64) // self.batch_size
-        self.first_batch = np.full(self.visited.size, np.iinfo(np.int64).max, np.int64)
-        self.last_batch = np.full(self.visited.size, -1, np.int64)
-        np.minimum.at(self.first_batch, self.source_index, batch_of)
-        np.maximum.at(self.last_batch, self.source_index, batch_of)
+    def plan(self, plan: RankPlan) -> None:
+        """Take ``plan`` as it is (its shards, rows and spans) and set up the per-field gathers.
+
+        O(visited shards): nothing is located or sorted, and maps open lazily, on first use.
+        """
+        batch_size = plan.batch_size
+        num_batches = -(-plan.num_samples // batch_size)
+        if plan.num_batches != num_batches:
+            raise ValueError(f"a plan of {plan.num_samples} samples in batches of {batch_size} has {num_batches} "
+                             f"batches, not {plan.num_batches}")
+        self.store = plan.store
+        self.batch_size, self.num_samples, self.num_batches = batch_size, plan.num_samples, num_batches
+        self.visited, self.source_index, self.rows = plan.visited, plan.source_index, plan.rows
+        self.first_batch = plan.first_sample // batch_size
+        self.last_batch = plan.last_sample // batch_size
         self.dropped = np.zeros(self.visited.size, bool)
         self.unmapped = np.zeros(self.visited.size, bool)
-        counts = np.diff(store.offsets)[self.visited]
-        visited = self.visited
+        store, visited = plan.store, plan.visited
+        counts = store.offsets[visited + 1] - store.offsets[visited]
+        # Maps open through the plan's store (no reference back to the job: it is dropped when done).
         self.gather = BatchGather(counts, {name: (spec.dtype, spec.shape) for name, spec in store.fields.items()},
                                   lambda name, j: store.field(int(visited[j]), name))
 

@@ -24,11 +24,12 @@ import numpy as np
 import torch
 
 from shardstore.errors import ShardstoreError
-from shardstore.kernels import BatchBuffers, SourceFault
+from shardstore.kernels import BatchBuffers, SourceFault, file_map_of
 from shardstore.loader import pager
 from shardstore.loader.jobs import Job
 from shardstore.loader.slots import Slot
-from shardstore.manifest.reader import ShardStore
+from shardstore.manifest.model import FieldSpec
+from shardstore.sampling.plan import RankPlan
 from shardstore.store.mmaps import shrunk_error
 
 log = logging.getLogger(__name__)
@@ -41,17 +42,23 @@ class LoaderRestarted(RuntimeError):
 
 
 class Pipeline:
-    """Filler threads, a pager thread and the slot ring; the consumer calls ``begin``/``take``/``finish``."""
+    """Filler threads, a pager thread and the slot ring; the consumer calls ``begin``/``take``/``finish``.
 
-    def __init__(self, store: ShardStore, slots: list[Slot], chunk: int, *, num_threads: int,
-                 device: torch.device | None, read_ahead_shards: int, drop_pages: bool) -> None:
+    ``planner(key)`` returns the ``RankPlan`` of job ``key``; a filler thread calls it when the
+    job's turn to be planned comes (the next epoch's while this one drains). Every job reads
+    its shards through its plan's store.
+    """
+
+    def __init__(self, fields: dict[str, FieldSpec], planner: Callable[[Hashable], RankPlan], slots: list[Slot],
+                 chunk: int, *, num_threads: int, device: torch.device | None, read_ahead_shards: int,
+                 drop_pages: bool) -> None:
         if len(slots) % chunk:
             raise ValueError(f"{len(slots)} slots are not a whole number of chunks of {chunk}")
-        self.store = store
+        self.planner = planner
         self.slots = slots
         self.chunk = chunk
         self.buffers = BatchBuffers([slot.arrays for slot in slots],
-                                    {name: (spec.dtype, spec.shape) for name, spec in store.fields.items()},
+                                    {name: (spec.dtype, spec.shape) for name, spec in fields.items()},
                                     slots[0].capacity)
         self.num_threads = num_threads
         self.device = device
@@ -131,12 +138,11 @@ class Pipeline:
 
     # -- consumer side ----------------------------------------------------------------------
 
-    def begin(self, key: Hashable, plan: Callable[[], np.ndarray], batch_size: int, drop_last: bool,
-              following: tuple[Hashable, Callable[[], np.ndarray]] | None) -> tuple[Job, int]:
+    def begin(self, key: Hashable, following: Hashable | None) -> tuple[Job, int]:
         """The job for ``key``: the one already in preparation when it is next in line, else a fresh start.
 
-        ``following`` names the job expected after this one; it is planned at once and its
-        first batches are gathered while this one drains.
+        ``following`` names the job expected after this one (None: none); it is planned at once
+        and its first batches are gathered while this one drains.
         """
         with self._lock:
             head = self._jobs[0] if self._jobs else None
@@ -144,16 +150,16 @@ class Pipeline:
                      and not head.started)
             if reuse:
                 if len(self._jobs) == 1 and following is not None:
-                    self._jobs.append(Job(following[0], following[1], batch_size, drop_last))
+                    self._jobs.append(Job(following))
                     self._work.notify_all()
                 self.warm_starts += 1
                 return head, self._generation
         self.stop()
         self._reset()
         self._generation += 1
-        self._jobs.append(Job(key, plan, batch_size, drop_last))
+        self._jobs.append(Job(key))
         if following is not None:
-            self._jobs.append(Job(following[0], following[1], batch_size, drop_last))
+            self._jobs.append(Job(following))
         self._start()
         return self._jobs[0], self._generation
 
@@ -306,7 +312,7 @@ class Pipeline:
 
     def _plan(self, job: Job) -> None:
         try:
-            job.plan(self.store)
+            job.plan(self.planner(job.key))
         except BaseException as exc:  # raised in the consumer if it ever asks for this job
             job.error, job.num_batches = exc, 0
         with self._lock:
@@ -335,7 +341,7 @@ class Pipeline:
                     start, stop = job.batch_bounds(batch + k)
                     job.gather.gather(job.source_index[start:stop], job.rows[start:stop], self.buffers, first_slot + k)
                 except Exception as exc:
-                    errors[k:] = [_loader_error(exc, self.store, job, batch + k)] * (count - k)
+                    errors[k:] = [_loader_error(exc, job, batch + k)] * (count - k)
                     break
         for k, slot in enumerate(slots):
             start, stop = job.batch_bounds(batch + k)
@@ -385,16 +391,19 @@ class Pipeline:
                 if work is None:
                     return
                 kind, job, which = work
-                # Shards another planned epoch reads (soon) keep their pages.
-                in_use = {int(p) for j in self._jobs if j is not job and j.planned for p in j.visited}
+                # Shards another planned epoch reads (soon) keep their pages. By shard id: that epoch
+                # may have been planned on a newer store, whose positions differ.
+                in_use = {int(i) for j in self._jobs if j is not job and j.planned and j.store is not None
+                          for i in j.store.shard_ids[j.visited]}
+            store = job.store
             arrays, paths = [], []
             for j in which.tolist():
                 position = int(job.visited[j])
-                if kind == "drop" and position in in_use:
+                if kind == "drop" and int(store.shard_ids[position]) in in_use:
                     continue  # the next epoch reads it again soon
                 if kind == "ahead" and job.unmapped[j]:
                     continue  # the fillers are past it already
-                for name in self.store.fields:
+                for name in store.fields:
                     try:
                         arr = job.gather.open(name, j) if kind == "ahead" else job.gather.source(name, j)
                     except Exception:  # the filler that needs this shard reports the error, with its name
@@ -402,7 +411,7 @@ class Pipeline:
                         continue
                     if arr is not None:
                         arrays.append(arr)
-                    paths.append(self.store.path(position, name))
+                    paths.append(store.path(position, name))
             if kind == "ahead":
                 pager.read_ahead(arrays, paths)
             else:
@@ -411,13 +420,23 @@ class Pipeline:
                     job.unmap(which)  # after their pages were dropped: they unmap with the store's cache
 
 
-def _loader_error(exc: Exception, store: ShardStore, job: Job, batch: int) -> ShardstoreError:
+def _mapped_bytes(job: Job, field: str, j: int) -> int:
+    """Size of the file behind visited shard ``j``'s ``field`` when it was mapped (maps span whole files)."""
+    arr = job.gather.source(field, j)
+    mapping = file_map_of(arr) if arr is not None else None
+    if mapping is not None:
+        return len(mapping)
+    dtype, shape = job.gather.fields[field]  # unmapped since: the data's bytes, without the header
+    return int(job.gather.num_rows[j]) * dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+
+
+def _loader_error(exc: Exception, job: Job, batch: int) -> ShardstoreError:
     """A filler's error as the consumer sees it: shard errors as they are (they name the file)."""
     if isinstance(exc, ShardstoreError):
         return exc
     if isinstance(exc, SourceFault):  # SIGBUS caught: the file shrank under its map
         position = int(job.visited[exc.source])
-        error = shrunk_error(store.path(position, exc.field), store.shards[position].files[exc.field].bytes)
+        error = shrunk_error(job.store.path(position, exc.field), _mapped_bytes(job, exc.field, exc.source))
         error.__cause__ = exc
         return error
     error = ShardstoreError(f"loading batch {batch} of {job.key}: {type(exc).__name__}: {exc}")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from shardstore.dataset.cached import CachedTensorDataset
@@ -18,8 +18,8 @@ from shardstore.loader.pipeline import Pipeline
 from shardstore.loader.slots import chunk_batches, make_slots, ring_size
 from shardstore.loader.stats import WaitStats
 from shardstore.manifest.reader import ShardStore
+from shardstore.sampling.plan import RankPlan, whole_store_plan
 
-Plan = Callable[[], np.ndarray]
 _STOP_WAIT_S = 0.5
 
 
@@ -45,6 +45,28 @@ def _resolve_device(device: str | torch.device | None) -> torch.device | None:
         raise ConfigError(f"device {str(device)!r} asked for, but this torch build sees no CUDA device; "
                           "use device='cpu' or install a CUDA build of torch")
     return torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+
+
+@dataclass(frozen=True)
+class _Planner:
+    """Plans the epoch a key names, on a filler thread: ``(epoch, start_batch)`` is a dataset's part for
+    this rank, ``"all"`` a whole store in id order (the dataset's store as it is then).
+
+    It holds no reference to the loader: the threads hold it, and the loader's garbage collection is
+    what stops them.
+    """
+
+    source: RandomShardSubsetCachedDataset | CachedTensorDataset | ShardStore
+    batch_size: int
+    drop_last: bool
+
+    def __call__(self, key: Hashable) -> RankPlan:
+        source = self.source
+        if isinstance(source, RandomShardSubsetCachedDataset):
+            epoch, start_batch = key
+            return source.rank_plan(epoch, start_batch)
+        store = source.store if isinstance(source, CachedTensorDataset) else source
+        return whole_store_plan(store, self.batch_size, self.drop_last)
 
 
 class ShardLoader:
@@ -121,8 +143,9 @@ class ShardLoader:
         chunk = chunk_batches(store.fields, self.batch_size)
         slots = make_slots(store.fields, self.batch_size, ring_size(chunk, num_threads, prefetch),
                            pin_memory=self.pin_memory, cuda=self.device is not None)
-        self._pipeline = Pipeline(store, slots, chunk, num_threads=num_threads, device=self.device,
-                                  read_ahead_shards=read_ahead_shards, drop_pages=bool(drop_pages))
+        self._pipeline = Pipeline(store.fields, _Planner(dataset, self.batch_size, self.drop_last), slots, chunk,
+                                  num_threads=num_threads, device=self.device, read_ahead_shards=read_ahead_shards,
+                                  drop_pages=bool(drop_pages))
         self._finalizer = weakref.finalize(self, self._pipeline.close)
         self.stats = WaitStats()
         """Consumer wait times (see ``WaitStats``)."""
@@ -131,21 +154,18 @@ class ShardLoader:
 
     # -- what an iteration reads ----------------------------------------------------------------
 
-    def _current(self) -> tuple[Hashable, Plan, tuple[Hashable, Plan]]:
+    def _current(self) -> tuple[Hashable, Hashable]:
+        """The key of the epoch an iteration reads now, and of the one expected after it."""
         ds = self.dataset
         if isinstance(ds, RandomShardSubsetCachedDataset):
             epoch, start = ds.epoch, ds.start_batch
-            return ((epoch, start), lambda: ds.epoch_indices(epoch, start),
-                    ((epoch + 1, 0), lambda: ds.epoch_indices(epoch + 1, 0)))
-        total = self.store.num_samples
-        whole: Plan = lambda: np.arange(total, dtype=np.int64)  # noqa: E731
-        return ("all", whole, ("all", whole))
+            return (epoch, start), (epoch + 1, 0)
+        return "all", "all"
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        key, plan, following = self._current()
+        key, following = self._current()
         pipeline = self._pipeline
-        job, generation = pipeline.begin(key, plan, self.batch_size, self.drop_last,
-                                         following if self.prepare_next_epoch else None)
+        job, generation = pipeline.begin(key, following if self.prepare_next_epoch else None)
         completed = False
         with gil.switch_interval(self.gil_switch_interval_s):
             try:

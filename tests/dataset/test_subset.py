@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from shardstore import ConfigError, ManifestError, ShardStore, ShardWriter, build_manifest
+from shardstore import ConfigError, ManifestError, ShardStore, ShardstoreError, ShardWriter, build_manifest
 from shardstore.config.data import load_data_config
 from shardstore.dataset.cached import CachedTensorDataset
 from shardstore.dataset.subset import RandomShardSubsetCachedDataset
+from shardstore.sampling.plan import plan_epoch, rank_indices
 
 COUNTS = [16, 16, 9, 16, 16, 5, 16, 16, 12, 16]
 
@@ -43,6 +44,43 @@ def test_items_follow_the_plan(store: ShardStore) -> None:
     assert got == ds.indices().tolist()
     shards = set(ds.selected_shards)
     assert all(int(store.shard_ids[store.locate(np.array([g]))[0][0]]) in shards for g in got)
+
+
+@pytest.mark.parametrize("order", ["sequential", "interleave"])
+@pytest.mark.parametrize(("rank", "world_size"), [(0, 1), (1, 2), (2, 3)])
+def test_rank_plan_is_this_ranks_part_without_side_effects(store: ShardStore, order: str, rank: int,
+                                                           world_size: int) -> None:
+    ds = make(store, order=order, active_shards=3, rank=rank, world_size=world_size, k=6, batch_size=2)
+    ds.set_epoch(2)
+    current = ds.indices().copy()
+    plan = ds.rank_plan(5, 3)
+    # Independently of the plan: expand the epoch to global ids, then split them.
+    epoch = plan_epoch(np.diff(store.offsets), store.offsets, ds.spec, 5)
+    want = rank_indices(epoch, ds.world, 2, None, 3)
+    np.testing.assert_array_equal(plan.sample_ids, want)
+    np.testing.assert_array_equal(store.offsets[plan.visited[plan.source_index]] + plan.rows, want)
+    np.testing.assert_array_equal(ds.epoch_indices(5, 3), want)
+    assert plan.store is ds.store and (plan.epoch, plan.start_batch, plan.batch_size) == (5, 3, 2)
+    assert plan.num_batches == epoch.num_samples // (world_size * 2) - 3 == want.size // 2
+    # Nothing changed: the current epoch, its resume point and its items.
+    assert (ds.epoch, ds.start_batch) == (2, 0)
+    np.testing.assert_array_equal(ds.indices(), current)
+    assert [int(ds[i]["gid"]) for i in range(len(ds))] == current.tolist()
+    with pytest.raises(ShardstoreError, match="start batch 999 is past the epoch's"):
+        ds.rank_plan(5, 999)
+
+
+def test_rank_plan_from_another_thread(store: ShardStore) -> None:
+    """A loader's planning thread asks for the next epoch while the consumer reads this one."""
+    import threading
+
+    ds = make(store)
+    got: list = []
+    worker = threading.Thread(target=lambda: got.append(ds.rank_plan(1)))
+    worker.start()
+    worker.join()
+    np.testing.assert_array_equal(got[0].sample_ids, ds.epoch_indices(1))
+    assert ds.epoch == 0
 
 
 def test_cached_dataset_returns_owned_tensors(store: ShardStore) -> None:

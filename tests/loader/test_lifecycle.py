@@ -16,6 +16,7 @@ from shardstore import CorruptShardError, ShardStore
 from shardstore.dataset.subset import RandomShardSubsetCachedDataset
 from shardstore.loader import ShardLoader
 from shardstore.loader.pipeline import LoaderRestarted
+from shardstore.sampling.plan import RankPlan
 
 from .conftest import loader_threads, write_gid_cache
 
@@ -63,13 +64,13 @@ def test_keyboard_interrupt_in_the_loop_body_stops_the_threads(store: ShardStore
 def test_keyboard_interrupt_while_waiting_for_data(store: ShardStore) -> None:
     """Ctrl-C reaches a consumer blocked on a slow loader, and the threads stop."""
     ds = make(store)
-    slow_plan = ds.epoch_indices
+    slow_plan = ds.rank_plan
 
-    def epoch_indices(epoch: int, start_batch: int = 0) -> np.ndarray:
+    def rank_plan(epoch: int, start_batch: int = 0) -> RankPlan:
         time.sleep(3)  # a planning thread stuck on slow storage
         return slow_plan(epoch, start_batch)
 
-    ds.epoch_indices = epoch_indices
+    ds.rank_plan = rank_plan
     loader = ShardLoader(ds)
     timer = threading.Timer(0.3, _thread.interrupt_main)
     timer.start()

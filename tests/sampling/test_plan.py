@@ -13,7 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shardstore.sampling.order import ORDER_POLICIES
-from shardstore.sampling.plan import EpochPlan, EpochSpec, plan_epoch, rank_indices, steps_per_epoch
+from shardstore.sampling.plan import (EpochPlan, EpochSpec, RankPlan, plan_epoch, rank_indices, rank_plan,
+                                     steps_per_epoch, whole_store_plan)
 from shardstore.sampling.shards import SHARD_POLICIES
 from shardstore.sampling.world import World
 
@@ -157,6 +158,73 @@ def test_global_sequence_does_not_depend_on_world_size() -> None:
 
     assert global_sequence(4, 16) == global_sequence(2, 32) == global_sequence(1, 64)
     assert global_sequence(4, 16, start=5) == global_sequence(2, 32, start=5) == global_sequence(1, 64)[5 * 64 :]
+
+
+class FakeStore:
+    """What a plan reads of a store: its offsets (a plan only keeps a reference to the store)."""
+
+    def __init__(self, offsets: np.ndarray) -> None:
+        self.offsets = offsets
+
+
+def check_rank_plan(part: RankPlan, offsets: np.ndarray) -> None:
+    """What the loader relies on: shards in first-read order, rows inside them, spans that match, read-only."""
+    counts = np.diff(offsets)
+    assert np.array_equal(np.unique(part.source_index, return_index=True)[1], part.first_sample)
+    assert np.all(np.diff(part.first_sample) > 0)  # visited in the order first read
+    assert np.unique(part.visited).size == part.visited.size
+    assert np.all(part.rows >= 0) and np.all(part.rows < counts[part.visited][part.source_index])
+    for t in range(part.visited.size):
+        assert np.flatnonzero(part.source_index == t)[-1] == part.last_sample[t]
+    for arr in (part.visited, part.source_index, part.rows, part.first_sample, part.last_sample, part.sample_ids):
+        assert not arr.flags.writeable
+        with pytest.raises(ValueError):
+            arr.flags.writeable = True
+
+
+@pytest.mark.parametrize(("shard_policy", "order"), POLICIES)
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_rank_plan_reads_the_rank_indices(shard_policy: str, order: str, world_size: int) -> None:
+    """Without expanding global ids, a rank's plan names the same samples, in the same order, as ``rank_indices``."""
+    c, offs = cache(UNEVEN)
+    store = FakeStore(offs)
+    for epoch in range(3):
+        plan = plan_epoch(c, offs, EpochSpec(6, 11, shard_policy, order, 3), epoch)
+        rank_plan(plan, store, World(world_size - 1, world_size), 16, None, 1)
+        assert "order" not in plan.__dict__  # planning a rank's part did not expand the epoch's global ids
+        for rank in range(world_size):
+            world = World(rank, world_size)
+            for batch, cap, start in [(16, None, 0), (16, None, 5), (7, 30, 0), (7, 30, 29), (32, 3, 3)]:
+                part = rank_plan(plan, store, world, batch, cap, start)
+                want = rank_indices(plan, world, batch, cap, start)
+                np.testing.assert_array_equal(part.sample_ids, want)
+                np.testing.assert_array_equal(offs[part.visited][part.source_index] + part.rows, want)
+                assert (part.epoch, part.start_batch, part.batch_size, part.store) == (epoch, start, batch, store)
+                assert part.num_batches * batch == part.num_samples == want.size
+                check_rank_plan(part, offs)
+
+
+def test_rank_plan_past_the_epoch_is_an_error() -> None:
+    c, offs = cache(UNEVEN)
+    plan = plan_epoch(c, offs, EpochSpec(3, 1), 0)
+    steps = steps_per_epoch(plan.num_samples, 1, 16, None)
+    assert rank_plan(plan, FakeStore(offs), World(), 16, None, steps).num_samples == 0
+    with pytest.raises(ValueError, match=f"start batch {steps + 1} is past the epoch's {steps} batches"):
+        rank_plan(plan, FakeStore(offs), World(), 16, None, steps + 1)
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_whole_store_plan_reads_every_sample_in_id_order(drop_last: bool) -> None:
+    c, offs = cache(UNEVEN)
+    store = FakeStore(offs)
+    total = int(offs[-1])
+    part = whole_store_plan(store, 10, drop_last)
+    n = total - total % 10 if drop_last else total
+    np.testing.assert_array_equal(part.sample_ids, np.arange(n))
+    assert part.num_batches == (total // 10 if drop_last else -(-total // 10))
+    used = [p for p in range(c.size) if c[p] and offs[p] < n]  # empty shards, and those past the cut, are not visited
+    assert part.visited.tolist() == used
+    check_rank_plan(part, offs)
 
 
 @pytest.mark.parametrize(
