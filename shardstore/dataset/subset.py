@@ -12,8 +12,9 @@ from torch.utils.data import Dataset
 from shardstore.config.data import DataConfig, load_data_config
 from shardstore.dataset.cached import CachedTensorDataset
 from shardstore.errors import ConfigError, ShardstoreError
-from shardstore.manifest.reader import ShardStore
+from shardstore.store.reader import ShardStore
 from shardstore.sampling.plan import EpochPlan, EpochSpec, RankPlan, plan_epoch, rank_plan, steps_per_epoch
+from shardstore.sampling.shards import PERMUTATION_SCHEDULE
 from shardstore.sampling.state import SamplerState
 from shardstore.sampling.world import World
 
@@ -56,9 +57,17 @@ class RandomShardSubsetCachedDataset(Dataset):
         max_steps_per_epoch: int | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        refresh_manifest: bool = False,
+        held_out_ids: np.ndarray | list[int] | None = None,
     ) -> None:
         self.base = base if isinstance(base, CachedTensorDataset) else CachedTensorDataset(base)
         self.store = self.base.store
+        #: re-read the manifest at every ``set_epoch``: shards added to the cache join from that epoch on
+        self.refresh_manifest = bool(refresh_manifest)
+        #: shard ids that never join (a run's evaluation shards), whatever the manifest lists
+        self.held_out_ids = np.unique(np.asarray(held_out_ids if held_out_ids is not None else [], dtype=np.int64))
+        #: bumped whenever ``store`` is replaced: a loader's job planned on another store is not reused
+        self.store_version = 0
         try:
             self.spec = EpochSpec(shards_per_epoch, seed, policy, order, active_shards)
             if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -73,12 +82,14 @@ class RandomShardSubsetCachedDataset(Dataset):
         self._counts = (self.store, np.diff(self.store.offsets))  # the store's shard sizes, and which store
         # (epoch, start_batch) in shared memory: DataLoader workers read it at every item,
         # so a set_epoch in the main process reaches persistent workers too.
-        self._shared = torch.zeros(2, dtype=torch.int64).share_memory_()
+        self._shared = torch.zeros(3, dtype=torch.int64).share_memory_()  # epoch, start_batch, manifest generation
         self._cell = self._shared.numpy()  # a NumPy view of it: cheap to read on every item
         self._key: tuple[int, int] | None = None
         self._plan: EpochPlan | None = None
         self._rank_plan: RankPlan | None = None
-        self.set_epoch(0)
+        self._plan_id: tuple[ShardStore, str] | None = None
+        self._cell[2] = self.store.generation
+        self._cell[0] = self._cell[1] = 0
 
     @classmethod
     def from_data_config(cls, config: DataConfig | str | os.PathLike[str], **kwargs: Any) -> RandomShardSubsetCachedDataset:
@@ -86,6 +97,7 @@ class RandomShardSubsetCachedDataset(Dataset):
         if not isinstance(config, DataConfig):
             config = load_data_config(config)
         store = ShardStore.open(config.cache_root)
+        kwargs.setdefault("refresh_manifest", config.refresh_manifest)
         return cls(store, config.shards_per_epoch, config.random_subset_seed, config.shard_policy,
                    order=config.sample_order, active_shards=config.active_shards, **kwargs)
 
@@ -100,17 +112,39 @@ class RandomShardSubsetCachedDataset(Dataset):
     def epoch(self) -> int:
         return int(self._cell[0])
 
-    def set_epoch(self, epoch: int, *, start_batch: int = 0) -> None:
-        """Make ``epoch`` current, from global batch ``start_batch`` (0 unless resuming).
+    def set_epoch(self, epoch: int, *, start_batch: int = 0, generation: int | None = None) -> list[int]:
+        """Make ``epoch`` current, from global batch ``start_batch`` (0 unless resuming); return its shard ids.
 
-        Cheap: the epoch is planned when first read (a ``ShardLoader`` has usually planned it
-        already, in a background thread, while the previous epoch drained).
+        With ``refresh_manifest`` a new epoch (``start_batch`` 0) first re-reads the manifest:
+        shards added since join from this epoch on, and the epoch's plan is a function of the
+        seed, the epoch and that snapshot (its generation is in ``state_dict()``). Ranks of one
+        run must plan on the same snapshot: pass the ``generation`` rank 0 saw (a rank that sees
+        an older manifest is an error, never a silently different epoch).
         """
         for name, value in (("epoch", epoch), ("start_batch", start_batch)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
                 raise ShardstoreError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.refresh_manifest and start_batch == 0:
+            self.use_store(self.store.refreshed(exclude_ids=self.held_out_ids, generation=generation))
         self._cell[0] = epoch
         self._cell[1] = start_batch
+        return self.selected_shards
+
+    def use_store(self, store: ShardStore) -> None:
+        """Read from ``store`` from the next epoch planned on (a refreshed snapshot of the same cache)."""
+        if store is self.store:
+            return
+        self.store = store
+        self.base = CachedTensorDataset(store)
+        self.store_version += 1
+        self._cell[2] = store.generation
+
+    def _follow_main_process(self) -> None:
+        """In a DataLoader worker: take the snapshot the main process moved to (its generation is shared)."""
+        wanted = int(self._cell[2])
+        if self.refresh_manifest and wanted != self.store.generation:
+            self.store = self.store.refreshed(exclude_ids=self.held_out_ids, generation=wanted)
+            self.base = CachedTensorDataset(self.store)
 
     def __getstate__(self) -> dict[str, Any]:
         # A spawned worker gets the shared tensor by handle; a pickled NumPy view would be a private copy.
@@ -143,6 +177,27 @@ class RandomShardSubsetCachedDataset(Dataset):
         except ValueError as exc:
             raise ShardstoreError(str(exc)) from None
 
+    def _resume_store(self, saved: SamplerState) -> None:
+        """Use the snapshot the saved epoch was planned on: this store, or (refreshing) its generation's shards."""
+        if not saved.plan_id:  # a state from before plan ids: the manifest must be the very same
+            if saved.snapshot_id != self.store.snapshot_id:
+                raise ConfigError(f"the saved sampler state was taken on manifest snapshot {saved.snapshot_id}, this "
+                                  f"cache is {self.store.snapshot_id}; the epoch order would differ. Resume on the "
+                                  "same manifest")
+            return
+        if saved.plan_id == self.plan_id:
+            return
+        if self.refresh_manifest:
+            then = self.store.refreshed(exclude_ids=self.held_out_ids, generation=saved.generation)
+            if then.manifest.plan_id() == saved.plan_id:
+                self.use_store(then)
+                return
+        raise ConfigError(
+            f"the saved sampler state was planned on other shards (manifest generation {saved.generation}, shard "
+            f"list {saved.plan_id}; this cache's is {self.plan_id}), so its epoch order would differ; resume on the "
+            "same manifest" + ("" if self.refresh_manifest else
+                               ", or with refresh_manifest if the cache only gained shards since"))
+
     def _too_small(self, plan: EpochPlan) -> ConfigError:
         """An epoch with fewer samples than one global batch would have 0 steps: an error, not a silent no-op."""
         per_step = f"batch_size {self.batch_size}"
@@ -168,6 +223,7 @@ class RandomShardSubsetCachedDataset(Dataset):
         return self.rank_plan(epoch, start_batch).sample_ids
 
     def _sync(self) -> RankPlan:
+        self._follow_main_process()
         key = (int(self._cell[0]), int(self._cell[1]))
         if key != self._key or self._rank_plan is None or self._rank_plan.store is not self.store:
             self._plan, self._rank_plan = self._plans(*key)
@@ -221,7 +277,17 @@ class RandomShardSubsetCachedDataset(Dataset):
             order=self.spec.order,
             active_shards=self.spec.active_shards,
             snapshot_id=self.store.snapshot_id,
+            plan_id=self.plan_id,
+            generation=self.store.generation,
+            schedule=PERMUTATION_SCHEDULE,
         ).to_dict()
+
+    @property
+    def plan_id(self) -> str:
+        """Hash of what the current store gives an epoch plan: its shard ids and sample counts."""
+        if self._plan_id is None or self._plan_id[0] is not self.store:
+            self._plan_id = (self.store, self.store.manifest.plan_id())
+        return self._plan_id[1]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where ``state`` was taken: the same epoch, from the next global batch, in O(1).
@@ -239,11 +305,11 @@ class RandomShardSubsetCachedDataset(Dataset):
                     f"the saved sampler state has {key}={getattr(saved, key)!r} but this dataset has {value!r}; "
                     "resume with the same settings (global batch = world_size x batch_size)"
                 )
-        if saved.snapshot_id != self.store.snapshot_id:
-            raise ConfigError(
-                f"the saved sampler state was taken on manifest snapshot {saved.snapshot_id}, this cache is "
-                f"{self.store.snapshot_id}; the epoch order would differ. Resume on the same manifest"
-            )
+        if saved.shard_policy == "permutation" and saved.schedule != PERMUTATION_SCHEDULE:
+            raise ConfigError(f"the saved sampler state walks the permutation schedule {saved.schedule}, this "
+                              f"version walks schedule {PERMUTATION_SCHEDULE}; its epoch cannot be continued: resume "
+                              "from an end-of-epoch checkpoint")
+        self._resume_store(saved)
         if saved.samples_consumed % saved.global_batch:
             raise ConfigError(f"samples_consumed {saved.samples_consumed} is not a whole number of global batches")
         self.set_epoch(saved.epoch, start_batch=saved.samples_consumed // saved.global_batch)

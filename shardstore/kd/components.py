@@ -154,7 +154,8 @@ def build_data(cfg: RunConfig, info: DistInfo, *, held_out_ids: list[int] | None
     if eval_store is not None:
         eval_store = eval_store.select([f for f in needed if f in eval_store.fields])
     store = store.select(needed)
-    return Data(train_dataset(cfg, store, info), eval_store, held_ids, spec, eval_has_targets, fmt)
+    return Data(train_dataset(cfg, store, info, held_out_ids=held_ids), eval_store, held_ids, spec, eval_has_targets,
+                fmt)
 
 
 def check_networks(cfg: RunConfig, fmt: ImageFormat) -> None:
@@ -164,13 +165,18 @@ def check_networks(cfg: RunConfig, fmt: ImageFormat) -> None:
         check_channels(fmt, cfg.model.teacher, "teacher", cfg.data)
 
 
-def train_dataset(cfg: RunConfig, store: ShardStore, info: DistInfo) -> RandomShardSubsetCachedDataset:
-    """The shard-epoch dataset over ``store`` with the run's epoch settings (this rank's part of each epoch)."""
+def train_dataset(cfg: RunConfig, store: ShardStore, info: DistInfo, *,
+                  held_out_ids: list[int] | None = None) -> RandomShardSubsetCachedDataset:
+    """The shard-epoch dataset over ``store`` with the run's epoch settings (this rank's part of each epoch).
+
+    With ``data.refresh_manifest`` it re-reads the manifest at each epoch; the held-out shards never join.
+    """
     d = cfg.data
     return RandomShardSubsetCachedDataset(
         store, d.shards_per_epoch, d.random_subset_seed, d.shard_policy, order=d.sample_order,
         active_shards=d.active_shards, batch_size=cfg.train.batch_size,
-        max_steps_per_epoch=cfg.train.max_steps_per_epoch, rank=info.rank, world_size=info.world_size)
+        max_steps_per_epoch=cfg.train.max_steps_per_epoch, rank=info.rank, world_size=info.world_size,
+        refresh_manifest=d.refresh_manifest, held_out_ids=held_out_ids)
 
 
 def missing_shards(store: ShardStore, shard_ids: np.ndarray) -> list[int]:

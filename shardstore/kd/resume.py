@@ -76,9 +76,11 @@ def epoch_store(store: ShardStore, state: dict[str, Any], *, ckpt: CheckpointMan
             if missing:
                 raise _cannot_continue(ckpt, source, epoch, f"its shard {missing[0]} is no longer in the cache")
             store = restrict_to_shards(store, recorded)
-    saved, now = state["sampler"].get("snapshot_id"), store.snapshot_id
-    if saved != now:
-        raise _cannot_continue(ckpt, source, epoch, f"the cache changed under it (manifest snapshot {saved} -> {now})")
+    saved = state["sampler"].get("plan_id") or ""
+    now = store.manifest.plan_id()
+    if saved != now:  # "" : a checkpoint from before plan ids, whose snapshot ids are computed differently
+        raise _cannot_continue(ckpt, source, epoch, f"the cache changed under it (shard list {saved or 'unknown'} "
+                                                    f"-> {now})")
     return store
 
 

@@ -71,7 +71,7 @@ class RunState:
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         # The split is part of the run: the held-out shards, and the training shards this epoch draws from.
-        split = split_record(self.data.held_out_ids, self.active.store)
+        split = split_record(self.data.held_out_ids, self.active.dataset.store)
         tally = None if epoch_complete else self.tally.state_dict(time.perf_counter() - self.epoch_started)
         return {
             "student": self.student.state_dict(), "criterion": self.criterion.state_dict(),
@@ -134,7 +134,9 @@ class RunState:
         """
         store = epoch_store(self.data.train.store, state, ckpt=self.ckpt, source=self.resume_path or Path())
         if store is not self.data.train.store:
-            self.resume_loader = self._make_loader(train_dataset(self.cfg, store, self.info), prepare_next_epoch=False)
+            self.resume_loader = self._make_loader(train_dataset(self.cfg, store, self.info,
+                                                                 held_out_ids=self.data.held_out_ids),
+                                                   prepare_next_epoch=False)
             self.active = self.resume_loader
         self.active.load_state_dict(state["sampler"])  # continue at the exact next batch
         self.tally = EpochTally.from_state(state.get("tally"), self.device)

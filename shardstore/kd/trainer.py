@@ -39,6 +39,7 @@ from shardstore.kd.schedule import scaled_lr, warmup_cosine
 from shardstore.kd.threads import configure_threads
 from shardstore.loader import ShardLoader
 from shardstore.store.atomic import write_bytes_atomic
+from shardstore.store.reader import load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,16 @@ class _Run(RunState):
         if note is not None and self.info.is_main:
             note(line)
 
+    def _manifest_generation(self) -> int | None:
+        """With ``refresh_manifest`` on several ranks: the manifest generation rank 0 sees, so every rank plans the
+        epoch on the same snapshot (None: one rank, or no refresh, each reads what it sees)."""
+        if not self.cfg.data.refresh_manifest or self.info.world_size == 1:
+            return None
+        generation = None
+        if self.info.is_main:
+            generation = load_manifest(self.loader.dataset.store.root).generation
+        return int(distributed.broadcast_object(generation, self.info))  # type: ignore[arg-type]
+
     def _make_loader(self, dataset: Any, *, prepare_next_epoch: bool = True) -> ShardLoader:
         return ShardLoader(dataset, device=self.device if self.device.type == "cuda" else None,
                            prepare_next_epoch=prepare_next_epoch, **self.cfg.data.loader_kwargs())
@@ -194,7 +205,7 @@ class _Run(RunState):
             for epoch in range(start_epoch, t.epochs):
                 if not mid_epoch:
                     self.active = self.loader
-                    self.loader.set_epoch(epoch)
+                    self.loader.set_epoch(epoch, generation=self._manifest_generation())
                     self.tally = EpochTally()
                 mid_epoch = False
                 self.reporter.epoch_start(epoch, t.epochs, self.active.dataset.selected_shards, len(self.active))

@@ -63,7 +63,7 @@ class _Planner:
     def __call__(self, key: Hashable) -> RankPlan:
         source = self.source
         if isinstance(source, RandomShardSubsetCachedDataset):
-            epoch, start_batch = key
+            epoch, start_batch, _ = key
             return source.rank_plan(epoch, start_batch)
         store = source.store if isinstance(source, CachedTensorDataset) else source
         return whole_store_plan(store, self.batch_size, self.drop_last)
@@ -158,8 +158,10 @@ class ShardLoader:
         """The key of the epoch an iteration reads now, and of the one expected after it."""
         ds = self.dataset
         if isinstance(ds, RandomShardSubsetCachedDataset):
-            epoch, start = ds.epoch, ds.start_batch
-            return (epoch, start), (epoch + 1, 0)
+            # The store's version is part of the key: a next epoch prepared before set_epoch moved the
+            # dataset to a newer manifest snapshot (refresh_manifest) is planned again, not reused.
+            epoch, start, version = ds.epoch, ds.start_batch, ds.store_version
+            return (epoch, start, version), (epoch + 1, 0, version)
         return "all", "all"
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -207,9 +209,12 @@ class ShardLoader:
                               f"{type(self.dataset).__name__} whole, in one fixed order")
         return self.dataset
 
-    def set_epoch(self, epoch: int) -> None:
-        """Make ``epoch`` the dataset's current epoch (its first batches are usually ready already)."""
-        self._subset("set_epoch").set_epoch(epoch)
+    def set_epoch(self, epoch: int, *, generation: int | None = None) -> list[int]:
+        """Make ``epoch`` the dataset's current epoch (its first batches are usually ready already); its shard ids.
+
+        ``generation``: see ``RandomShardSubsetCachedDataset.set_epoch`` (``refresh_manifest``).
+        """
+        return self._subset("set_epoch").set_epoch(epoch, generation=generation)
 
     @property
     def epoch(self) -> int:
@@ -229,7 +234,7 @@ class ShardLoader:
     def state_dict(self) -> dict[str, Any]:
         """The dataset's resumable state after the batches this loader handed out in the current epoch."""
         ds = self._subset("state_dict")
-        steps = self._steps_done if self._steps_key == (ds.epoch, ds.start_batch) else 0
+        steps = self._steps_done if self._steps_key == (ds.epoch, ds.start_batch, ds.store_version) else 0
         return ds.state_dict(steps_done=steps)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

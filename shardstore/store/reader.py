@@ -225,8 +225,13 @@ class ShardStore:
         with a format-3 manifest: a header, a mapped table and a few vectorized passes.
         """
         manifest = read_manifest(self.root)
-        if (generation is None and manifest.source is not None and manifest.source == self.manifest.source):
+        if manifest.source is not None and manifest.source == self.manifest.source and generation in (
+                None, manifest.generation):
             return self
+        if generation is not None and manifest.generation < generation:
+            raise ManifestError(f"{manifest_path(self.root)} is at generation {manifest.generation}, but generation "
+                                f"{generation} was asked for (another rank or process saw a newer manifest): the file "
+                                "system has not shown this process the new manifest yet")
         fields = self.manifest.fields
         for name, spec in fields.items():
             new = manifest.fields.get(name)

@@ -145,8 +145,11 @@ def test_state_from_other_settings_or_manifest_is_refused(store: ShardStore) -> 
     state = make(store).state_dict(steps_done=1)
     with pytest.raises(ConfigError, match="seed=3 but this dataset has 4"):
         make(store, seed=4).load_state_dict(state)
-    with pytest.raises(ConfigError, match="manifest snapshot"):
-        make(store).load_state_dict({**state, "snapshot_id": "0" * 16})
+    with pytest.raises(ConfigError, match="planned on other shards"):
+        make(store).load_state_dict({**state, "plan_id": "0" * 16})
+    with pytest.raises(ConfigError, match="manifest snapshot"):  # a state saved before plan ids existed
+        make(store).load_state_dict({**state, "plan_id": "", "snapshot_id": "0" * 16})
+    make(store).load_state_dict({**state, "snapshot_id": "0" * 16})  # a touched file (new snapshot) keeps the plan
     with pytest.raises(ValueError, match="not a sampler state"):
         make(store).load_state_dict({"epoch": 1})
 
