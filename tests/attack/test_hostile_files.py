@@ -2,8 +2,8 @@
 integer, a NUL byte in a path, negative offsets, a shard id of 2^64 or a ``..`` path makes every reading command
 exit 2 with one line, and ``build-manifest`` recovers; values tampered within range are never used to read the
 wrong bytes. Format 2 (all JSON, still read) is attacked through its shard entries, format 3 through its header
-and its table's columns. Hostile ``.npy`` files (text, empty, pickled objects, cut headers, Fortran order, other byte orders
-and dtypes) are left out of the manifest with one precise line each, never loaded, never advised around."""
+and its table's columns. Hostile ``.npy`` files (text, empty, pickled objects, cut headers, Fortran order, other
+byte orders and dtypes) are left out of the manifest with one precise line each, never loaded, never advised around."""
 
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ TAMPERED_TABLE: dict[str, Callable[[Path], None]] = {
 
 def hostile_copy(pristine: Path, tmp_path: Path, edit: Callable[[str], str] | None = None,
                  table_edit: Callable[[Path], None] | None = None) -> Path:
-    """A copy of the pristine cache whose manifest is format 2 edited by ``edit``, or format 3 edited by ``table_edit``."""
+    """A copy of the pristine cache: its manifest as format 2 edited by ``edit``, or format 3 by ``table_edit``."""
     root = tmp_path / "cache"
     shutil.copytree(pristine, root)
     outside = tmp_path / "outside"

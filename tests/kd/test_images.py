@@ -17,6 +17,7 @@ from shardstore.errors import ConfigError, ManifestError
 from shardstore.kd.augment import apply_views, center_views
 from shardstore.kd.images import ImageFormat, check_labels, image_format
 from shardstore.manifest.reader import ShardStore
+from tests.manifest.synthetic import column, replace_column
 
 
 def flat(root: Path, images: np.ndarray, labels: np.ndarray, shard_size: int = 4) -> ShardStore:
@@ -83,7 +84,9 @@ def test_build_manifest_records_each_label_files_range(tmp_path: Path) -> None:
     store = flat(tmp_path, np.zeros((12, 3, 4, 4), np.uint8), labels)
     assert [s.files["labels"].value_range for s in store.shards] == [(0, 3), (4, 7), (8, 9)]
     assert all(s.files["images"].value_range is None for s in store.shards)  # images: not labels, never read
-    doc = json.loads((tmp_path / "manifest.json").read_text())
+    assert column(tmp_path, "labels.min").tolist() == [0, 4, 8] and column(tmp_path, "labels.max").tolist() == [3, 7, 9]
+    assert "images.min" not in store.manifest.columns
+    doc = json.loads(store.manifest.to_json())  # the same range in a format-2 document
     assert doc["shards"][1]["files"]["labels"] | {"mtime_ns": 0} == {
         "path": "labels_000001.npy", "bytes": 160, "mtime_ns": 0, "data_offset": 128, "checksum": None,
         "min": 4, "max": 7}
@@ -107,12 +110,18 @@ def test_a_manifest_without_ranges_still_has_its_labels_checked(tmp_path: Path,
     assert [s.files["labels"].value_range for s in store.shards] == [None, None]
     with pytest.raises(ConfigError, match=r"go up to 12 \(shard 1\)"):
         check_labels(store, ImageFormat(), 10)  # the label files are read instead
-    # a manifest written before ranges were recorded: no min/max keys at all
+    # a format-3 table whose ranges say "not recorded" (min above max)
     monkeypatch.undo()
     build_manifest(tmp_path)
-    doc = json.loads((tmp_path / "manifest.json").read_text())
+    replace_column(tmp_path, "labels.min", np.array([1, 1], np.int64))
+    replace_column(tmp_path, "labels.max", np.array([0, 0], np.int64))
+    assert [s.files["labels"].value_range for s in ShardStore.open(tmp_path).shards] == [None, None]
+    with pytest.raises(ConfigError, match=r"go up to 12 \(shard 1\)"):
+        check_labels(ShardStore.open(tmp_path), ImageFormat(), 10)
+    # a format-2 manifest written before ranges were recorded: no min/max keys at all
+    doc = json.loads(build_manifest(tmp_path).manifest.to_json())
     for shard in doc["shards"]:
-        shard["files"]["labels"].pop("min"), shard["files"]["labels"].pop("max")
+        shard["files"]["labels"].pop("min", None), shard["files"]["labels"].pop("max", None)
     (tmp_path / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(ConfigError, match=r"go up to 12 \(shard 1\)"):
         check_labels(ShardStore.open(tmp_path), ImageFormat(), 10)
@@ -133,8 +142,8 @@ def test_minus_one_marks_an_unlabeled_sample_and_is_accepted(tmp_path: Path) -> 
     ({"max": 3}, r"labels_000000.npy: min None is not an integer"),
 ])
 def test_a_tampered_range_is_one_line(tmp_path: Path, edit: dict, message: str) -> None:
-    flat(tmp_path, np.zeros((4, 3, 4, 4), np.uint8), np.arange(4))
-    doc = json.loads((tmp_path / "manifest.json").read_text())
+    store = flat(tmp_path, np.zeros((4, 3, 4, 4), np.uint8), np.arange(4))
+    doc = json.loads(store.manifest.to_json())  # format 2: the range as JSON values
     entry = doc["shards"][0]["files"]["labels"]
     entry.pop("min"), entry.pop("max")
     entry.update(edit)

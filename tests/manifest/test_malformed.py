@@ -244,7 +244,8 @@ def _object_column() -> np.ndarray:
 
 # (column, its new content from the built one, what the one line says)
 COLUMN_CASES = {
-    "negative rows": ("samples", lambda c: np.array([-5, 4, 2], np.int64), r"a shard has a negative sample count \(-5\)"),
+    "negative rows": ("samples", lambda c: np.array([-5, 4, 2], np.int64),
+                      r"a shard has a negative sample count \(-5\)"),
     "rows changed": ("samples", lambda c: np.array([4, 4, 3], np.int64),
                      r"the table's shards hold 11 samples, the header says 10"),
     "shard listed twice": ("id", lambda c: np.array([0, 0, 2], np.int64),
@@ -254,7 +255,8 @@ COLUMN_CASES = {
     "wrong dtype": ("id", lambda c: c.astype(np.int32), r"id\.npy holds int32\[3\], the header promises int64\[3\]"),
     "short column": ("labels.offset", lambda c: c[:2],
                      r"labels\.offset\.npy holds uint32\[2\], the header promises uint32\[3\]"),
-    "2-d column": ("samples", lambda c: c[:, None], r"samples\.npy holds int64\[3, 1\], the header promises int64\[3\]"),
+    "2-d column": ("samples", lambda c: c[:, None],
+                   r"samples\.npy holds int64\[3, 1\], the header promises int64\[3\]"),
     "pickled column": ("samples", lambda c: pickle.dumps([4, 4, 2]), r"samples\.npy is not a plain \.npy array"),
     "object column": ("samples", lambda c: _object_column(), r"samples\.npy is not a plain \.npy array"),
     "not npy": ("images.mtime_ns", lambda c: b"hello", r"images\.mtime_ns\.npy is not a plain \.npy array"),

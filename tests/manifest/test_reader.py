@@ -65,7 +65,8 @@ def test_changed_size_is_named_at_first_use_and_by_check_all(native_cache: Path)
     with pytest.raises(CorruptShardError, match=message):
         store.field(0, "labels")
     assert re.search(message, _first_batch_error(ShardStore.open(native_cache)))
-    with pytest.raises(ManifestError, match=r"labels.npy: changed size since the manifest was built \(160 -> 168 bytes\)"):
+    with pytest.raises(ManifestError,
+                       match=r"labels.npy: changed size since the manifest was built \(160 -> 168 bytes\)"):
         ShardStore.open(native_cache, check="all")
 
 
