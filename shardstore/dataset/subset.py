@@ -79,7 +79,6 @@ class RandomShardSubsetCachedDataset(Dataset):
             raise ConfigError(str(exc)) from None
         self.batch_size = batch_size
         self.max_steps_per_epoch = max_steps_per_epoch
-        self._counts = (self.store, np.diff(self.store.offsets))  # the store's shard sizes, and which store
         # (epoch, start_batch) in shared memory: DataLoader workers read it at every item,
         # so a set_epoch in the main process reaches persistent workers too.
         self._shared = torch.zeros(3, dtype=torch.int64).share_memory_()  # epoch, start_batch, manifest generation
@@ -163,9 +162,7 @@ class RandomShardSubsetCachedDataset(Dataset):
 
     def _plans(self, epoch: int, start_batch: int) -> tuple[EpochPlan, RankPlan]:
         store = self.store
-        counted, counts = self._counts
-        if counted is not store:  # a store other than the one counted (kept as it is: planning changes nothing)
-            counts = np.diff(store.offsets)
+        counts = store.counts  # the manifest's column: nothing per shard is computed or copied
         try:
             plan = plan_epoch(counts, store.offsets, self.spec, epoch)
         except ValueError as exc:
@@ -228,8 +225,6 @@ class RandomShardSubsetCachedDataset(Dataset):
         if key != self._key or self._rank_plan is None or self._rank_plan.store is not self.store:
             self._plan, self._rank_plan = self._plans(*key)
             self._key = key
-            if self._counts[0] is not self._rank_plan.store:
-                self._counts = (self._rank_plan.store, np.diff(self._rank_plan.store.offsets))
         return self._rank_plan
 
     @property

@@ -185,7 +185,7 @@ def rank_plan(plan: EpochPlan, store: ShardStore, world: World, batch_size: int,
 
 def whole_store_plan(store: ShardStore, batch_size: int, drop_last: bool) -> RankPlan:
     """Every sample of ``store`` in id order, one rank: shards front to back (a short last batch unless ``drop_last``)."""
-    counts = np.diff(store.offsets)
+    counts = np.asarray(store.counts)
     full, rest = divmod(int(store.offsets[-1]), batch_size)
     num_samples = full * batch_size if drop_last else full * batch_size + rest
     parts = kernels.rank_rows(counts, None, 0, 1, batch_size, 0, num_samples)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import numpy.random  # noqa: F401  (NumPy loads it lazily: at import, not in a fresh process's first epoch plan)
 
 # One stream per random decision, so changing one policy never shifts another's draws.
 CHOOSE_SHARDS = 1
