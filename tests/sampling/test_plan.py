@@ -161,10 +161,11 @@ def test_global_sequence_does_not_depend_on_world_size() -> None:
 
 
 class FakeStore:
-    """What a plan reads of a store: its offsets (a plan only keeps a reference to the store)."""
+    """What a plan reads of a store: its offsets and counts (a plan only keeps a reference to the store)."""
 
     def __init__(self, offsets: np.ndarray) -> None:
         self.offsets = offsets
+        self.counts = np.diff(offsets)
 
 
 def check_rank_plan(part: RankPlan, offsets: np.ndarray) -> None:
