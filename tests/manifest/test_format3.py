@@ -222,11 +222,11 @@ def test_a_build_killed_at_random_moments_leaves_the_old_or_the_new_snapshot(tmp
         np.testing.assert_array_equal(store.sample(store.num_samples - 1)["labels"],
                                       sample_arrays(1, start=4 * opened[-1] + 3)["labels"][0])
         temporaries = temporary_tables(root)
-        if code == 0:  # a build that ran to its end removed what killed builds left
-            assert not set(temporaries.values()) & (killed_pids - {child.pid}), temporaries
+        if code == 0:  # a build that ran to its end removed what killed builds left, and tables older than two
+            assert not set(temporaries.values()) & killed_pids, temporaries
+            assert len(table_dirs(root)) <= 2, table_dirs(root)
         temporaries_seen += child.pid in temporaries.values()
         orphans_seen += len(set(table_dirs(root)) - tables_before - {table_dir(root).name})
-        assert len(table_dirs(root)) <= 2 + orphans_seen
 
     assert kills >= KILLS, f"only {kills} kills landed in {attempts} builds"
     assert temporaries_seen >= 1, "no kill landed while a table was being written"
