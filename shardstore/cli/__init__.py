@@ -93,7 +93,7 @@ def print_summary(root: Path, manifest: Manifest) -> None:
     n = manifest.num_shards
     table = Table(title=f"cache {root}", show_header=False, title_justify="left")
     if manifest.format_version >= 3:
-        where = f", {manifest.source[1]}" if manifest.source else ""
+        where = manifest.source[1] if manifest.source else ""
         table.add_row("format", f"{manifest.format_version} (JSON header + columnar table in manifest.d/{where}), "
                                 f"generation {manifest.generation}")
     else:

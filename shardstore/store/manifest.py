@@ -254,6 +254,8 @@ class Manifest:
 
     def has(self, field: str) -> np.ndarray:
         """Bool per position: whether the shard has ``field`` (a group field may be missing)."""
+        if field not in self.fields:
+            raise KeyError(f"no field {field!r}; the cache has {sorted(self.fields)}")
         return self.columns[f"{field}.offset"] != 0
 
     def positions_with(self, fields: list[str] | tuple[str, ...]) -> np.ndarray:

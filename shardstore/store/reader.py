@@ -291,6 +291,10 @@ class ShardStore:
         if not 0 <= position < m.num_shards:
             raise IndexError(f"shard position {position} is out of range [0, {m.num_shards})")
         offset = int(m.columns[f"{field}.offset"][position])
+        if offset == 0 and spec.group is None:
+            raise ManifestError(f"{manifest_path(self.root)}: shard {int(m.ids[position])} has no {field!r} file in "
+                                "the table, a field every shard has (the table is damaged); rebuild it with "
+                                f"`shardstore build-manifest {self.root}`")
         if offset == 0:
             raise KeyError(f"shard {int(m.ids[position])} has no {field!r} (its group {spec.group!r} was not written "
                            "for it); fill it, or read the shards that have it: "

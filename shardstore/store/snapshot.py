@@ -31,11 +31,12 @@ from shardstore.store.manifest import (
     RANGE_COLUMNS, FieldSpec, Manifest, label_like,
 )
 from shardstore.store.manifest_json import (
-    LEGACY_VERSION, checked, fields_json, left_out_json, load_document, parse_header, parse_legacy,
+    LEGACY_VERSION, checked, fields_json, left_out_json, load_document, parse_header, parse_legacy, rebuild_fix,
 )
 
 TABLE_DIR = "manifest.d"
 TABLE_NAME = re.compile(r"^[0-9a-f]{16}-[0-9a-f]{8}\Z")
+_COLUMN_FILE = re.compile(r"^(id|samples|layout|digits|since|[A-Za-z][A-Za-z0-9_]*\.(offset|mtime_ns|min|max|sha256))\.npy\Z")
 _TEMP_TABLE = re.compile(r"^\.([0-9a-f]{16}-[0-9a-f]{8})\.tmp-(\d+)\Z")
 LAYOUT_TEMPLATES = {"native": "shard_{id}/{field}.npy", "flat": "{field}_{id}.npy"}
 _CHUNK = 1 << 16
@@ -133,18 +134,21 @@ def _current_table(root: Path) -> str | None:
     try:
         doc = json.loads(manifest_path(root).read_text())
         table = doc.get("table", "") if isinstance(doc, dict) else ""
-    except (OSError, ValueError, UnicodeDecodeError):
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return None
     name = table[len(TABLE_DIR) + 1:] if isinstance(table, str) and table.startswith(TABLE_DIR + "/") else ""
     return name if TABLE_NAME.match(name) else None
 
 
 def _remove_table(path: Path) -> None:
-    """Remove a table directory this project wrote: its ``.npy`` files, then the directory (never a link)."""
+    """Remove a table directory this project wrote: its column files, then the directory (never a link).
+
+    Anything else found in it (a user's file) stays, and so does the directory then.
+    """
     if path.is_symlink() or not path.is_dir():
         return
     for entry in os.scandir(path):
-        if entry.name.endswith(".npy") and entry.is_file(follow_symlinks=False):
+        if _COLUMN_FILE.match(entry.name) and entry.is_file(follow_symlinks=False):
             try:
                 os.unlink(entry.path)
             except OSError:
@@ -181,7 +185,8 @@ def read_manifest(root: str | os.PathLike[str], *, check: str = "open") -> Manif
         what = "does not exist" if not root.exists() else "is not a directory"
         raise ManifestError(f"{root} {what}; pass the cache directory that holds manifest.json")
     path = manifest_path(root)
-    for attempt in range(3):
+    previous_text = None
+    for _ in range(3):
         try:
             text = path.read_text()
         except FileNotFoundError:
@@ -195,17 +200,23 @@ def read_manifest(root: str | os.PathLike[str], *, check: str = "open") -> Manif
         try:
             return checked(str(path), _parse_snapshot, root, doc, check)
         except _TableReplaced:
-            if attempt == 2:
-                raise ManifestError(f"{path}: its table keeps being replaced while it is read; "
-                                    "wait for the running `shardstore build-manifest` to finish") from None
-    raise AssertionError("unreachable")
+            if text == previous_text:  # the same header twice: its table is gone, not being replaced
+                raise ManifestError(f"{path}: the table it names ({doc.get('table')!r:.80}) is missing; "
+                                    f"rebuild it with `shardstore build-manifest {root}`") from None
+            previous_text = text
+    raise ManifestError(f"{path}: its table keeps being replaced while it is read; "
+                        "wait for the running `shardstore build-manifest` to finish")
 
 
 def parse_snapshot_text(doc: Any, source: str) -> Manifest:
     """A format-3 header document read from ``source`` (its path: the table lies beside it)."""
-    if not source.endswith(MANIFEST_NAME):
-        raise ManifestError(f"{source}: a format-3 manifest is read from its cache; use load_manifest(ROOT)")
-    return checked(source, _parse_snapshot, Path(source).parent, doc, "open")
+    if not source.endswith(MANIFEST_NAME) or not os.path.dirname(source):
+        raise ManifestError(f"{source}: a format-3 manifest is read together with its table; "
+                            "use shardstore.store.reader.load_manifest(ROOT)")
+    try:
+        return checked(source, _parse_snapshot, Path(source).parent, doc, "open")
+    except _TableReplaced:
+        raise ManifestError(f"{source}: the table it names is missing; {rebuild_fix(source)}") from None
 
 
 class _TableReplaced(Exception):
@@ -248,6 +259,9 @@ def _parse_snapshot(root: Path, doc: Any, check: str) -> Manifest:
 
 
 def _load_column(path: Path, dtype: np.dtype, shape: tuple) -> np.ndarray:
+    if path.is_symlink():  # the table directory is checked to be inside the root; its files must be its own
+        raise ManifestError(f"{path.parent.name}/{path.name} is a symbolic link (it may lead outside the cache root); "
+                            "a table holds only its own files")
     try:
         if shape[0] == 0:
             array = np.load(path, allow_pickle=False)
@@ -261,8 +275,9 @@ def _load_column(path: Path, dtype: np.dtype, shape: tuple) -> np.ndarray:
         if exc.errno == errno.ENOENT:
             raise _TableReplaced() from None
         raise ManifestError(f"{path.name} cannot be read ({exc.strerror or exc})") from None
-    except ValueError as exc:
-        raise ManifestError(f"{path.name} is not a plain .npy array ({' '.join(str(exc).split())[:120]})") from None
+    except ValueError:
+        raise ManifestError(f"{path.parent.name}/{path.name} is not a plain .npy array of numbers (objects and "
+                            "pickled data are never loaded)") from None
     if array.dtype != dtype or array.shape != shape:
         raise ManifestError(f"{path.name} holds {array.dtype}{list(array.shape)}, the header promises "
                             f"{dtype}{list(shape)} (a table from another build?)")
@@ -296,13 +311,14 @@ def check_columns(manifest: Manifest, num_samples: int | None = None, *, full: b
     if num_samples is not None and total != num_samples:
         raise ManifestError(f"the table's shards hold {total:,} samples, the header says {num_samples:,}")
     manifest._num_samples = total
-    if not full:
-        return
-    layout, digits = np.asarray(c["layout"]), np.asarray(c["digits"])
-    if n and (int(layout.max()) >= len(LAYOUTS) or not 1 <= int(digits.min()) <= int(digits.max()) <= 20):
-        raise ManifestError("a shard's layout or id width is out of range")
     if n and int(ids[0]) < 0:
         raise ManifestError(f"shard id {int(ids[0])} is negative")
+    for start in _chunks(n):  # one byte each: cheap enough for every open
+        layout, digits = np.asarray(c["layout"][start:start + _CHUNK]), np.asarray(c["digits"][start:start + _CHUNK])
+        if int(layout.max()) >= len(LAYOUTS) or not 1 <= int(digits.min()) <= int(digits.max()) <= 20:
+            raise ManifestError("a shard's layout or id width is out of range")
+    if not full:
+        return
     groups: dict[str, list[str]] = {}
     for name, spec in manifest.fields.items():
         offsets = np.asarray(c[f"{name}.offset"])

@@ -147,11 +147,6 @@ def hostile_copy(pristine: Path, tmp_path: Path, edit: Callable[[str], str] | No
     return root
 
 
-# build-manifest parses a deeply nested manifest.json once more outside its guard (store/snapshot.py,
-# _current_table catches OSError and ValueError, not RecursionError): a traceback instead of a rebuild.
-DEEP = pytest.mark.xfail(strict=True, reason="snapshot._current_table lets RecursionError escape build-manifest")
-
-
 # A format-3 table refused at open (one id duplicated) lends no checksums to the next build: manifest/scan.py's
 # previous_manifest salvages them from format 1/2 JSON only, so every recorded checksum is lost and verify refuses.
 SALVAGE = pytest.mark.xfail(strict=True, reason="previous_manifest salvages no checksums from a refused format-3 table")
@@ -159,8 +154,6 @@ SALVAGE = pytest.mark.xfail(strict=True, reason="previous_manifest salvages no c
 
 def _cases(json_cases: dict, table_cases: dict) -> list:
     def marks(kind: str, table: bool) -> list:
-        if "nested" in kind:
-            return [DEEP]
         return [SALVAGE] if table and kind == "duplicate-shard" else []
 
     return ([pytest.param(kind, json_cases[kind], None, id=f"v2-{kind}", marks=marks(kind, False))

@@ -83,8 +83,6 @@ def test_group_on_some_shards_is_listed_and_readable_through_a_subset(grouped: P
     assert list(picked.fields) == ["teacher_top"] and picked.sample(0)["teacher_top"].tolist() == [0, 0]
 
 
-@pytest.mark.xfail(strict=True, reason="Manifest.has (shardstore/store/manifest.py) indexes columns[f'{field}.offset'] "
-                   "unguarded: a field the manifest lacks raises KeyError('nope.offset')")
 def test_positions_with_a_field_the_manifest_lacks_is_empty_or_names_it(grouped: Path) -> None:
     m = build_manifest(grouped).manifest
     try:
