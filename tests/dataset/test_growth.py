@@ -4,6 +4,7 @@ generation, ``DataLoader`` workers follow the main process, and the config key."
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import random
@@ -28,17 +29,16 @@ from shardstore.dataset.subset import RandomShardSubsetCachedDataset
 from shardstore.loader import ShardLoader
 from shardstore.sampling.shards import permutation_shards
 
-# The sample data, as source: the writer subprocesses run the very same definition.
-DATA_SOURCE = '''
-import numpy as np
 
-def shard_arrays(shard_id, rows):
+def shard_arrays(shard_id: int, rows: int) -> dict[str, np.ndarray]:
     """Rows of shard ``shard_id``: ``gid`` is ``1000 * shard_id + row``, ``image`` derives from it."""
     gid = np.arange(1000 * shard_id, 1000 * shard_id + rows, dtype=np.int64)
     image = ((gid[:, None, None, None] * 7 + np.arange(12).reshape(1, 3, 2, 2)) % 251).astype(np.uint8)
     return {"gid": gid, "image": image}
-'''
-exec(DATA_SOURCE)  # defines shard_arrays
+
+
+# The writer subprocesses run the very same definition.
+DATA_SOURCE = "import numpy as np\n\n" + inspect.getsource(shard_arrays)
 
 INITIAL = {0: 8, 1: 8, 2: 5, 3: 8, 4: 8, 5: 6}  # shard id -> rows
 BATCH = 4
@@ -48,7 +48,7 @@ def write_shards(root: Path, shards: dict[int, int], layout: str = "native") -> 
     """Write ``shards`` (id -> rows) in this process, natively (one ShardWriter per shard) or flat (``np.save``)."""
     root.mkdir(parents=True, exist_ok=True)
     for shard_id, rows in shards.items():
-        arrays = shard_arrays(shard_id, rows)  # noqa: F821 (from DATA_SOURCE)
+        arrays = shard_arrays(shard_id, rows)
         if layout == "native":
             with ShardWriter(root, rows, start_shard=shard_id, num_shards=1, fsync=False) as w:
                 w.add_batch(arrays)
