@@ -250,6 +250,10 @@ class ShardStore:
         keep = np.flatnonzero(mask)
         new_ids = np.asarray(view.ids)[keep]
         old_ids = np.asarray(self.shard_ids)
+        old_counts = np.asarray(self.counts)
+        if generation is not None:  # this store may already list shards added after ``generation``
+            older = np.asarray(self.manifest.columns["since"]) <= generation
+            old_ids, old_counts = old_ids[older], old_counts[older]
         at = np.searchsorted(new_ids, old_ids)
         found = (at < new_ids.size) & (new_ids[np.minimum(at, max(new_ids.size - 1, 0))] == old_ids) if new_ids.size \
             else np.zeros(old_ids.size, bool)
@@ -259,13 +263,15 @@ class ShardStore:
             raise ManifestError(f"{manifest_path(self.root)}: {lost.size} shard(s) this run reads are no longer in the "
                                 f"manifest (ids {shown}); a cache that grows while training may only gain shards: "
                                 "restore them and run `shardstore build-manifest` again")
-        old_counts = np.asarray(self.counts)
         new_counts = np.asarray(view.counts)[keep[at]]
         if not np.array_equal(old_counts, new_counts):
             i = int(np.flatnonzero(old_counts != new_counts)[0])
             raise ManifestError(f"{manifest_path(self.root)}: shard {int(old_ids[i])} now has {int(new_counts[i]):,} "
                                 f"samples, it had {int(old_counts[i]):,}; shards of a growing cache may not change")
-        return self._derived(view if keep.size == view.num_shards else view.take(keep))
+        result = view if keep.size == view.num_shards else view.take(keep)
+        if generation is not None:
+            result.generation = generation  # the snapshot it stands for: the shards listed by then
+        return self._derived(result)
 
     # -- reading -------------------------------------------------------------------------
 

@@ -236,17 +236,9 @@ SETTINGS = {
     "permutation-interleave": {"k": 5, "policy": "permutation", "order": "interleave", "active_shards": 3},
 }
 
-GROW_BEFORE_RESUME_BUG = (
-    "RandomShardSubsetCachedDataset._resume_store calls ShardStore.refreshed(generation=saved.generation) on a store "
-    "opened after the cache grew again; refreshed() checks that every shard of that (newer) store is still listed, "
-    "but the generation filter (since <= generation) drops the newer shards, so it raises 'shard(s) this run reads "
-    "are no longer in the manifest (ids 8, 9, 10)' instead of continuing on the saved generation's shards")
-
 
 @pytest.mark.parametrize("setting", SETTINGS.values(), ids=SETTINGS.keys())
-@pytest.mark.parametrize("grow_before_resume", [
-    False, pytest.param(True, marks=pytest.mark.xfail(strict=True, raises=ManifestError,
-                                                      reason=GROW_BEFORE_RESUME_BUG))])
+@pytest.mark.parametrize("grow_before_resume", [False, True])
 def test_a_run_stopped_mid_epoch_after_growth_resumes_bit_identically(tmp_path: Path, setting: dict[str, Any],
                                                                       grow_before_resume: bool) -> None:
     whole = uninterrupted(tmp_path / "whole", setting)
@@ -306,9 +298,7 @@ CHILD = DATA_SOURCE + textwrap.dedent('''
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("grow_before_resume", [
-    False, pytest.param(True, marks=pytest.mark.xfail(strict=True, raises=ManifestError,
-                                                      reason=GROW_BEFORE_RESUME_BUG))])
+@pytest.mark.parametrize("grow_before_resume", [False, True])
 def test_a_process_sigkilled_mid_epoch_after_growth_resumes_bit_identically(tmp_path: Path,
                                                                             grow_before_resume: bool) -> None:
     setting = SETTINGS["random-interleave"]
@@ -414,9 +404,6 @@ def test_two_ranks_given_the_same_generation_plan_the_same_epoch(tmp_path: Path,
     assert rank0.store.num_shards == rank1.store.num_shards == 11
 
 
-@pytest.mark.xfail(strict=True, reason="ShardStore.refreshed(generation=g) keeps the manifest's newer generation on "
-                                       "the store it restricts to g's shards (Manifest.take copies generation), so a "
-                                       "rank that planned on g records generation g+1 in state_dict()")
 def test_ranks_that_planned_one_generation_record_the_same_state(tmp_path: Path) -> None:
     root = make_cache(tmp_path / "cache")
     rank0, rank1 = (make(root, 4, rank=r, world_size=2, batch_size=2) for r in (0, 1))
@@ -428,9 +415,6 @@ def test_ranks_that_planned_one_generation_record_the_same_state(tmp_path: Path)
     assert rank1.state_dict()["generation"] == g
 
 
-@pytest.mark.xfail(strict=True, raises=ManifestError, reason=GROW_BEFORE_RESUME_BUG.replace(
-    "on a store opened after the cache grew again", "(from set_epoch(e, generation=g)) on a store opened after "
-    "generation g").replace("(ids 8, 9, 10)", "(ids 6)"))
 def test_a_rank_that_opened_the_cache_after_it_grew_plans_on_the_generation_given(tmp_path: Path) -> None:
     root = make_cache(tmp_path / "cache")
     rank0 = make(root, 4, rank=0, world_size=2, batch_size=2)
@@ -542,10 +526,6 @@ def test_persistent_spawned_workers_read_the_grown_cache_after_set_epoch(tmp_pat
     check_workers_read_the_grown_cache(make_cache(tmp_path / "cache"), "spawn")
 
 
-@pytest.mark.xfail(strict=True, reason="set_epoch(e, generation=g) with the manifest past g plans on g's shards but "
-                                       "puts the manifest's newer generation in the shared cell (the restricted "
-                                       "store's .generation, copied by Manifest.take); persistent workers then "
-                                       "refresh to that generation and read an epoch with the newer shards")
 def test_persistent_workers_follow_a_generation_older_than_the_manifest(tmp_path: Path) -> None:
     root = make_cache(tmp_path / "cache")
     ds = make(root, None)
