@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from shardstore.errors import ManifestError
+from shardstore.manifest.bulk import Preread, Signature, read_bulk
+from shardstore.manifest.changes import find_changes
 from shardstore.manifest.checksum import checksum_files
-from shardstore.manifest.discover import LEFT_OUT, Candidate, discover_shards
-from shardstore.store.manifest import FieldSpec, FileEntry, Manifest, Problem, ShardEntry
-from shardstore.store.snapshot import write_manifest
-from shardstore.manifest.scan import FileInfo, Scan, one_line, previous_manifest
+from shardstore.manifest.discover import LEFT_OUT, Candidate, discover_shards, list_root
+from shardstore.manifest.journal import Journal, read_journal
+from shardstore.manifest.previous import Previous, previous_manifest
+from shardstore.manifest.scan import FileInfo, Scan, one_line
+from shardstore.manifest.table import Rows, column_dtypes, kept_columns, merge, take
 from shardstore.store.atomic import remove_stale_temporaries
 from shardstore.store.groups import GroupSpec, read_group_specs
 from shardstore.store.layout import MANIFEST_NAME, OUTSIDE_ROOT_FIX, OutsideRootError
+from shardstore.store.manifest import FieldSpec, Manifest, Problem
+from shardstore.store.snapshot import manifest_path, write_manifest
 
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,11 +35,15 @@ class BuildReport:
 
     manifest: Manifest
     path: Path | None
-    #: every file's header is read: values are never taken from the previous manifest unchecked
+    #: files whose first page (the ``.npy`` header) was read: new and changed shards, one spot check per field
     headers_read: int = 0
-    #: files with the size and mtime the previous manifest recorded (their checksum is carried over)
+    #: files with the size and mtime the previous manifest recorded (their row, or their checksum, carried over)
     files_reused: int = 0
     files_checksummed: int = 0
+    #: files and shard directories of the previous table compared with the disk (one ``stat`` each)
+    paths_compared: int = 0
+    #: nothing differed from the previous manifest: manifest.json and its table were left untouched
+    unchanged: bool = False
     ignored_fields: dict[str, int] = field(default_factory=dict)
     #: shards that are used without (part of) a field group, and why: missing or bad files of the group
     incomplete_groups: list[Problem] = field(default_factory=list)
@@ -45,29 +56,6 @@ class BuildReport:
         return self.manifest.left_out
 
 
-def _majority_specs(shards: dict[int, dict[str, FileInfo]]) -> tuple[dict[str, FieldSpec], dict[str, int]]:
-    """Fields present in at least half of the shards, each with its most common dtype and per-sample shape."""
-    presence = Counter(name for files in shards.values() for name in files)
-    required = {n for n, c in presence.items() if 2 * c >= len(shards)}
-    ignored = {n: c for n, c in presence.items() if n not in required}
-    specs = {}
-    for name in sorted(required):
-        votes = Counter((info.dtype.str, info.shape[1:]) for files in shards.values() if (info := files.get(name)))
-        (dtype, shape), _ = votes.most_common(1)[0]
-        specs[name] = FieldSpec(np.dtype(dtype), shape)
-    return specs, ignored
-
-
-def _digits(cand: Candidate) -> int:
-    """Width of the id in the shard's names (``shard_000042`` is 6, ``images_42.npy`` is 2)."""
-    name = cand.where if cand.layout == "native" else cand.where[: -len(".npy")]
-    return len(name.rsplit("_", 1)[1])
-
-
-def _missing_name(cand: Candidate, name: str) -> str:
-    return f"{cand.where}/{name}.npy" if cand.layout == "native" else f"{name}_{str(cand.id).zfill(_digits(cand))}.npy"
-
-
 def build_manifest(
     root: str | os.PathLike[str],
     *,
@@ -76,136 +64,417 @@ def build_manifest(
     write: bool = True,
     progress: Callable[[int], None] | None = None,
 ) -> BuildReport:
-    """Discover and validate the shards under ``root`` and write ``root/manifest.json`` atomically.
+    """Discover and validate the shards under ``root`` and write its manifest (a new snapshot) atomically.
 
-    Only ``.npy`` headers are read (a page per file); every entry is derived from its file,
-    and the previous manifest only tells which files are unchanged (same size and mtime),
-    so their checksums carry over. A changed file with a recorded checksum is hashed again
-    and, if its content differs, keeps the old checksum and is listed in ``report.changed``
-    (``verify`` then fails on it). ``incremental=False`` ignores the previous manifest and
-    its checksums (with ``checksum`` the new content is recorded instead). Bad shards are
-    left out and listed in ``report.problems``; a cache that is still growing is normal.
-    With ``checksum`` every file without a checksum is hashed (``progress`` gets bytes).
-    Temporaries of earlier manifest writers that were killed are removed.
+    Incremental (the default), the previous format-3 table is trusted for every shard whose
+    files all have the size and mtime it records (one ``stat`` each, compared with its columns
+    in NumPy): their rows are copied. Only new and changed shards are read (their ``.npy``
+    headers, a page per file), with every check a full build makes, plus the header of one
+    shard per field, which must agree with the table (dtype, per-sample shape, rows, data
+    offset); if it does not, or the table fails ``check_columns(full=True)``, every header is
+    read again (with a warning). When nothing differs, ``manifest.json`` and its table are
+    left untouched and ``report.unchanged`` is set.
+
+    What this trusts: a table edited consistently (offsets and row counts that still add up
+    to each file's size, ids in order) for shards whose files are unchanged is kept as it is
+    by an incremental build; ``incremental=False`` (``build-manifest --full``) reads every
+    header and ignores the previous table and its checksums (with ``checksum`` the new
+    content is recorded instead). A file added by hand to an existing shard directory under
+    a name that is neither a field of the table nor of a declared group is seen only by a
+    full build. A format 1 or 2 manifest lends sizes, mtimes and checksums; the build reads
+    every header and writes format 3.
+
+    A changed file with a recorded checksum is hashed again and, if its content differs,
+    keeps the old checksum and is listed in ``report.changed`` (``verify`` then fails on it).
+    Bad shards are left out and listed in ``report.problems``; a cache that is still growing
+    is normal. With ``checksum`` every file without a checksum is hashed (``progress`` gets
+    bytes). Temporaries of earlier manifest writers that were killed are removed.
     """
     root = Path(root)
     if not root.exists():
         raise ManifestError(f"{root} does not exist; pass the directory that holds the shards")
     if not root.is_dir():
         raise ManifestError(f"{root} is not a directory; pass the directory that holds the shards")
-    before = previous_manifest(root)
-    previous = before.files if incremental else {}
-    generation = before.generation + 1
-    candidates, problems = discover_shards(root)
-    if not candidates and not problems:
-        raise ManifestError(
-            f"no shards in {root}; expected shard_<id>/<field>.npy directories or <field>_<id>.npy files"
-        )
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return _Build(root, root_fd, previous_manifest(root), incremental).run(checksum, write, progress)
+    finally:
+        os.close(root_fd)
 
-    groups = read_group_specs(root)
-    group_of = {name: g.name for g in groups.values() for name in g.fields}
-    report = BuildReport(Manifest({}, []), None)
-    scan = Scan(root, previous)
 
-    def read(rel: str) -> FileInfo | str | None:
-        result = scan.read(rel)
-        if isinstance(result, FileInfo):
-            report.headers_read += 1
-            report.files_reused += result.unchanged
-        return result
+class _Build:
+    """One build: the previous manifest, the root's listing, and the shards read so far."""
 
-    good: dict[int, dict[str, FileInfo]] = {}
-    group_files: dict[int, dict[str, FileInfo | str]] = {}
-    for shard_id, cand in candidates.items():
+    def __init__(self, root: Path, root_fd: int, previous: Previous, incremental: bool) -> None:
+        self.root = root
+        self.root_fd = root_fd
+        self.previous = previous
+        self.incremental = incremental
+        self.generation = previous.generation + 1
+        self.entries = list_root(root)
+        # Hidden names and declarations, found in one pass over the listing (a cache root may hold 10^6 names).
+        special = [e.name for e in self.entries if e.name[0] == "." or e.name.endswith(".json")]
+        self.stale_manifest_temporaries = any(n.startswith(f".{MANIFEST_NAME}.tmp-") for n in special)
+        groups = read_group_specs(root) if any(n.endswith(".fields.json") for n in special) else {}
+        self.groups = groups
+        self.group_specs = {n: FieldSpec(d, s, g.name) for g in groups.values() for n, (d, s) in g.fields.items()}
+        self.scan = Scan(root, root_fd, previous.lend if incremental else None)
+        self.report = BuildReport(Manifest({}, []), None)
+        self._journal: Journal | None = None
+        self._journal_dirs = 0
+        #: shards read one by one: id -> (candidate, own files, group files) or the problem that left it out
+        self.read: dict[int, tuple[Candidate, dict[str, FileInfo], dict[str, FileInfo | str]] | Problem] = {}
+        #: shards read in bulk, by signature
+        self.sigs: dict[tuple, Signature] = {}
+        self.read_ids: set[int] = set()
+        self.problems: list[Problem] = []
+        self.discovered: set[tuple] = set()
+
+    def journal(self, num_dirs: int) -> Journal | None:
+        """The writers' journal, if it saves listing ``num_dirs`` directories (not for ``--full``: it lists them all)."""
+        if not self.incremental or not num_dirs:
+            return None
+        if self._journal is None or (not len(self._journal) and num_dirs > self._journal_dirs):
+            self._journal = read_journal(self.root_fd, num_dirs)
+            self._journal_dirs = num_dirs
+        return self._journal
+
+    # -- the steps ---------------------------------------------------------------------------
+
+    def run(self, checksum: bool, write: bool, progress: Callable[[int], None] | None) -> BuildReport:
+        base = self._base()
+        keep = np.zeros(0, bool)
+        if base is not None:
+            changes = find_changes(self.root_fd, base, self.group_specs, self.entries)
+            self.report.paths_compared = changes.stats
+            keep = changes.keep
+            if keep.any() and not self._spot_check(base, keep):
+                base = None
+            else:
+                self._discover_and_read(changes.entries)
+        if base is None:
+            keep = np.zeros(0, bool)
+            self._discover_and_read(self.entries)
+        kept = int(keep.sum())
+        if not kept and not self.read_ids and not self.problems:
+            raise ManifestError(
+                f"no shards in {self.root}; expected shard_<id>/<field>.npy directories or <field>_<id>.npy files"
+            )
+        specs, ignored = self._majority_specs(kept, base)
+        if base is not None and kept and specs != _own(base.fields):
+            log.info("the shards read change the cache's fields (%s); every header is read",
+                     ", ".join(f"{n} {s.describe()}" for n, s in specs.items()))
+            base, keep, kept = None, np.zeros(0, bool), 0
+            self._discover_and_read(self.entries)
+            specs, ignored = self._majority_specs(0, None)
+        self.report.ignored_fields = ignored
+        if (self.sigs or any(not isinstance(r, Problem) for r in self.read.values())) and not specs:
+            raise ManifestError(f"the shards in {self.root} hold only fields of declared groups "
+                                f"({', '.join(sorted(self.groups))}); a cache needs its own fields (e.g. images) "
+                                "besides the groups added to it")
+        specs |= self.group_specs
+        rows = self._rows(specs)
+        problems = self.problems + [r for r in self.read.values() if isinstance(r, Problem)]
+        self._report_changed()
+        if base is not None and kept:
+            self.report.files_reused += int(sum((base.has(n) & keep).sum() for n in base.fields))
+        cols, manifest_unchanged = self._table(specs, base, keep, rows)
+        if checksum:
+            cols = self._add_checksums(specs, cols, problems, progress)
+            manifest_unchanged = manifest_unchanged and not self.report.files_checksummed
+        problems.sort(key=lambda p: (p.shard_id if p.shard_id is not None else -1, p.path))
+        if manifest_unchanged and base is not None and problems == base.left_out:
+            self.report.manifest = base
+            self.report.unchanged = True
+            self.report.path = manifest_path(self.root) if write else None
+            self._remove_stale_temporaries(write)
+            return self.report
+        self.report.manifest = Manifest(specs, columns=cols, left_out=problems, generation=self.generation)
+        if write and self.report.manifest.num_shards:
+            self._remove_stale_temporaries(write)
+            self.report.path = write_manifest(self.root, self.report.manifest)
+        return self.report
+
+    def _base(self) -> Manifest | None:
+        """The previous table if this build may copy its unchanged rows (and the declared groups agree with it)."""
+        prev = self.previous
+        if not self.incremental or not prev.trusted or prev.manifest is None:
+            return None
+        base = prev.manifest
+        for name, spec in base.fields.items():
+            if spec.group is not None and self.group_specs.get(name) != spec or spec.group is None and name in self.group_specs:
+                log.info("field %r is declared differently than when the manifest was built; every header is read", name)
+                return None
+        return base
+
+    def _spot_check(self, base: Manifest, keep: np.ndarray) -> bool:
+        """Read one kept shard's file per field: its header must say what the table says, else the table is not used."""
+        c = base.columns
+        for name, spec in base.fields.items():
+            rows = np.flatnonzero(keep & base.has(name))
+            if not rows.size:
+                continue
+            p = int(rows[0])
+            rel = base.file_path(p, name)
+            info = self.scan.read(rel, int(c["id"][p]), name, lend=False)
+            self.scan.label_ranges()
+            table = (spec.dtype, (int(c["samples"][p]), *spec.shape), int(c[f"{name}.offset"][p]),
+                     base.file_bytes(p, name), int(c[f"{name}.mtime_ns"][p]))
+            if isinstance(info, FileInfo):
+                found = (info.dtype, info.shape, info.header.data_offset, info.size, info.mtime_ns)
+                recorded = base.value_range(p, name)
+                if found == table and (recorded is None or recorded == info.value_range):
+                    continue
+                what = f"{info.dtype}{list(info.shape)} at offset {info.header.data_offset}"
+            else:
+                what = f"{info}" if info is not None else "gone"
+            log.warning("%s: the manifest's table says %s%s at offset %d, the file holds %s; every header is read again",
+                        rel, spec.dtype, list(table[1]), table[2], what)
+            return False
+        return True
+
+    def _discover_and_read(self, entries: list) -> None:
+        """Discover the shards among ``entries`` and read those not read yet."""
+        if not entries:
+            return
+        num_dirs = sum(1 for e in entries if e.name.startswith("shard_"))
+        candidates, problems = discover_shards(self.root, entries, journal=self.journal(num_dirs))
+        for p in problems:
+            key = (p.shard_id, p.path)
+            if key not in self.discovered:
+                self.discovered.add(key)
+                self.problems.append(p)
+        todo = [c for i, c in candidates.items() if i not in self.read_ids]
+        self.read_ids.update(c.id for c in todo)
+
+        def careful(cand: Candidate, pre: Preread) -> None:
+            self.read[cand.id] = self._read_shard(cand, pre)
+
+        for key, sig in read_bulk(self.scan, todo, set(self.group_specs), careful).items():
+            if key in self.sigs:  # read by an earlier pass: the same headers
+                old = self.sigs[key]
+                old.cands += sig.cands
+                for i in range(len(sig.names)):
+                    old.mtimes[i] += sig.mtimes[i]
+                    old.labels[i] += sig.labels[i]
+            else:
+                self.sigs[key] = sig
+        self.scan.label_ranges()
+
+    def _read_shard(self, cand: Candidate, pre: Preread | None = None
+                    ) -> tuple[Candidate, dict[str, FileInfo], dict[str, FileInfo | str]] | Problem:
+        """Read one shard file by file (what was read of it already is ``pre``), naming the first problem."""
+        shard_id = cand.id
         files: dict[str, FileInfo] = {}
-        bad: Problem | None = None
         extra: dict[str, FileInfo | str] = {}
         for name, rel in sorted(cand.files.items()):
-            if name in group_of:  # a missing or bad group file costs the shard the group, not its place
-                result = read(rel)
+            got = pre.get(name) if pre is not None else None
+            result = self.scan.read(rel, shard_id, name) if got is None else self.scan.examine(rel, shard_id, name, *got)
+            if isinstance(result, OutsideRootError):
+                if name in self.group_specs:
+                    result = f"resolves to {result.real}, outside the cache root; {OUTSIDE_ROOT_FIX}"
+                else:  # as discovery names a link it finds while listing
+                    return Problem(cand.where if cand.layout == "native" else rel, f"{result}; {LEFT_OUT}", shard_id)
+            if name in self.group_specs:  # a missing or bad group file costs the shard the group, not its place
                 if result is not None:
                     extra[name] = result
                 continue
-            result = read(rel)
             if result is None:  # deleted between listing and reading: the cache is changing, not corrupt
-                bad = Problem(rel, f"vanished while the manifest was built; {LEFT_OUT}", shard_id)
-                break
+                return Problem(rel, f"vanished while the manifest was built; {LEFT_OUT}", shard_id)
             if isinstance(result, str):
-                bad = Problem(rel, f"{result}; {LEFT_OUT}", shard_id)
-                break
+                return Problem(rel, f"{result}; {LEFT_OUT}", shard_id)
             files[name] = result
-        if bad is None:
-            lengths = {name: info.shape[0] for name, info in files.items()}
-            if len(set(lengths.values())) > 1:
-                short = min(lengths, key=lengths.__getitem__)
-                long = max(lengths, key=lengths.__getitem__)
-                bad = Problem(
-                    files[short].entry.path,
-                    f"{lengths[short]:,} samples, but {files[long].entry.path} has {lengths[long]:,} "
-                    f"(fields of unequal length); {LEFT_OUT}",
-                    shard_id,
-                )
-        if bad is not None:
-            problems.append(bad)
-        else:
-            good[shard_id] = files
-            group_files[shard_id] = extra
+        lengths = {name: info.header.shape[0] for name, info in files.items()}
+        if len(set(lengths.values())) > 1:
+            short = min(lengths, key=lengths.__getitem__)
+            long = max(lengths, key=lengths.__getitem__)
+            return Problem(files[short].rel, f"{lengths[short]:,} samples, but {files[long].rel} has {lengths[long]:,} "
+                                             f"(fields of unequal length); {LEFT_OUT}", shard_id)
+        widths = {_digits(rel, "flat"): rel for rel in sorted(cand.files.values())} if cand.layout == "flat" else {}
+        if len(widths) > 1:
+            first = min(cand.files.values())
+            odd = next(r for r in sorted(cand.files.values()) if _digits(r, "flat") != _digits(first, "flat"))
+            return Problem(odd, f"its id is written with {_digits(odd, 'flat')} digits, {first} with "
+                                f"{_digits(first, 'flat')}; rename one so a shard's files share one width; {LEFT_OUT}",
+                           shard_id)
+        return cand, files, extra
 
-    specs, report.ignored_fields = _majority_specs(good) if good else ({}, {})
-    if good and not specs:
-        raise ManifestError(f"the shards in {root} hold only fields of declared groups ({', '.join(sorted(groups))}); "
-                            "a cache needs its own fields (e.g. images) besides the groups added to it")
-    for g in groups.values():
-        for name, (dtype, shape) in g.fields.items():
-            specs[name] = FieldSpec(dtype, shape, g.name)
-    shards: list[ShardEntry] = []
-    for shard_id, files in good.items():
-        cand = candidates[shard_id]
-        bad = None
-        for name, spec in specs.items():
-            if spec.group is not None:
-                continue
+    def _majority_specs(self, kept: int, base: Manifest | None) -> tuple[dict[str, FieldSpec], dict[str, int]]:
+        """Fields present in at least half of the shards, each with its most common dtype and per-sample shape.
+
+        ``kept`` rows of ``base`` (not read again) vote for the table's own fields as they are.
+        """
+        presence: Counter[str] = Counter()
+        votes: dict[str, Counter] = {}
+        total = kept
+
+        def vote(name: str, dtype: np.dtype, shape: tuple[int, ...], count: int) -> None:
+            presence[name] += count
+            votes.setdefault(name, Counter())[(dtype.str, shape)] += count
+
+        if base is not None and kept:
+            for name, spec in _own(base.fields).items():
+                vote(name, spec.dtype, spec.shape, kept)
+        for result in self.read.values():
+            if not isinstance(result, Problem):
+                total += 1
+                for name, info in result[1].items():
+                    vote(name, info.header.dtype, info.header.shape[1:], 1)
+        for sig in self.sigs.values():
+            total += len(sig.cands)
+            for name, parsed in zip(sig.names, sig.parsed):
+                if name not in self.group_specs:
+                    vote(name, parsed.header.dtype, parsed.header.shape[1:], len(sig.cands))
+        required = sorted(n for n, c in presence.items() if 2 * c >= total)
+        ignored = {n: c for n, c in sorted(presence.items()) if 2 * c < total}
+        specs = {}
+        for name in required:
+            (dtype, shape), _ = votes[name].most_common(1)[0]
+            specs[name] = FieldSpec(np.dtype(dtype), shape)
+        return specs, ignored
+
+    def _check(self, cand: Candidate, own: list[tuple[str, FieldSpec]], files: dict) -> Problem | None:
+        """Why a shard whose own files are ``files`` (name: FileInfo) does not fit ``own``, or None."""
+        for name, spec in own:
             info = files.get(name)
             if info is None:
-                bad = Problem(_missing_name(cand, name), f"field {name!r} is missing (the other shards have it); {LEFT_OUT}", shard_id)
-            elif info.dtype != spec.dtype:
-                bad = Problem(info.entry.path, f"dtype {info.dtype}, but the other shards' {name!r} is {spec.dtype}; {LEFT_OUT}", shard_id)
-            elif info.shape[1:] != spec.shape:
-                bad = Problem(
-                    info.entry.path,
-                    f"per-sample shape {list(info.shape[1:])}, but the other shards' {name!r} is {list(spec.shape)}; {LEFT_OUT}",
-                    shard_id,
-                )
+                return Problem(_missing_name(cand, name), f"field {name!r} is missing (the other shards have it); "
+                                                          f"{LEFT_OUT}", cand.id)
+            if info.header.dtype != spec.dtype:
+                return Problem(info.rel, f"dtype {info.dtype}, but the other shards' {name!r} is {spec.dtype}; "
+                                         f"{LEFT_OUT}", cand.id)
+            if info.header.shape[1:] != spec.shape:
+                return Problem(info.rel, f"per-sample shape {list(info.shape[1:])}, but the other shards' {name!r} "
+                                         f"is {list(spec.shape)}; {LEFT_OUT}", cand.id)
+        return None
+
+    def _rows(self, specs: dict[str, FieldSpec]) -> Rows:
+        """Check each shard read against ``specs`` and fill its table row; the shards that fail are left out."""
+        rows = Rows(specs)
+        own = [(n, s) for n, s in specs.items() if s.group is None]
+        if not own:
+            return rows
+        for shard_id, result in list(self.read.items()):
+            if isinstance(result, Problem):
+                continue
+            cand, files, extra = result
+            bad = self._check(cand, own, files)
             if bad is not None:
-                break
-        if bad is not None:
-            problems.append(bad)
-            continue
-        num_samples = files[next(n for n, f in specs.items() if f.group is None)].shape[0]
-        entries = {n: files[n].entry for n, f in specs.items() if f.group is None}
-        for g in groups.values():
-            entries |= _group_entries(g, group_files[shard_id], cand, num_samples, report.incomplete_groups, shard_id)
-        shards.append(ShardEntry(shard_id, num_samples, cand.layout, entries, _digits(cand),
-                                 before.since.get(shard_id, generation)))
+                self.read[shard_id] = bad
+                continue
+            num_samples = files[own[0][0]].header.shape[0]
+            entries = {n: files[n] for n, _ in own}
+            for g in self.groups.values():
+                entries |= _group_files(g, extra, cand, num_samples, self.report.incomplete_groups, shard_id)
+            rows.add(shard_id, num_samples, cand.layout, _digits(cand.where, cand.layout), entries)
+        for sig in self.sigs.values():
+            self._sig_rows(sig, own, rows)
+        return rows
 
-    fix = f"restore the file, or accept its new content with `shardstore build-manifest --full --checksum {root}`"
-    for rel, why in scan.changed:
-        report.changed.append(Problem(rel, f"{why}; the recorded checksum is kept so `shardstore verify` fails "
-                                           f"until you {fix}"))
-    if checksum:
-        shards, failed = _add_checksums(root, shards, progress, report)
-        problems.extend(failed)
-    problems.sort(key=lambda p: (p.shard_id if p.shard_id is not None else -1, p.path))
-    report.manifest = Manifest(specs, shards, problems, generation=generation)
-    if write and shards:
-        remove_stale_temporaries(root, MANIFEST_NAME)
-        report.path = write_manifest(root, report.manifest)
-    return report
+    def _sig_rows(self, sig: Signature, own: list[tuple[str, FieldSpec]], rows: Rows) -> None:
+        """The rows of a signature's shards: checked once with its first shard, named shard by shard if they fail."""
+        def infos(cand: Candidate, i_of: dict[str, int], k: int) -> dict[str, FileInfo]:
+            return {n: FileInfo(cand.files[n], sig.parsed[i].file_bytes, sig.mtimes[i][k], sig.parsed[i].header,
+                                None, None, False) for n, i in i_of.items()}
+
+        own_i = {n: i for i, n in enumerate(sig.names) if n not in self.group_specs}
+        group_i = {n: i for i, n in enumerate(sig.names) if n in self.group_specs}
+        first = sig.cands[0]
+        if self._check(first, own, infos(first, own_i, 0)) is not None:
+            for k, cand in enumerate(sig.cands):
+                self.read[cand.id] = self._check(cand, own, infos(cand, own_i, k))  # type: ignore[assignment]
+            return
+        num_samples = sig.parsed[own_i[own[0][0]]].header.shape[0]
+        names = [n for n, _ in own]
+        for g in self.groups.values():
+            trial: list[Problem] = []
+            if _group_files(g, infos(first, group_i, 0), first, num_samples, trial, first.id):
+                names += list(g.fields)
+            elif trial:  # every shard of the signature lacks the group for the same reason
+                for k, cand in enumerate(sig.cands):
+                    _group_files(g, infos(cand, group_i, k), cand, num_samples, self.report.incomplete_groups, cand.id)
+        index = {n: i for i, n in enumerate(sig.names)}
+        rows.add_many([c.id for c in sig.cands], num_samples, sig.layout, sig.digits,
+                      {n: (sig.parsed[index[n]].header.data_offset, sig.mtimes[index[n]], sig.value_ranges(index[n]))
+                       for n in names})
+
+    def _table(self, specs: dict[str, FieldSpec], base: Manifest | None, keep: np.ndarray, rows: Rows
+               ) -> tuple[dict[str, np.ndarray], bool]:
+        """The new table: kept rows of ``base`` merged with ``rows``; and whether it is ``base``'s table unchanged."""
+        old_digests = {n.rsplit(".", 1)[0] for n in base.columns if n.endswith(".sha256")} if base is not None else set()
+        layout = column_dtypes(specs, old_digests | rows.digests())
+        new = rows.columns(layout, self.previous.since(np.asarray(rows.ids, np.int64), self.generation))
+        if len(rows.ids) > 1 and not bool((np.diff(new["id"]) > 0).all()):  # bulk and careful rows interleave
+            new = take(new, np.argsort(new["id"], kind="stable"))
+        if base is None or not keep.any():
+            return new, False
+        if bool(keep.all()) and not len(rows) and set(layout) == set(base.columns) and specs == base.fields:
+            return base.columns, True  # nothing read produced a row: the table stays as it is
+        return merge(kept_columns(base.columns, np.flatnonzero(keep), layout), new), False
+
+    def _report_changed(self) -> None:
+        fix = f"restore the file, or accept its new content with `shardstore build-manifest --full --checksum {self.root}`"
+        self.report.headers_read = self.scan.headers_read
+        self.report.files_reused = self.scan.reused
+        for rel, why in self.scan.changed:
+            self.report.changed.append(Problem(rel, f"{why}; the recorded checksum is kept so `shardstore verify` "
+                                                    f"fails until you {fix}"))
+
+    def _add_checksums(self, specs: dict[str, FieldSpec], cols: dict[str, np.ndarray], problems: list[Problem],
+                       progress: Callable[[int], None] | None) -> dict[str, np.ndarray]:
+        """Hash every listed file without a checksum; a shard with a file that cannot be hashed is left out."""
+        m = Manifest(specs, columns=cols)
+        todo = [(p, name) for name in specs for p in np.flatnonzero(m.has(name) & ~m.checksummed(name)).tolist()]
+        if not todo:
+            return cols
+        layout = column_dtypes(specs, {n for _, n in todo} | {c.rsplit(".", 1)[0] for c in cols if c.endswith(".sha256")})
+        cols = {n: (cols[n] if n in cols else np.zeros((m.num_shards, *layout[n][1]), layout[n][0])) for n in layout}
+        paths = {(p, name): self.root / m.file_path(p, name) for p, name in todo}
+        digests = checksum_files(paths.values(), progress=progress, resolved_root=os.path.realpath(self.root))
+        self.report.files_checksummed = len(todo)
+        drop = np.zeros(m.num_shards, bool)
+        for (p, name), path in paths.items():
+            digest = digests[path]
+            if drop[p]:
+                continue
+            rel = m.file_path(p, name)
+            shard_id = int(cols["id"][p])
+            if isinstance(digest, OutsideRootError):
+                problems.append(Problem(rel, f"resolves to {digest.real}, outside the cache root; {OUTSIDE_ROOT_FIX}; "
+                                             f"{LEFT_OUT}", shard_id))
+                drop[p] = True
+            elif isinstance(digest, OSError):
+                problems.append(Problem(rel, f"cannot be read ({one_line(digest)}); {LEFT_OUT}", shard_id))
+                drop[p] = True
+            else:
+                cols[f"{name}.sha256"][p] = np.frombuffer(bytes.fromhex(digest.split(":", 1)[1]), np.uint8)
+        return take(cols, ~drop) if drop.any() else cols
+
+    def _remove_stale_temporaries(self, write: bool) -> None:
+        # The root was listed already: only a root holding such a temporary is listed again to remove it.
+        if write and self.stale_manifest_temporaries:
+            remove_stale_temporaries(self.root, MANIFEST_NAME)
 
 
-def _group_entries(group: GroupSpec, found: dict[str, FileInfo | str], cand: Candidate, num_samples: int,
-                   incomplete: list[Problem], shard_id: int) -> dict[str, FileEntry]:
-    """The group's file entries of one shard if every one is there and as declared, else none (with the reason)."""
+def _own(fields: dict[str, FieldSpec]) -> dict[str, FieldSpec]:
+    return {n: f for n, f in fields.items() if f.group is None}
+
+
+def _digits(where: str, layout: str) -> int:
+    """Width of the id in a shard's name (``shard_000042`` is 6, ``images_42.npy`` is 2)."""
+    name = where if layout == "native" else where[: -len(".npy")]
+    return len(name.rsplit("_", 1)[1])
+
+
+def _missing_name(cand: Candidate, name: str) -> str:
+    if cand.layout == "native":
+        return f"{cand.where}/{name}.npy"
+    return f"{name}_{str(cand.id).zfill(_digits(cand.where, 'flat'))}.npy"
+
+
+def _group_files(group: GroupSpec, found: dict[str, FileInfo | str], cand: Candidate, num_samples: int,
+                 incomplete: list[Problem], shard_id: int) -> dict[str, FileInfo]:
+    """The group's files of one shard if every one is there and as declared, else none (with the reason)."""
     if not any(name in found for name in group.fields):
         return {}
     fix = f"the shard is used without group {group.name!r}; write the group's files again"
@@ -221,31 +490,7 @@ def _group_entries(group: GroupSpec, found: dict[str, FileInfo | str], cand: Can
         elif info.shape[0] != num_samples:
             reason = f"has {info.shape[0]:,} rows, the shard {num_samples:,}"
         if reason is not None:
-            path = info.entry.path if isinstance(info, FileInfo) else cand.files.get(name, _missing_name(cand, name))
+            path = info.rel if isinstance(info, FileInfo) else cand.files.get(name, _missing_name(cand, name))
             incomplete.append(Problem(path, f"{reason}; {fix}", shard_id))
             return {}
-    return {name: found[name].entry for name in group.fields}  # type: ignore[union-attr]
-
-
-def _add_checksums(
-    root: Path, shards: list[ShardEntry], progress: Callable[[int], None] | None, report: BuildReport
-) -> tuple[list[ShardEntry], list[Problem]]:
-    todo = [root / f.path for s in shards for f in s.files.values() if f.checksum is None]
-    digests = checksum_files(todo, progress=progress, resolved_root=os.path.realpath(root))
-    report.files_checksummed = len(todo)
-    out, failed = [], []
-    for s in shards:
-        files = {}
-        for name, f in s.files.items():
-            digest = f.checksum or digests[root / f.path]
-            if isinstance(digest, OutsideRootError):
-                failed.append(Problem(f.path, f"resolves to {digest.real}, outside the cache root; {OUTSIDE_ROOT_FIX}; "
-                                              f"{LEFT_OUT}", s.id))
-                break
-            if isinstance(digest, OSError):
-                failed.append(Problem(f.path, f"cannot be read ({one_line(digest)}); {LEFT_OUT}", s.id))
-                break
-            files[name] = replace(f, checksum=digest)
-        else:
-            out.append(replace(s, files=files))
-    return out, failed
+    return {name: found[name] for name in group.fields}  # type: ignore[misc]

@@ -6,15 +6,22 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shardstore.manifest.journal import Journal
 from shardstore.manifest.model import Problem
 from shardstore.store.layout import (
-    FLAT_FILE, NATIVE_DIR, NATIVE_FILE, OutsideRootError, check_within, is_temporary, parse_shard_id,
+    FLAT_FILE,
+    NATIVE_DIR,
+    NATIVE_FILE,
+    OutsideRootError,
+    check_within,
+    is_temporary,
+    parse_shard_id,
 )
 
 LEFT_OUT = "the shard is left out"
 
 
-@dataclass
+@dataclass(slots=True)
 class Candidate:
     """A shard found by name: its id, layout, where it is, and its field files (paths relative to the root)."""
 
@@ -22,6 +29,12 @@ class Candidate:
     layout: str
     where: str  # the shard directory, or the first flat file seen
     files: dict[str, str] = field(default_factory=dict)
+
+
+def list_root(root: Path) -> list[os.DirEntry]:
+    """The entries of the cache root, unsorted (one ``scandir``: names, types and inodes at no extra cost)."""
+    with os.scandir(root) as entries:
+        return list(entries)
 
 
 def _escape(resolved_root: str, entry: os.DirEntry, rel: str) -> OutsideRootError | None:
@@ -54,9 +67,13 @@ def _bad_id(name: str, digits: str) -> Problem:
                          f"(ids are 64-bit); rename it with a smaller id; {LEFT_OUT}")
 
 
-def discover_shards(root: Path) -> tuple[dict[int, Candidate], list[Problem]]:
+def discover_shards(root: Path, entries: list[os.DirEntry] | None = None, *,
+                    journal: Journal | None = None) -> tuple[dict[int, Candidate], list[Problem]]:
     """Return the shards under ``root`` by id (sorted), and the names that cannot be used as a shard.
 
+    ``entries`` limits discovery to those entries of the root (all of them by default). With
+    ``journal``, a native directory the journal vouches for (same inode and mtime) is not
+    listed: its files are the journal's.
     Temporary names of unfinished writers (hidden, ``.tmp``) are skipped silently. A shard
     directory or file that is a symlink to somewhere outside the root is left out (and never
     read): a cache only ever serves what lies inside it.
@@ -65,53 +82,65 @@ def discover_shards(root: Path) -> tuple[dict[int, Candidate], list[Problem]]:
     found: dict[int, Candidate] = {}
     conflicts: dict[int, Problem] = {}
     problems: list[Problem] = []
-    with os.scandir(root) as entries:
-        for entry in sorted(entries, key=lambda e: e.name):
-            name = entry.name
-            if is_temporary(name):
+    for entry in sorted(list_root(root) if entries is None else entries, key=lambda e: e.name):
+        name = entry.name
+        # A name that matches either pattern is never a temporary one (no leading dot, no ".tmp", ends in a digit
+        # or ".npy"), so temporaries fall through both tests.
+        native = NATIVE_DIR.match(name)
+        if native is not None:
+            if not entry.is_dir():
                 continue
-            native = NATIVE_DIR.match(name)
-            flat = FLAT_FILE.match(name)
-            if native and entry.is_dir():
-                shard_id = parse_shard_id(native.group(1))
-                if shard_id is None:
-                    problems.append(_bad_id(name, native.group(1)))
-                    continue
-                escape = _escape(resolved_root, entry, name)
+            shard_id = parse_shard_id(native.group(1))
+            if shard_id is None:
+                problems.append(_bad_id(name, native.group(1)))
+                continue
+            escape = _escape(resolved_root, entry, name)
+            recorded = None
+            if journal is not None and escape is None and len(journal):
+                try:
+                    recorded = journal.fields(name, entry.inode(), entry.stat(follow_symlinks=False).st_mtime_ns)
+                except OSError:  # gone meanwhile: listed below, which says so
+                    recorded = None
+            if recorded is not None:
+                files, inner_escape = {f: f"{name}/{f}.npy" for f in recorded}, None
+            else:
                 files, inner_escape = ({}, None) if escape else _native_files(resolved_root, entry.path, name)
-                if escape or inner_escape:
-                    problems.append(Problem(name, f"{escape or inner_escape}; {LEFT_OUT}", shard_id))
-                    conflicts[shard_id] = problems[-1]
-                    continue
-                other = found.get(shard_id)
-                if other is not None:
-                    conflicts[shard_id] = Problem(
-                        name, f"shard id {shard_id} is also {other.where}; keep one of the two", shard_id
-                    )
-                    continue
-                found[shard_id] = Candidate(shard_id, "native", name, files)
-            elif flat and entry.is_file():
-                field_name, shard_id = flat.group(1), parse_shard_id(flat.group(2))
-                if shard_id is None:
-                    problems.append(_bad_id(name, flat.group(2)))
-                    continue
-                escape = _escape(resolved_root, entry, name)
-                if escape is not None:
-                    problems.append(Problem(name, f"{escape}; {LEFT_OUT}", shard_id))
-                    conflicts[shard_id] = problems[-1]
-                    continue
-                cand = found.setdefault(shard_id, Candidate(shard_id, "flat", name))
-                if cand.layout != "flat":
-                    conflicts[shard_id] = Problem(
-                        name, f"shard id {shard_id} is also the directory {cand.where}; keep one layout for it", shard_id
-                    )
-                elif field_name in cand.files:
-                    conflicts[shard_id] = Problem(
-                        name, f"shard id {shard_id} of field {field_name!r} is also {cand.files[field_name]}; "
-                        "keep one of the two", shard_id
-                    )
-                else:
-                    cand.files[field_name] = name
+            if escape or inner_escape:
+                problems.append(Problem(name, f"{escape or inner_escape}; {LEFT_OUT}", shard_id))
+                conflicts[shard_id] = problems[-1]
+                continue
+            other = found.get(shard_id)
+            if other is not None:
+                conflicts[shard_id] = Problem(
+                    name, f"shard id {shard_id} is also {other.where}; keep one of the two", shard_id
+                )
+                continue
+            found[shard_id] = Candidate(shard_id, "native", name, files)
+            continue
+        flat = FLAT_FILE.match(name)
+        if flat is None or not entry.is_file():
+            continue
+        field_name, shard_id = flat.group(1), parse_shard_id(flat.group(2))
+        if shard_id is None:
+            problems.append(_bad_id(name, flat.group(2)))
+            continue
+        escape = _escape(resolved_root, entry, name)
+        if escape is not None:
+            problems.append(Problem(name, f"{escape}; {LEFT_OUT}", shard_id))
+            conflicts[shard_id] = problems[-1]
+            continue
+        cand = found.setdefault(shard_id, Candidate(shard_id, "flat", name))
+        if cand.layout != "flat":
+            conflicts[shard_id] = Problem(
+                name, f"shard id {shard_id} is also the directory {cand.where}; keep one layout for it", shard_id
+            )
+        elif field_name in cand.files:
+            conflicts[shard_id] = Problem(
+                name, f"shard id {shard_id} of field {field_name!r} is also {cand.files[field_name]}; "
+                "keep one of the two", shard_id
+            )
+        else:
+            cand.files[field_name] = name
     problems += [p for p in conflicts.values() if p not in problems]
     shards: dict[int, Candidate] = {}
     for shard_id in sorted(found):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -26,6 +28,13 @@ from shardstore.store.layout import (
 )
 
 log = logging.getLogger(__name__)
+
+#: ``ROOT/.shardstore-journal``: one line per native shard a writer finished, appended after the rename:
+#: ``shard_000042 <inode> <mtime_ns> images labels`` (inode and mtime of the directory). ``build-manifest``
+#: takes a shard's file names from it instead of listing the directory while the directory's inode and
+#: mtime are the recorded ones (a file added, removed or renamed in it changes its mtime). It is advice:
+#: a cache without it (or with a torn last line) is listed as usual.
+JOURNAL_NAME = ".shardstore-journal"
 
 
 def physical_memory_bytes() -> int | None:
@@ -96,7 +105,9 @@ class ShardWriter:
     shards that already exist (``samples_to_skip`` tells a producer how many leading
     samples it may skip without decoding) and writes only the missing shards.
     Only the last shard of a writer may be short; it is written by ``close()``, and
-    never when the ``with`` block exits on an exception.
+    never when the ``with`` block exits on an exception. With ``journal`` each finished
+    shard is appended to ``ROOT/.shardstore-journal`` (its directory's inode, mtime and
+    file names), which lets ``build-manifest`` skip listing the directory.
 
     A cache has one dtype and per-sample shape per field: a writer whose samples differ from the
     shards already in the root (another image size, say) is refused at its first sample, before
@@ -112,6 +123,7 @@ class ShardWriter:
         num_shards: int | None = None,
         stride: int = 1,
         fsync: bool = True,
+        journal: bool = False,
     ) -> None:
         if shard_size < 1:
             raise WriterError(f"shard_size must be at least 1, got {shard_size}")
@@ -138,6 +150,8 @@ class ShardWriter:
         self.samples_written = 0
         self.samples_skipped = 0
         self.shards_written: list[int] = []
+        self._journal_fd: int | None = None
+        self._journal_ok = journal
 
         self._reference_shard: Path | None = None  # a complete shard already in the root (any writer's)
         self._remove_stale_temporaries()
@@ -370,6 +384,43 @@ class ShardWriter:
         self._fill = 0
         self.samples_written += rows
         self.shards_written.append(shard_id)
+        self._journal(final)
+
+    def _journal(self, final: Path) -> None:
+        """Append ``final`` and its files to the cache's journal; a journal that cannot be written is skipped.
+
+        One ``write`` of one short line on an ``O_APPEND`` descriptor, so lines of writers in other
+        processes never interleave. A line torn by a crash is ignored by its readers; the next
+        writer starts on a new line.
+        """
+        if not self._journal_ok:
+            return
+        try:
+            st = os.stat(final)
+            line = f"{final.name} {st.st_ino} {st.st_mtime_ns} {' '.join(self._buffers)}\n".encode()
+            if self._journal_fd is None:
+                flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+                fd = os.open(self.root / JOURNAL_NAME, flags, 0o644)
+                self._journal_fd = fd
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise OSError(errno.EINVAL, "not a regular file")
+                if st.st_size and os.pread(fd, 1, st.st_size - 1) != b"\n":
+                    line = b"\n" + line  # a torn line of a killed writer: start a new one
+            if os.write(self._journal_fd, line) != len(line):
+                raise OSError(errno.ENOSPC, "short write")
+            if self.fsync:
+                os.fsync(self._journal_fd)
+        except OSError as exc:
+            log.warning("%s: not recorded in %s (%s); build-manifest lists the shard's directory instead",
+                        final, JOURNAL_NAME, exc.strerror or exc)
+            self._journal_ok = False
+            self._close_journal()
+
+    def _close_journal(self) -> None:
+        if self._journal_fd is not None:
+            os.close(self._journal_fd)
+            self._journal_fd = None
 
     def close(self) -> None:
         """Write the buffered samples as the writer's last (possibly short) shard."""
@@ -380,12 +431,14 @@ class ShardWriter:
             self._write_shard(k, self._fill)
         self._closed = True
         self._buffers = {}
+        self._close_journal()
 
     def abort(self) -> None:
         """Drop buffered samples without writing them; complete shards stay as they are."""
         self._closed = True
         self._fill = 0
         self._buffers = {}
+        self._close_journal()
 
     def __enter__(self) -> ShardWriter:
         return self

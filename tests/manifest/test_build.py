@@ -12,6 +12,7 @@ import pytest
 
 from shardstore import ManifestError, ShardStore, build_manifest
 from shardstore.manifest.model import Manifest
+from shardstore.store.reader import load_manifest
 from tests.conftest import sample_arrays, write_flat, write_native
 
 
@@ -44,20 +45,36 @@ def test_round_trip_both_layouts(tmp_path: Path, layout: str) -> None:
 def test_flat_ids_are_numbers_and_field_names_may_hold_underscores(tmp_path: Path) -> None:
     root = tmp_path / "c"
     root.mkdir()
-    for shard_id in (7, 12):
-        np.save(root / f"teacher_logits_{shard_id}.npy", np.zeros((3, 5), np.float16))
-        np.save(root / f"images_{shard_id:05d}.npy", np.zeros((3, 2), np.uint8))
+    for shard_id, digits in ((7, 5), (12, 2)):
+        np.save(root / f"teacher_logits_{shard_id:0{digits}d}.npy", np.full((3, 5), shard_id, np.float16))
+        np.save(root / f"images_{shard_id:0{digits}d}.npy", np.zeros((3, 2), np.uint8))
     m = build_manifest(root).manifest
     assert [s.id for s in m.shards] == [7, 12] and sorted(m.fields) == ["images", "teacher_logits"]
+    assert m.shards[0].files["teacher_logits"].path == "teacher_logits_00007.npy"
+    assert ShardStore.open(root).sample(3)["teacher_logits"].tolist() == [12] * 5
+
+
+def test_a_flat_shard_whose_files_write_its_id_in_two_widths_is_left_out(tmp_path: Path) -> None:
+    # The table derives every path from one id width per shard: images_00007 and labels_7 cannot both be found.
+    root = write_flat(tmp_path / "c", 8, 4)
+    os.rename(root / "labels_000001.npy", root / "labels_1.npy")
+    report = build_manifest(root)
+    assert [s.id for s in report.manifest.shards] == [0]
+    assert [str(p) for p in report.problems] == [
+        "labels_1.npy: its id is written with 1 digits, feats_000001.npy with 6; rename one so a shard's files share "
+        "one width; the shard is left out"]
 
 
 def test_json_round_trip_and_relative_paths(native_cache: Path) -> None:
     m = build_manifest(native_cache, checksum=True).manifest
     doc = json.loads((native_cache / "manifest.json").read_text())
-    assert doc["format"] == "shardstore-manifest" and doc["version"] == 2
-    assert doc["shards"][0]["files"]["images"]["path"] == "shard_000000/images.npy"
-    again = Manifest.from_json(m.to_json())
-    assert again.to_json() == m.to_json() and again.snapshot_id == m.snapshot_id
+    assert doc["format"] == "shardstore-manifest" and doc["version"] == 3
+    assert doc["layouts"]["native"] == "shard_{id}/{field}.npy" and doc["table"].startswith("manifest.d/")
+    read = load_manifest(native_cache)
+    assert read == m and read.snapshot_id == m.snapshot_id
+    assert read.shards[0].files["images"].path == "shard_000000/images.npy"
+    again = Manifest.from_json(m.to_json())  # the format-2 document (all JSON) says the same
+    assert again.format_version == 2 and again.to_json() == m.to_json() and again.snapshot_id == m.snapshot_id
     assert all(f.checksum.startswith("sha256:") for s in again.shards for f in s.files.values())
 
 
@@ -209,11 +226,12 @@ def test_growing_cache_is_rebuilt_incrementally(tmp_path: Path) -> None:
     assert first.headers_read == 6 and first.files_reused == 0
     write_native(root, 12, 4, start_shard=2)  # a second writer adds shards 2, 3, 4
     second = build_manifest(root)
-    # Every header is read (a page each): nothing is taken from the old manifest unchecked.
-    assert second.headers_read == 15 and second.files_reused == 6
+    # The 9 files of the new shards, and one file per field of a kept shard to check the table against;
+    # a stat for each file and directory of the kept shards.
+    assert second.headers_read == 9 + 3 and second.files_reused == 6 and second.paths_compared == 6 + 2
     assert [s.id for s in second.manifest.shards] == [0, 1, 2, 3, 4] and second.manifest.num_samples == 20
     third = build_manifest(root)
-    assert third.headers_read == 15 and third.files_reused == 15
+    assert third.headers_read == 3 and third.files_reused == 15 and third.unchanged
     assert third.manifest.snapshot_id == second.manifest.snapshot_id
 
 
@@ -229,7 +247,7 @@ def test_new_file_content_without_recorded_checksum_is_read_again(native_cache: 
 def test_full_rebuild_reads_every_header(native_cache: Path) -> None:
     build_manifest(native_cache)
     full = build_manifest(native_cache, incremental=False)
-    assert full.headers_read == 9 and full.files_reused == 0
+    assert full.headers_read == 9 and full.files_reused == 0 and full.paths_compared == 0 and not full.unchanged
 
 
 def test_corrupt_previous_manifest_means_full_rebuild(native_cache: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -240,16 +258,20 @@ def test_corrupt_previous_manifest_means_full_rebuild(native_cache: Path, caplog
 
 def test_manifest_write_is_atomic_and_leaves_no_temporary(native_cache: Path) -> None:
     build_manifest(native_cache)
+    write_native(native_cache, 4, 4, start_shard=3, journal=True)
     build_manifest(native_cache)
-    assert [p.name for p in native_cache.iterdir() if p.name.startswith(".")] == []
+    hidden = [p.name for p in native_cache.iterdir() if p.name.startswith(".")]
+    assert hidden == [".shardstore-journal"]  # the writers' journal, not a temporary
+    assert [p.name for p in (native_cache / "manifest.d").iterdir() if p.name.startswith(".")] == []
 
 
 def test_reading_never_modifies_shards(native_cache: Path) -> None:
-    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in native_cache.rglob("*.npy")}
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in native_cache.glob("shard_*/*.npy")}
     build_manifest(native_cache, checksum=True)
+    build_manifest(native_cache)
     store = ShardStore.open(native_cache)
     _ = [store.sample(i) for i in range(store.num_samples)]
-    assert before == {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in native_cache.rglob("*.npy")}
+    assert before == {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in native_cache.glob("shard_*/*.npy")}
 
 
 @pytest.mark.parametrize(
