@@ -1,4 +1,5 @@
-"""Benchmarks of ``build_manifest``: header-only scans of many shards, and full checksums against a sha256 ceiling.
+"""Benchmarks of ``build_manifest``: header scans of many small shards against a plain stat + read loop, incremental
+builds (nothing changed, 100 new shards), and full checksums against a sha256 ceiling.
 
 "warm" runs read files already in the page cache (they were just written, and one warm-up
 round is run first), so they measure hashing and Python overhead, not the disk. "cold" runs
@@ -12,19 +13,25 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+import numpy as np
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from shardstore import BuildReport, build_manifest
+from shardstore import BuildReport, ShardWriter, build_manifest
 
 if TYPE_CHECKING:
     from conftest import BenchCache
 
 CHUNK = 8 << 20
+BATCH = 2048  # samples per add_batch call
+TINY_SHARD = 4  # samples per shard of the small-shard cache
 T = TypeVar("T")
 Rate = Callable[..., float | None]  # the ``rate`` fixture of conftest.py
 ROUNDS = 3
@@ -63,27 +70,145 @@ def run(benchmark: BenchmarkFixture, target: Callable[[], T], state: str, files:
     return benchmark.pedantic(target, rounds=ROUNDS, warmup_rounds=1)
 
 
+# -- header scans and incremental builds of a cache of many small shards ---------------------------------------
+#
+# A real native cache written by ShardWriter (with its journal) of SHARDSTORE_BENCH_SHARDS shards of 4 samples
+# (uint8 3x8x8 images, int64 labels): two files per shard, each a header and a few hundred bytes, so a build is
+# bound by system calls and Python, not by the disk. Written once per module (the time is in extra_info).
+
+NEW_SHARDS = 100
+INCREMENTAL_ROUNDS = 5  # these take about a second: more rounds steady the median on a shared machine
+_medians: dict[str, float] = {}  # median seconds of the tests of this module that ran, by name
+
+
+@dataclass(frozen=True)
+class SmallShards:
+    root: Path
+    num_shards: int
+    files: tuple[str, ...]  # every field file, sorted
+    written_s: float
+
+
+def _write_small(root: Path, num_shards: int, start_shard: int = 0) -> None:
+    images = np.zeros((BATCH, 3, 8, 8), np.uint8)
+    total = num_shards * TINY_SHARD
+    with ShardWriter(root, shard_size=TINY_SHARD, start_shard=start_shard, fsync=False, journal=True) as writer:
+        for start in range(0, total, BATCH):
+            n = min(BATCH, total - start)
+            writer.add_batch({"images": images[:n], "labels": np.arange(start, start + n)})
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory: pytest.TempPathFactory) -> SmallShards:
+    """SHARDSTORE_BENCH_SHARDS (default 10000) shards of 4 tiny samples, written once for this module."""
+    num_shards = int(os.environ.get("SHARDSTORE_BENCH_SHARDS", 10_000))
+    root = tmp_path_factory.mktemp("small_shards")
+    started = time.perf_counter()
+    _write_small(root, num_shards)
+    os.sync()  # write back now, so background writeback does not disturb the timed rounds (pages stay cached)
+    files = tuple(sorted(os.path.join(d.path, f) for d in os.scandir(root) if d.name.startswith("shard_")
+                         for f in ("images.npy", "labels.npy")))
+    return SmallShards(root, num_shards, files, time.perf_counter() - started)
+
+
+def _record(benchmark: BenchmarkFixture, cache: SmallShards, name: str, files: int | None = None) -> None:
+    """Median seconds (and files/s) into extra_info and this module's table of medians."""
+    benchmark.extra_info["shards"] = cache.num_shards
+    benchmark.extra_info["cache written in s"] = round(cache.written_s, 1)
+    if benchmark.stats is None:
+        return
+    median = benchmark.stats.stats.median
+    _medians[name] = median
+    benchmark.extra_info["median s"] = round(median, 4)
+    if files is not None:
+        benchmark.extra_info["files/s"] = round(files / median)
+
+
+def _no_manifest(root: Path) -> None:
+    (root / "manifest.json").unlink(missing_ok=True)
+    shutil.rmtree(root / "manifest.d", ignore_errors=True)
+
+
+def stat_and_read(files: Sequence[str]) -> int:
+    """The baseline: what a build must learn of each file, in the plainest loop: ``os.stat`` and its first 128 bytes."""
+    n = 0
+    for path in files:
+        os.stat(path)
+        fd = os.open(path, os.O_RDONLY)
+        n += len(os.read(fd, 128))
+        os.close(fd)
+    return n
+
+
+def stat_and_open(files: Sequence[str]) -> int:
+    """The same with Python's file objects (``open(path, "rb").read(128)``)."""
+    n = 0
+    for path in files:
+        os.stat(path)
+        with open(path, "rb") as f:
+            n += len(f.read(128))
+    return n
+
+
 @pytest.mark.benchmark(group="manifest scan")
-def test_scan_headers(benchmark: BenchmarkFixture, rate: Rate, many_shards_cache: BenchCache) -> None:
-    cache = many_shards_cache
-    report = benchmark.pedantic(lambda: build_manifest(cache.root, incremental=False, write=False), rounds=ROUNDS)
-    assert not report.problems
-    assert len(report.manifest.shards) == cache.num_shards
-    assert report.manifest.num_samples == cache.num_samples
+@pytest.mark.parametrize("loop", [stat_and_read, stat_and_open], ids=["os.read", "open"])
+def test_stat_and_read_baseline(benchmark: BenchmarkFixture, small_shards: SmallShards, loop) -> None:
+    cache = small_shards
+    assert benchmark.pedantic(lambda: loop(cache.files), rounds=ROUNDS, warmup_rounds=1) == 128 * len(cache.files)
+    _record(benchmark, cache, f"baseline {loop.__name__}", len(cache.files))
+
+
+@pytest.mark.benchmark(group="manifest scan")
+@pytest.mark.parametrize("mode", ["scratch", "full"])
+def test_build_reads_every_header(benchmark: BenchmarkFixture, small_shards: SmallShards, mode: str) -> None:
+    """No manifest yet (the journal spares listing each directory), or ``--full`` (every directory listed)."""
+    cache = small_shards
+    _no_manifest(cache.root)
+    report = benchmark.pedantic(lambda: build_manifest(cache.root, incremental=mode == "scratch", write=False),
+                                rounds=ROUNDS, warmup_rounds=1)
+    assert not report.problems and report.manifest.num_shards == cache.num_shards
     assert report.headers_read == len(cache.files) == 2 * cache.num_shards
-    rate("shards/s", cache.num_shards)
+    _record(benchmark, cache, mode, len(cache.files))
+    for loop in ("stat_and_read", "stat_and_open"):
+        base = _medians.get(f"baseline {loop}")
+        if base is not None and benchmark.stats is not None:
+            benchmark.extra_info[f"of baseline {loop}"] = round(base / benchmark.stats.stats.median, 3)
 
 
-@pytest.mark.benchmark(group="manifest scan")
-def test_scan_incremental(benchmark: BenchmarkFixture, rate: Rate, many_shards_cache: BenchCache) -> None:
-    cache = many_shards_cache
+@pytest.mark.benchmark(group="manifest incremental")
+def test_build_with_nothing_changed(benchmark: BenchmarkFixture, small_shards: SmallShards) -> None:
+    """One stat per file and shard directory against the table, one header per field: no file written."""
+    cache = small_shards
     build_manifest(cache.root)
-    report = benchmark.pedantic(lambda: build_manifest(cache.root, write=False), rounds=ROUNDS)
-    assert not report.problems
-    assert len(report.manifest.shards) == cache.num_shards
-    assert report.headers_read == 2 * cache.num_shards  # every header is re-checked against the old entry
-    assert report.files_reused == 2 * cache.num_shards
-    rate("shards/s", cache.num_shards)
+    report = benchmark.pedantic(lambda: build_manifest(cache.root), rounds=INCREMENTAL_ROUNDS, warmup_rounds=1)
+    assert report.unchanged and report.headers_read == 2 and report.files_reused == len(cache.files)
+    assert report.paths_compared == len(cache.files) + cache.num_shards  # each file and each shard directory
+    _record(benchmark, cache, "unchanged")
+    benchmark.extra_info["stat calls"] = report.paths_compared
+    benchmark.extra_info["target s"] = 1.0
+
+
+@pytest.mark.benchmark(group="manifest incremental")
+def test_build_with_new_shards(benchmark: BenchmarkFixture, small_shards: SmallShards) -> None:
+    """NEW_SHARDS shards written since the last build: their headers read, the table merged and written."""
+    cache = small_shards
+    added = [cache.root / f"shard_{i:06d}" for i in range(cache.num_shards, cache.num_shards + NEW_SHARDS)]
+
+    def setup() -> None:  # back to the cache as written, built; then the new shards arrive
+        for path in added:
+            shutil.rmtree(path, ignore_errors=True)
+        build_manifest(cache.root)
+        _write_small(cache.root, NEW_SHARDS, start_shard=cache.num_shards)
+
+    report = benchmark.pedantic(lambda: build_manifest(cache.root), setup=setup, rounds=INCREMENTAL_ROUNDS)
+    assert report.headers_read == 2 * NEW_SHARDS + 2 and report.manifest.num_shards == cache.num_shards + NEW_SHARDS
+    assert report.manifest.columns["since"][-NEW_SHARDS:].tolist() == [report.manifest.generation] * NEW_SHARDS
+    _record(benchmark, cache, "new shards")
+    benchmark.extra_info["new shards"] = NEW_SHARDS
+    benchmark.extra_info["target s"] = 1.0
+    for path in added:
+        shutil.rmtree(path)
+    build_manifest(cache.root)
 
 
 @pytest.mark.benchmark(group="checksum")

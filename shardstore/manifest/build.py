@@ -1,10 +1,9 @@
-"""``build_manifest``: discover shards, validate their headers (incrementally), and write ``manifest.json`` atomically."""
+"""``build_manifest``: discover shards, validate their headers (incrementally), and write the manifest atomically."""
 
 from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,16 +11,24 @@ from pathlib import Path
 import numpy as np
 
 from shardstore.errors import ManifestError
-from shardstore.manifest.bulk import Preread, Signature, read_bulk
+from shardstore.manifest.bulk import Preread, read_bulk
 from shardstore.manifest.changes import find_changes
 from shardstore.manifest.checksum import checksum_files
 from shardstore.manifest.discover import LEFT_OUT, Candidate, discover_shards, list_root
+from shardstore.manifest.fields import (
+    Read,
+    ShardsRead,
+    digits,
+    fill_rows,
+    majority_specs,
+    own,
+)
 from shardstore.manifest.journal import Journal, read_journal
 from shardstore.manifest.previous import Previous, previous_manifest
 from shardstore.manifest.scan import FileInfo, Scan, one_line
 from shardstore.manifest.table import Rows, column_dtypes, kept_columns, merge, take
 from shardstore.store.atomic import remove_stale_temporaries
-from shardstore.store.groups import GroupSpec, read_group_specs
+from shardstore.store.groups import read_group_specs
 from shardstore.store.layout import MANIFEST_NAME, OUTSIDE_ROOT_FIX, OutsideRootError
 from shardstore.store.manifest import FieldSpec, Manifest, Problem
 from shardstore.store.snapshot import manifest_path, write_manifest
@@ -122,16 +129,13 @@ class _Build:
         self.report = BuildReport(Manifest({}, []), None)
         self._journal: Journal | None = None
         self._journal_dirs = 0
-        #: shards read one by one: id -> (candidate, own files, group files) or the problem that left it out
-        self.read: dict[int, tuple[Candidate, dict[str, FileInfo], dict[str, FileInfo | str]] | Problem] = {}
-        #: shards read in bulk, by signature
-        self.sigs: dict[tuple, Signature] = {}
+        self.shards = ShardsRead(groups)
         self.read_ids: set[int] = set()
         self.problems: list[Problem] = []
         self.discovered: set[tuple] = set()
 
     def journal(self, num_dirs: int) -> Journal | None:
-        """The writers' journal, if it saves listing ``num_dirs`` directories (not for ``--full``: it lists them all)."""
+        """The writers' journal, if it saves listing ``num_dirs`` directories (``--full`` lists them all)."""
         if not self.incremental or not num_dirs:
             return None
         if self._journal is None or (not len(self._journal) and num_dirs > self._journal_dirs):
@@ -160,21 +164,21 @@ class _Build:
             raise ManifestError(
                 f"no shards in {self.root}; expected shard_<id>/<field>.npy directories or <field>_<id>.npy files"
             )
-        specs, ignored = self._majority_specs(kept, base)
-        if base is not None and kept and specs != _own(base.fields):
+        specs, ignored = majority_specs(self.shards, kept, base)
+        if base is not None and kept and specs != own(base.fields):
             log.info("the shards read change the cache's fields (%s); every header is read",
                      ", ".join(f"{n} {s.describe()}" for n, s in specs.items()))
             base, keep, kept = None, np.zeros(0, bool), 0
             self._discover_and_read(self.entries)
-            specs, ignored = self._majority_specs(0, None)
+            specs, ignored = majority_specs(self.shards, 0, None)
         self.report.ignored_fields = ignored
-        if (self.sigs or any(not isinstance(r, Problem) for r in self.read.values())) and not specs:
+        if self.shards.any_good() and not specs:
             raise ManifestError(f"the shards in {self.root} hold only fields of declared groups "
                                 f"({', '.join(sorted(self.groups))}); a cache needs its own fields (e.g. images) "
                                 "besides the groups added to it")
         specs |= self.group_specs
-        rows = self._rows(specs)
-        problems = self.problems + [r for r in self.read.values() if isinstance(r, Problem)]
+        rows = fill_rows(self.shards, specs, self.report.incomplete_groups)
+        problems = self.problems + self.shards.left_out()
         self._report_changed()
         if base is not None and kept:
             self.report.files_reused += int(sum((base.has(n) & keep).sum() for n in base.fields))
@@ -202,8 +206,10 @@ class _Build:
             return None
         base = prev.manifest
         for name, spec in base.fields.items():
-            if spec.group is not None and self.group_specs.get(name) != spec or spec.group is None and name in self.group_specs:
-                log.info("field %r is declared differently than when the manifest was built; every header is read", name)
+            declared = self.group_specs.get(name)
+            if (declared != spec) if spec.group is not None else (declared is not None):
+                log.info("field %r is declared differently than when the manifest was built; every header is read",
+                         name)
                 return None
         return base
 
@@ -228,8 +234,8 @@ class _Build:
                 what = f"{info.dtype}{list(info.shape)} at offset {info.header.data_offset}"
             else:
                 what = f"{info}" if info is not None else "gone"
-            log.warning("%s: the manifest's table says %s%s at offset %d, the file holds %s; every header is read again",
-                        rel, spec.dtype, list(table[1]), table[2], what)
+            log.warning("%s: the manifest's table says %s%s at offset %d, the file holds %s; every header is read "
+                        "again", rel, spec.dtype, list(table[1]), table[2], what)
             return False
         return True
 
@@ -248,28 +254,31 @@ class _Build:
         self.read_ids.update(c.id for c in todo)
 
         def careful(cand: Candidate, pre: Preread) -> None:
-            self.read[cand.id] = self._read_shard(cand, pre)
+            self.shards.one_by_one[cand.id] = self._read_shard(cand, pre)
 
+        sigs = self.shards.signatures
         for key, sig in read_bulk(self.scan, todo, set(self.group_specs), careful).items():
-            if key in self.sigs:  # read by an earlier pass: the same headers
-                old = self.sigs[key]
+            if key in sigs:  # read by an earlier pass: the same headers
+                old = sigs[key]
                 old.cands += sig.cands
                 for i in range(len(sig.names)):
                     old.mtimes[i] += sig.mtimes[i]
                     old.labels[i] += sig.labels[i]
             else:
-                self.sigs[key] = sig
+                sigs[key] = sig
         self.scan.label_ranges()
 
-    def _read_shard(self, cand: Candidate, pre: Preread | None = None
-                    ) -> tuple[Candidate, dict[str, FileInfo], dict[str, FileInfo | str]] | Problem:
+    def _read_shard(self, cand: Candidate, pre: Preread | None = None) -> Read | Problem:
         """Read one shard file by file (what was read of it already is ``pre``), naming the first problem."""
         shard_id = cand.id
         files: dict[str, FileInfo] = {}
         extra: dict[str, FileInfo | str] = {}
         for name, rel in sorted(cand.files.items()):
             got = pre.get(name) if pre is not None else None
-            result = self.scan.read(rel, shard_id, name) if got is None else self.scan.examine(rel, shard_id, name, *got)
+            if got is None:
+                result = self.scan.read(rel, shard_id, name)
+            else:
+                result = self.scan.examine(rel, shard_id, name, *got)
             if isinstance(result, OutsideRootError):
                 if name in self.group_specs:
                     result = f"resolves to {result.real}, outside the cache root; {OUTSIDE_ROOT_FIX}"
@@ -290,119 +299,18 @@ class _Build:
             long = max(lengths, key=lengths.__getitem__)
             return Problem(files[short].rel, f"{lengths[short]:,} samples, but {files[long].rel} has {lengths[long]:,} "
                                              f"(fields of unequal length); {LEFT_OUT}", shard_id)
-        widths = {_digits(rel, "flat"): rel for rel in sorted(cand.files.values())} if cand.layout == "flat" else {}
-        if len(widths) > 1:
-            first = min(cand.files.values())
-            odd = next(r for r in sorted(cand.files.values()) if _digits(r, "flat") != _digits(first, "flat"))
-            return Problem(odd, f"its id is written with {_digits(odd, 'flat')} digits, {first} with "
-                                f"{_digits(first, 'flat')}; rename one so a shard's files share one width; {LEFT_OUT}",
-                           shard_id)
+        names = sorted(cand.files.values()) if cand.layout == "flat" else []
+        odd = next((r for r in names if digits(r, "flat") != digits(names[0], "flat")), None)
+        if odd is not None:
+            return Problem(odd, f"its id is written with {digits(odd, 'flat')} digits, {names[0]} with "
+                                f"{digits(names[0], 'flat')}; rename one so a shard's files share one width; "
+                                f"{LEFT_OUT}", shard_id)
         return cand, files, extra
-
-    def _majority_specs(self, kept: int, base: Manifest | None) -> tuple[dict[str, FieldSpec], dict[str, int]]:
-        """Fields present in at least half of the shards, each with its most common dtype and per-sample shape.
-
-        ``kept`` rows of ``base`` (not read again) vote for the table's own fields as they are.
-        """
-        presence: Counter[str] = Counter()
-        votes: dict[str, Counter] = {}
-        total = kept
-
-        def vote(name: str, dtype: np.dtype, shape: tuple[int, ...], count: int) -> None:
-            presence[name] += count
-            votes.setdefault(name, Counter())[(dtype.str, shape)] += count
-
-        if base is not None and kept:
-            for name, spec in _own(base.fields).items():
-                vote(name, spec.dtype, spec.shape, kept)
-        for result in self.read.values():
-            if not isinstance(result, Problem):
-                total += 1
-                for name, info in result[1].items():
-                    vote(name, info.header.dtype, info.header.shape[1:], 1)
-        for sig in self.sigs.values():
-            total += len(sig.cands)
-            for name, parsed in zip(sig.names, sig.parsed):
-                if name not in self.group_specs:
-                    vote(name, parsed.header.dtype, parsed.header.shape[1:], len(sig.cands))
-        required = sorted(n for n, c in presence.items() if 2 * c >= total)
-        ignored = {n: c for n, c in sorted(presence.items()) if 2 * c < total}
-        specs = {}
-        for name in required:
-            (dtype, shape), _ = votes[name].most_common(1)[0]
-            specs[name] = FieldSpec(np.dtype(dtype), shape)
-        return specs, ignored
-
-    def _check(self, cand: Candidate, own: list[tuple[str, FieldSpec]], files: dict) -> Problem | None:
-        """Why a shard whose own files are ``files`` (name: FileInfo) does not fit ``own``, or None."""
-        for name, spec in own:
-            info = files.get(name)
-            if info is None:
-                return Problem(_missing_name(cand, name), f"field {name!r} is missing (the other shards have it); "
-                                                          f"{LEFT_OUT}", cand.id)
-            if info.header.dtype != spec.dtype:
-                return Problem(info.rel, f"dtype {info.dtype}, but the other shards' {name!r} is {spec.dtype}; "
-                                         f"{LEFT_OUT}", cand.id)
-            if info.header.shape[1:] != spec.shape:
-                return Problem(info.rel, f"per-sample shape {list(info.shape[1:])}, but the other shards' {name!r} "
-                                         f"is {list(spec.shape)}; {LEFT_OUT}", cand.id)
-        return None
-
-    def _rows(self, specs: dict[str, FieldSpec]) -> Rows:
-        """Check each shard read against ``specs`` and fill its table row; the shards that fail are left out."""
-        rows = Rows(specs)
-        own = [(n, s) for n, s in specs.items() if s.group is None]
-        if not own:
-            return rows
-        for shard_id, result in list(self.read.items()):
-            if isinstance(result, Problem):
-                continue
-            cand, files, extra = result
-            bad = self._check(cand, own, files)
-            if bad is not None:
-                self.read[shard_id] = bad
-                continue
-            num_samples = files[own[0][0]].header.shape[0]
-            entries = {n: files[n] for n, _ in own}
-            for g in self.groups.values():
-                entries |= _group_files(g, extra, cand, num_samples, self.report.incomplete_groups, shard_id)
-            rows.add(shard_id, num_samples, cand.layout, _digits(cand.where, cand.layout), entries)
-        for sig in self.sigs.values():
-            self._sig_rows(sig, own, rows)
-        return rows
-
-    def _sig_rows(self, sig: Signature, own: list[tuple[str, FieldSpec]], rows: Rows) -> None:
-        """The rows of a signature's shards: checked once with its first shard, named shard by shard if they fail."""
-        def infos(cand: Candidate, i_of: dict[str, int], k: int) -> dict[str, FileInfo]:
-            return {n: FileInfo(cand.files[n], sig.parsed[i].file_bytes, sig.mtimes[i][k], sig.parsed[i].header,
-                                None, None, False) for n, i in i_of.items()}
-
-        own_i = {n: i for i, n in enumerate(sig.names) if n not in self.group_specs}
-        group_i = {n: i for i, n in enumerate(sig.names) if n in self.group_specs}
-        first = sig.cands[0]
-        if self._check(first, own, infos(first, own_i, 0)) is not None:
-            for k, cand in enumerate(sig.cands):
-                self.read[cand.id] = self._check(cand, own, infos(cand, own_i, k))  # type: ignore[assignment]
-            return
-        num_samples = sig.parsed[own_i[own[0][0]]].header.shape[0]
-        names = [n for n, _ in own]
-        for g in self.groups.values():
-            trial: list[Problem] = []
-            if _group_files(g, infos(first, group_i, 0), first, num_samples, trial, first.id):
-                names += list(g.fields)
-            elif trial:  # every shard of the signature lacks the group for the same reason
-                for k, cand in enumerate(sig.cands):
-                    _group_files(g, infos(cand, group_i, k), cand, num_samples, self.report.incomplete_groups, cand.id)
-        index = {n: i for i, n in enumerate(sig.names)}
-        rows.add_many([c.id for c in sig.cands], num_samples, sig.layout, sig.digits,
-                      {n: (sig.parsed[index[n]].header.data_offset, sig.mtimes[index[n]], sig.value_ranges(index[n]))
-                       for n in names})
 
     def _table(self, specs: dict[str, FieldSpec], base: Manifest | None, keep: np.ndarray, rows: Rows
                ) -> tuple[dict[str, np.ndarray], bool]:
         """The new table: kept rows of ``base`` merged with ``rows``; and whether it is ``base``'s table unchanged."""
-        old_digests = {n.rsplit(".", 1)[0] for n in base.columns if n.endswith(".sha256")} if base is not None else set()
-        layout = column_dtypes(specs, old_digests | rows.digests())
+        layout = column_dtypes(specs, _digests(base.columns if base is not None else {}) | rows.digests())
         new = rows.columns(layout, self.previous.since(np.asarray(rows.ids, np.int64), self.generation))
         if len(rows.ids) > 1 and not bool((np.diff(new["id"]) > 0).all()):  # bulk and careful rows interleave
             new = take(new, np.argsort(new["id"], kind="stable"))
@@ -413,7 +321,8 @@ class _Build:
         return merge(kept_columns(base.columns, np.flatnonzero(keep), layout), new), False
 
     def _report_changed(self) -> None:
-        fix = f"restore the file, or accept its new content with `shardstore build-manifest --full --checksum {self.root}`"
+        fix = ("restore the file, or accept its new content with "
+               f"`shardstore build-manifest --full --checksum {self.root}`")
         self.report.headers_read = self.scan.headers_read
         self.report.files_reused = self.scan.reused
         for rel, why in self.scan.changed:
@@ -427,7 +336,7 @@ class _Build:
         todo = [(p, name) for name in specs for p in np.flatnonzero(m.has(name) & ~m.checksummed(name)).tolist()]
         if not todo:
             return cols
-        layout = column_dtypes(specs, {n for _, n in todo} | {c.rsplit(".", 1)[0] for c in cols if c.endswith(".sha256")})
+        layout = column_dtypes(specs, {n for _, n in todo} | _digests(cols))
         cols = {n: (cols[n] if n in cols else np.zeros((m.num_shards, *layout[n][1]), layout[n][0])) for n in layout}
         paths = {(p, name): self.root / m.file_path(p, name) for p, name in todo}
         digests = checksum_files(paths.values(), progress=progress, resolved_root=os.path.realpath(self.root))
@@ -456,41 +365,6 @@ class _Build:
             remove_stale_temporaries(self.root, MANIFEST_NAME)
 
 
-def _own(fields: dict[str, FieldSpec]) -> dict[str, FieldSpec]:
-    return {n: f for n, f in fields.items() if f.group is None}
-
-
-def _digits(where: str, layout: str) -> int:
-    """Width of the id in a shard's name (``shard_000042`` is 6, ``images_42.npy`` is 2)."""
-    name = where if layout == "native" else where[: -len(".npy")]
-    return len(name.rsplit("_", 1)[1])
-
-
-def _missing_name(cand: Candidate, name: str) -> str:
-    if cand.layout == "native":
-        return f"{cand.where}/{name}.npy"
-    return f"{name}_{str(cand.id).zfill(_digits(cand.where, 'flat'))}.npy"
-
-
-def _group_files(group: GroupSpec, found: dict[str, FileInfo | str], cand: Candidate, num_samples: int,
-                 incomplete: list[Problem], shard_id: int) -> dict[str, FileInfo]:
-    """The group's files of one shard if every one is there and as declared, else none (with the reason)."""
-    if not any(name in found for name in group.fields):
-        return {}
-    fix = f"the shard is used without group {group.name!r}; write the group's files again"
-    for name, (dtype, shape) in group.fields.items():
-        info = found.get(name)
-        reason = None
-        if info is None:
-            reason = "missing (the group's other files are there)"
-        elif isinstance(info, str):
-            reason = info
-        elif info.dtype != dtype or info.shape[1:] != shape:
-            reason = f"is {info.dtype}{list(info.shape[1:])}, the group declares {dtype}{list(shape)}"
-        elif info.shape[0] != num_samples:
-            reason = f"has {info.shape[0]:,} rows, the shard {num_samples:,}"
-        if reason is not None:
-            path = info.rel if isinstance(info, FileInfo) else cand.files.get(name, _missing_name(cand, name))
-            incomplete.append(Problem(path, f"{reason}; {fix}", shard_id))
-            return {}
-    return {name: found[name] for name in group.fields}  # type: ignore[misc]
+def _digests(columns: dict[str, np.ndarray]) -> set[str]:
+    """Fields with a checksum column."""
+    return {n.rsplit(".", 1)[0] for n in columns if n.endswith(".sha256")}

@@ -68,7 +68,7 @@ def digits_of(cand: Candidate) -> int:
 
 def read_bulk(scan: Scan, cands: Iterable[Candidate], group_fields: set[str],
               careful: Callable[[Candidate, Preread], None]) -> dict[tuple, Signature]:
-    """Read every candidate; shards that pass the per-file checks are grouped by signature, the others go to ``careful``.
+    """Read every candidate; shards passing the per-file checks are grouped by signature, the others go to ``careful``.
 
     A signature whose own files differ in row count, or a flat shard whose files write its id
     in two widths, goes to ``careful`` as well (it names them shard by shard).

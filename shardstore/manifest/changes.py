@@ -1,4 +1,4 @@
-"""Which rows of the previous table still describe their files: the root's listing and one ``stat`` per file, vectorized.
+"""Which rows of the previous table still describe their files: the root's listing and a ``stat`` per file, vectorized.
 
 The names a table implies (``shard_<id>`` directories, ``<field>_<id>.npy`` files) and the
 size each file must have (``offset + samples * sample_bytes``) are built from its columns with

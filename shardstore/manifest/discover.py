@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 
 from shardstore.manifest.journal import Journal
@@ -82,7 +83,7 @@ def discover_shards(root: Path, entries: list[os.DirEntry] | None = None, *,
     found: dict[int, Candidate] = {}
     conflicts: dict[int, Problem] = {}
     problems: list[Problem] = []
-    for entry in sorted(list_root(root) if entries is None else entries, key=lambda e: e.name):
+    for entry in sorted(list_root(root) if entries is None else entries, key=attrgetter("name")):
         name = entry.name
         # A name that matches either pattern is never a temporary one (no leading dot, no ".tmp", ends in a digit
         # or ".npy"), so temporaries fall through both tests.
@@ -102,7 +103,7 @@ def discover_shards(root: Path, entries: list[os.DirEntry] | None = None, *,
                 except OSError:  # gone meanwhile: listed below, which says so
                     recorded = None
             if recorded is not None:
-                files, inner_escape = {f: f"{name}/{f}.npy" for f in recorded}, None
+                files, inner_escape = dict(recorded), None
             else:
                 files, inner_escape = ({}, None) if escape else _native_files(resolved_root, entry.path, name)
             if escape or inner_escape:

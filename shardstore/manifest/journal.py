@@ -43,20 +43,19 @@ class Journal:
     def __len__(self) -> int:
         return len(self._lines)
 
-    def fields(self, dir_name: str, inode: int, mtime_ns: int) -> list[str] | None:
-        """The field names recorded for ``dir_name`` if its line is well-formed and names this inode and mtime."""
+    def fields(self, dir_name: str, inode: int, mtime_ns: int) -> tuple[tuple[str, str], ...] | None:
+        """``(field, path)`` of each file recorded for ``dir_name`` if its line is well-formed and names this inode
+        and mtime, else None."""
         rest = self._lines.get(dir_name.encode())
         if rest is None:
             return None
-        parts = rest.split(b" ", 2)
-        if len(parts) < 3 or not parts[0].isdigit() or not parts[1].isdigit():
+        stamp = b"%d %d " % (inode, mtime_ns)
+        if not rest.startswith(stamp):
             return None
-        if int(parts[0]) != inode or int(parts[1]) != mtime_ns:
-            return None
-        names = self._names.get(parts[2])
+        names = self._names.get(rest[len(stamp):])
         if names is None:  # shards of one writer share their names: each distinct list is checked once
-            names = self._names[parts[2]] = _field_names(parts[2])
-        return names or None
+            names = self._names[rest[len(stamp):]] = _field_names(rest[len(stamp):])
+        return tuple((n, f"{dir_name}/{n}.npy") for n in names) if names else None
 
 
 def _field_names(text: bytes) -> list[str]:

@@ -120,7 +120,7 @@ def previous_manifest(root: Path) -> Previous:
 
 
 def salvage(root: Path) -> tuple[dict[str, FileEntry], bool]:
-    """Well-formed (path, bytes, mtime, checksum) entries of a manifest that failed validation; the first of a path wins.
+    """Well-formed (path, bytes, mtime, checksum) entries of a refused manifest; the first of a path wins.
 
     Also whether they are strict (see ``Lent``): a format 1/2 entry names its own path; a refused
     table's row is placed by an id column that may be what was refused.

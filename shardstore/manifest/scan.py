@@ -1,4 +1,4 @@
-"""Reading each candidate file for a manifest build: its header, through the one inside-the-root check, against the old manifest.
+"""Reading a candidate file for a manifest build: its header, through the inside-the-root check, against the old table.
 
 A build of a large cache reads a page of every file it does not take from the previous
 manifest, so this is the build's hot path: one ``open``, ``fstat``, ``pread`` and ``close``
@@ -149,7 +149,8 @@ class Scan:
                 self._headers[key] = parsed
         return parsed
 
-    def read(self, rel: str, shard_id: int, field: str, *, lend: bool = True) -> FileInfo | str | OutsideRootError | None:
+    def read(self, rel: str, shard_id: int, field: str, *,
+             lend: bool = True) -> FileInfo | str | OutsideRootError | None:
         """``FileInfo`` if good, a reason if bad, the error for a link out of the root, None if the file is not there.
 
         With ``lend`` (and a previous manifest) the entry carries the recorded checksum (see ``_checksum``).
@@ -253,7 +254,8 @@ class Scan:
         if old.checksum is None or not old.strict:
             return None, False
         if old.bytes is not None and old.bytes != st.st_size:
-            self.changed.append((rel, f"changed size since its checksum was recorded ({old.bytes:,} -> {st.st_size:,} bytes)"))
+            self.changed.append((rel, "changed size since its checksum was recorded "
+                                      f"({old.bytes:,} -> {st.st_size:,} bytes)"))
             return old.checksum, False
         digest = fd_checksum(fd)
         if digest != old.checksum:

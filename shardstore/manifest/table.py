@@ -1,4 +1,4 @@
-"""The columns of a new snapshot: rows of the shards read in this build, merged by id with the previous table's kept rows.
+"""The columns of a new snapshot: rows of the shards read in this build, merged by id with the previous table's rows.
 
 Rows read are appended shard by shard into plain lists (a few list appends per file) and
 turned into arrays once; kept rows are taken from the previous columns with one fancy index
@@ -149,7 +149,10 @@ def kept_columns(previous: dict[str, np.ndarray], positions: np.ndarray,
     out = {}
     for name, (dtype, row) in layout.items():
         col = previous.get(name)
-        out[name] = _default(name, dtype, row, n) if col is None else np.asarray(col)[positions].astype(dtype, copy=False)
+        if col is None:
+            out[name] = _default(name, dtype, row, n)
+        else:
+            out[name] = np.asarray(col)[positions].astype(dtype, copy=False)
     return out
 
 

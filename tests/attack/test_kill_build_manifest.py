@@ -84,7 +84,7 @@ def test_build_manifest_killed_at_random_points_keeps_a_whole_manifest(tmp_path:
             rerun = cli("build-manifest", "--checksum", "--full", root)
             reruns += 1
             assert rerun.code == 0, rerun.describe()
-            assert load_manifest(root) == new_manifest, "a rerun after kills wrote another manifest than an uninterrupted build"
+            assert load_manifest(root) == new_manifest, "a rerun after kills wrote another manifest than a whole build"
             assert temporaries(root) == [live.name], "temporaries of killed builds were left behind"
             put_back(manifest, old)
     assert kills >= KILLS // 2, f"only {kills} kills landed while a build was going"
