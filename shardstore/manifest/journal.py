@@ -35,10 +35,7 @@ class Journal:
         for line in lines:
             name, _, rest = line.partition(b" ")
             self._lines[name] = rest  # a later line (a shard written again) wins
-        self.torn = bool(data) and not data.endswith(b"\n")
         self._names: dict[bytes, list[str]] = {}
-        #: the journal's size in bytes (what parsing it costs)
-        self.size = len(data)
 
     def __len__(self) -> int:
         return len(self._lines)
