@@ -80,9 +80,10 @@ def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def digests(root: Path) -> dict[str, str]:
-    """Every file of a cache but the manifest (it records mtimes), by relative path."""
+    """Every file of a cache but the manifest and its table (they record mtimes), by relative path."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "manifest.json"
+            and p.relative_to(root).parts[0] != "manifest.d"}
 
 
 def shards(root: Path, name: str) -> np.ndarray:

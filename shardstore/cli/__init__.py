@@ -164,8 +164,9 @@ def build_manifest_cmd(
     if not report.manifest.num_shards:
         raise ShardstoreError(f"no usable shards in {path} (every shard was left out, see above); fix them and rebuild")
     print_summary(path, report.manifest)
+    what = f"unchanged: {report.path}" if report.unchanged else f"wrote {report.path}"
     out.print(
-        f"wrote {report.path} (headers read: {report.headers_read:,}, unchanged files reused: {report.files_reused:,}"
+        f"{what} (headers read: {report.headers_read:,}, unchanged files reused: {report.files_reused:,}"
         + (f", checksummed: {report.files_checksummed:,}" if checksum else "") + ")",
         markup=False,
     )

@@ -235,11 +235,12 @@ def test_incremental_rebuild_reuses_group_files(grouped: Path) -> None:
     first = build_manifest(grouped, incremental=False)
     assert first.headers_read == 9 + 4 and first.files_reused == 0
     second = build_manifest(grouped)
-    assert second.headers_read == 9 + 4 and second.files_reused == 9 + 4  # headers re-checked, entries kept
+    # nothing changed: one file per field is checked against the table, every entry kept
+    assert second.headers_read == 5 and second.files_reused == 9 + 4 and second.unchanged
     assert second.manifest.to_json() == first.manifest.to_json()
-    fill(grouped, [1])  # the group reaches the last shard: only its two new files are read
+    fill(grouped, [1])  # the group reaches the last shard: that shard's files are read, plus one file per field
     third = build_manifest(grouped)
-    assert third.headers_read == 15 and third.files_reused == 13
+    assert third.headers_read == 10 and third.files_reused == 13 and not third.unchanged
     assert third.manifest.positions_with(list(TEACHER)).tolist() == [0, 1, 2]
     assert set(ShardStore.open(grouped).fields) == BASE | TEACHER
 
