@@ -82,7 +82,7 @@ def test_two_ranks_fill_the_teacher_cache_like_one_process(tiny_cache: Path, tmp
     assert proc.stdout.count("filled 8 shard(s) (256 images x 2 views") == 1  # rank 0 reports for both
     a, b = ShardStore.open(single), ShardStore.open(multi)
     names = ["teacher_views", "teacher_topk_index", "teacher_topk_logp", "teacher_tail_logp"]
-    assert b.manifest.positions_with(names) == list(range(8))
+    assert b.manifest.positions_with(names).tolist() == list(range(8))
     for p in range(8):
         assert np.array_equal(a.field(p, "teacher_views"), b.field(p, "teacher_views"))
         assert np.array_equal(a.field(p, "teacher_topk_index"), b.field(p, "teacher_topk_index"))
