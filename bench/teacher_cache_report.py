@@ -29,7 +29,7 @@ from shardstore.kd.metrics import read_metrics
 from shardstore.kd.target_spec import TargetSpec
 from shardstore.kd.teacher_cache import fill_teacher_cache
 from shardstore.kd.trainer import train
-from shardstore.manifest.reader import ShardStore
+from shardstore.store.reader import ShardStore
 
 CONFIGS = (DEFAULT_DATA_CONFIG, DEFAULT_TRAIN_CONFIG, DEFAULT_MODEL_CONFIG)
 

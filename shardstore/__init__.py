@@ -7,8 +7,8 @@ from importlib import metadata as _metadata
 from shardstore import kernels as _kernels  # noqa: F401  (fails loudly when the extension is not built)
 from shardstore.errors import ConfigError, CorruptShardError, ManifestError, ShardstoreError, WriterError
 from shardstore.manifest.build import BuildReport, build_manifest
-from shardstore.manifest.model import FieldSpec, Manifest, ShardEntry
-from shardstore.manifest.reader import ShardStore
+from shardstore.store.manifest import FieldSpec, Manifest, ShardEntry
+from shardstore.store.reader import ShardStore
 from shardstore.manifest.verify import verify_checksums
 from shardstore.store.writer import ShardWriter
 

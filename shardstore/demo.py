@@ -138,7 +138,7 @@ def run_kd_demo(base: str | os.PathLike[str], *, seeds: tuple[int, ...] = (0, 1,
     from shardstore.kd.evaluate import evaluate
     from shardstore.kd.teacher_cache import fill_teacher_cache
     from shardstore.kd.trainer import train
-    from shardstore.manifest.reader import ShardStore
+    from shardstore.store.reader import ShardStore
 
     s = {**DEMO_SETTINGS, **(settings or {})}
     base = Path(base).absolute()

@@ -49,7 +49,7 @@ def coverage(
     """
     from shardstore.config.data import load_data_config
     from shardstore.config.resolve import DEFAULT_DATA_CONFIG
-    from shardstore.manifest.reader import ShardStore
+    from shardstore.store.reader import ShardStore
     from shardstore.sampling.coverage import coverage as draw_coverage
     from shardstore.sampling.plan import EpochSpec
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from shardstore.manifest.reader import ShardStore
+from shardstore.store.reader import ShardStore
 
 
 class CachedTensorDataset(Dataset):

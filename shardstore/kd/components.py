@@ -21,7 +21,7 @@ from shardstore.kd.losses import DistillationLoss
 from shardstore.kd.target_spec import TargetSpec, read_target_spec
 from shardstore.kd.models.io import InputAdapter, freeze, load_checkpoint_into, load_torchscript
 from shardstore.kd.models.registry import build_model
-from shardstore.manifest.reader import ShardStore
+from shardstore.store.reader import ShardStore
 from shardstore.manifest.shard_size import check_cache_shard_size
 
 log = logging.getLogger(__name__)

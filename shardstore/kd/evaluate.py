@@ -12,7 +12,7 @@ from shardstore.kd.images import ImageFormat
 from shardstore.kd.losses import kl_per_sample
 from shardstore.kd.target_spec import CachedTargets
 from shardstore.loader import ShardLoader
-from shardstore.manifest.reader import ShardStore
+from shardstore.store.reader import ShardStore
 
 
 @torch.no_grad()

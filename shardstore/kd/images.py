@@ -27,7 +27,7 @@ from shardstore.config.data import DataConfig
 from shardstore.config.model import NetworkConfig
 from shardstore.errors import ConfigError, CorruptShardError
 from shardstore.kd.losses import UNLABELED
-from shardstore.manifest.reader import ShardStore
+from shardstore.store.reader import ShardStore
 
 #: dtypes read as they are (bfloat16 comes as 16-bit integers or ml_dtypes' ``V2``)
 PLAIN_DTYPES = ("uint8", "uint16", "float16", "float32", "float64")

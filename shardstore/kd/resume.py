@@ -22,7 +22,7 @@ from shardstore.kd.checkpoint import CheckpointManager, load_checkpoint
 from shardstore.kd.components import missing_shards, restrict_to_shards
 from shardstore.kd.run_changes import ResumeChanges
 from shardstore.kd.schedule import warmup_cosine
-from shardstore.manifest.reader import ShardStore
+from shardstore.store.reader import ShardStore
 
 
 def checkpoint_to_resume(ckpt: CheckpointManager, resume: str | Path | bool | None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from shardstore.errors import ConfigError
-from shardstore.manifest.reader import ShardStore
+from shardstore.store.reader import ShardStore
 
 
 def manifest_shard_size(samples_per_shard: np.ndarray) -> int:

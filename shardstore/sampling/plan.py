@@ -16,7 +16,7 @@ from shardstore.sampling.shards import SHARD_POLICIES
 from shardstore.sampling.world import World
 
 if TYPE_CHECKING:
-    from shardstore.manifest.reader import ShardStore
+    from shardstore.store.reader import ShardStore
 
 
 def _choice(kind: str, value: object, options: dict) -> str:

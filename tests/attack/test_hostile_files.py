@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from shardstore import ShardstoreError, ShardStore
-from shardstore.manifest.model import Manifest
+from shardstore.store.manifest import Manifest
 from shardstore.store.reader import load_manifest
 from tests.conftest import sample_arrays, write_native
 from tests.manifest.synthetic import column, replace_column

@@ -30,7 +30,7 @@ from shardstore.kd.metrics import read_metrics
 from shardstore.kd.target_spec import CachedTargets, read_target_spec
 from shardstore.kd.teacher_cache import fill_teacher_cache
 from shardstore.kd.trainer import train
-from shardstore.manifest.reader import ShardStore
+from shardstore.store.reader import ShardStore
 
 from .conftest import overrides, write_tiny_cache
 

@@ -69,7 +69,7 @@ def test_two_ranks_fill_the_teacher_cache_like_one_process(tiny_cache: Path, tmp
 
     from shardstore.config.resolve import DEFAULT_DATA_CONFIG, DEFAULT_MODEL_CONFIG, DEFAULT_TRAIN_CONFIG, load_run_config
     from shardstore.kd.teacher_cache import fill_teacher_cache
-    from shardstore.manifest.reader import ShardStore
+    from shardstore.store.reader import ShardStore
 
     single, multi = tmp_path / "single", tmp_path / "multi"
     shutil.copytree(tiny_cache, single)

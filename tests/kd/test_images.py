@@ -16,7 +16,7 @@ from shardstore.config.data import DataConfig
 from shardstore.errors import ConfigError, ManifestError
 from shardstore.kd.augment import apply_views, center_views
 from shardstore.kd.images import ImageFormat, check_labels, image_format
-from shardstore.manifest.reader import ShardStore
+from shardstore.store.reader import ShardStore
 from tests.manifest.synthetic import column, replace_column
 
 

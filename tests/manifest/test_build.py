@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from shardstore import ManifestError, ShardStore, build_manifest
-from shardstore.manifest.model import Manifest
+from shardstore.store.manifest import Manifest
 from shardstore.store.reader import load_manifest
 from tests.conftest import sample_arrays, write_flat, write_native
 

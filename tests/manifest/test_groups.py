@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from shardstore import ManifestError, ShardStore, build_manifest
-from shardstore.manifest.model import Manifest
+from shardstore.store.manifest import Manifest
 from shardstore.store.groups import GroupSpec, add_shard_fields, remove_stale_temporaries, write_group_spec
 from tests.conftest import write_flat, write_native
 

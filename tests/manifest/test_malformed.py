@@ -18,7 +18,7 @@ import pytest
 
 from shardstore import ManifestError, ShardStore, build_manifest
 from shardstore.cli import main
-from shardstore.manifest.model import Manifest
+from shardstore.store.manifest import Manifest
 from tests.conftest import sample_arrays
 from tests.manifest.synthetic import column, header, replace_column, table_dir, write_header
 
