@@ -218,13 +218,14 @@ cdef extern from "gather.h" nogil:
     int shardstore_gather(const uint64_t *bases, const uint64_t *source_bytes, int64_t num_fields,
                           int64_t num_sources, const int64_t *num_rows, const int64_t *row_bytes,
                           const int64_t *source, const int64_t *rows, int64_t n, int64_t batch_size,
-                          const uint64_t *out, const uint64_t *out_bytes, int64_t num_batches, int64_t *info)
+                          const uint64_t *out, const uint64_t *out_bytes, int64_t num_batches, int64_t *info,
+                          const int64_t *fds, const int64_t *file_offsets)
     int shardstore_guarded_copy(void *dst, const void *src, size_t n, uintptr_t lo, size_t span,
                                 uintptr_t *fault_address)
     int shardstore_install_bus_handler()
 
 #: what ``gather_batches`` returns (its ``info`` says where); kept in step with gather.h
-DONE, UNMAPPED, BAD_ROW, OUT_SHORT, SRC_SHORT, FAULT = range(6)
+DONE, UNMAPPED, BAD_ROW, OUT_SHORT, SRC_SHORT, FAULT, SHORT_READ, READ_ERROR = range(8)
 
 
 def install_bus_handler():
@@ -238,29 +239,45 @@ def install_bus_handler():
 def gather_batches(const uint64_t[:, ::1] bases, const uint64_t[:, ::1] source_bytes,
                    const int64_t[::1] num_rows, const int64_t[::1] row_bytes, const int64_t[::1] source,
                    const int64_t[::1] rows, Py_ssize_t batch_size, const uint64_t[:, ::1] out,
-                   const uint64_t[:, ::1] out_bytes, int64_t[::1] info):
+                   const uint64_t[:, ::1] out_bytes, int64_t[::1] info, const int64_t[:, ::1] fds=None,
+                   const int64_t[:, ::1] file_offsets=None):
     """Copy the samples of consecutive batches, every field, into their batch buffers; returns a status.
 
     Sample ``i`` is row ``rows[i]`` of source ``source[i]``; it goes to row ``i % batch_size``
     of batch ``i // batch_size``. For field ``f``: ``bases[f, j]`` is the address of source
-    ``j``'s first row (0: not mapped yet) and ``source_bytes[f, j]`` the bytes there,
+    ``j``'s first row (0: not mapped) and ``source_bytes[f, j]`` the bytes of its rows,
     ``row_bytes[f]`` the bytes of one row, ``out[b, f]`` the address of batch ``b``'s buffer and
-    ``out_bytes[b, f]`` its size. ``num_rows[j]`` is source ``j``'s row count. A run of
-    consecutive rows of one source inside one batch is one copy.
+    ``out_bytes[b, f]`` its size. ``num_rows[j]`` is source ``j``'s row count. A source that is
+    not mapped may be an open file instead: ``fds[f, j]`` (>= 0; -1: none) whose row 0 starts
+    at byte ``file_offsets[f, j]``, read with ``pread`` straight into the buffer. A run of
+    consecutive rows of one source inside one batch is one copy (or one read).
 
     No copy reaches past its source or destination: ``SRC_SHORT``/``OUT_SHORT`` instead. A
-    source whose file shrank under its map (SIGBUS) gives ``FAULT``. ``info`` (4 entries) gets
-    the sample, field, source and, for ``FAULT``, the address. Copies made before stopping stay made.
+    source whose file shrank under its map (SIGBUS) gives ``FAULT``, a file that ends before
+    the rows ``SHORT_READ``, a failed read ``READ_ERROR``. ``info`` (4 entries) gets the sample,
+    field, source and: for ``FAULT`` the address, for ``SHORT_READ`` the file offset where the
+    file ended, for ``READ_ERROR`` the errno. Copies made before stopping stay made.
     """
     cdef Py_ssize_t n = source.shape[0]
     cdef Py_ssize_t num_fields = bases.shape[0]
     cdef Py_ssize_t num_sources = bases.shape[1]
     cdef int status
+    cdef const int64_t *fd_ptr = NULL
+    cdef const int64_t *offset_ptr = NULL
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if (source_bytes.shape[0] != num_fields or source_bytes.shape[1] != num_sources
             or row_bytes.shape[0] != num_fields or num_rows.shape[0] != num_sources):
         raise ValueError("bases, source_bytes, row_bytes and num_rows disagree on the fields or sources")
+    if (fds is None) != (file_offsets is None):
+        raise ValueError("give fds and file_offsets together, or neither")
+    if fds is not None:
+        if (fds.shape[0] != num_fields or fds.shape[1] != num_sources or file_offsets.shape[0] != num_fields
+                or file_offsets.shape[1] != num_sources):
+            raise ValueError("fds and file_offsets must both be (fields, sources) like bases")
+        if num_fields and num_sources:
+            fd_ptr = &fds[0, 0]
+            offset_ptr = &file_offsets[0, 0]
     if out.shape[1] != num_fields or out_bytes.shape[0] != out.shape[0] or out_bytes.shape[1] != num_fields:
         raise ValueError("out and out_bytes must both be (batches, fields) like bases' fields")
     if rows.shape[0] != n or info.shape[0] < 4:
@@ -273,7 +290,7 @@ def gather_batches(const uint64_t[:, ::1] bases, const uint64_t[:, ::1] source_b
     with nogil:
         status = shardstore_gather(&bases[0, 0], &source_bytes[0, 0], num_fields, num_sources, &num_rows[0],
                                    &row_bytes[0], &source[0], &rows[0], n, batch_size, &out[0, 0],
-                                   &out_bytes[0, 0], out.shape[0], &info[0])
+                                   &out_bytes[0, 0], out.shape[0], &info[0], fd_ptr, offset_ptr)
     return status
 
 
@@ -404,3 +421,111 @@ def advise_range(uint64_t address, Py_ssize_t length, int advice, Py_ssize_t pag
         if rc != 0:
             rc = errno
     return rc
+
+
+from libc.errno cimport EINTR, ENAMETOOLONG
+from libc.string cimport memcpy
+from posix.stat cimport struct_stat, fstat, S_ISREG
+from posix.unistd cimport close, pread
+
+cdef extern from "<fcntl.h>" nogil:
+    int O_RDONLY, O_NOFOLLOW, O_NONBLOCK, O_CLOEXEC, AT_SYMLINK_NOFOLLOW
+    int openat(int dirfd, const char *pathname, int flags)
+
+cdef extern from "<sys/stat.h>" nogil:
+    int fstatat(int dirfd, const char *pathname, struct_stat *buf, int flags)
+
+#: columns of ``read_heads``' ``stats``
+HEAD_ERRNO, HEAD_SIZE, HEAD_MTIME_NS, HEAD_MODE, HEAD_INO, HEAD_READ, HEAD_CTIME_NS = range(7)
+
+cdef enum:
+    _PATH_BYTES = 4096  # PATH_MAX: one more byte than the longest path the kernel accepts
+
+
+def read_heads(int dir_fd, const unsigned char[::1] paths, const int64_t[::1] starts,
+               unsigned char[:, ::1] heads, int64_t[:, ::1] stats, int64_t offset=0):
+    """Stat and read the first bytes of many files relative to ``dir_fd``, the GIL released.
+
+    File ``i`` is ``paths[starts[i]:starts[i + 1]]`` (no NUL bytes). Each is opened with
+    ``O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC`` (a link in its last component fails with
+    ``ELOOP``, a FIFO never blocks), ``fstat``-ed, and, if it is a regular file, up to
+    ``heads.shape[1]`` bytes from ``offset`` are read into ``heads[i]``; then it is closed.
+    With ``heads.shape[1] == 0`` nothing is opened: the path is ``lstat``-ed
+    (``fstatat(AT_SYMLINK_NOFOLLOW)``). ``stats[i]`` gets errno (0: fine), st_size,
+    st_mtime_ns, st_mode, st_ino (its bits, as int64), the bytes read and st_ctime_ns (see
+    ``HEAD_*``); after an error the rest of the row is 0. Bytes of ``heads[i]`` beyond those
+    read are left as they were.
+    """
+    cdef Py_ssize_t n = starts.shape[0] - 1
+    cdef Py_ssize_t width = heads.shape[1]
+    cdef Py_ssize_t i, length, got
+    cdef int64_t start, end
+    cdef int fd, flags = O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC
+    cdef struct_stat st
+    cdef char path[_PATH_BYTES]
+    cdef ssize_t r
+    cdef int err
+    if n < 0:
+        raise ValueError("starts must hold at least one entry (the end of the last path)")
+    if heads.shape[0] < n or stats.shape[0] < n or stats.shape[1] < 7:
+        raise ValueError(f"heads and stats need {n} rows (stats 7 columns), got {heads.shape[0]} and "
+                         f"{stats.shape[0]}x{stats.shape[1]}")
+    if n and (starts[0] < 0 or starts[n] > paths.shape[0]):
+        raise ValueError("starts point outside paths")
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+    with nogil:
+        for i in range(n):
+            start = starts[i]
+            end = starts[i + 1]
+            stats[i, 0] = 0
+            stats[i, 1] = 0
+            stats[i, 2] = 0
+            stats[i, 3] = 0
+            stats[i, 4] = 0
+            stats[i, 5] = 0
+            stats[i, 6] = 0
+            length = end - start
+            if length < 0 or length >= _PATH_BYTES:
+                stats[i, 0] = ENAMETOOLONG
+                continue
+            if length:
+                memcpy(path, &paths[start], length)
+            path[length] = 0
+            if width == 0:
+                if fstatat(dir_fd, path, &st, AT_SYMLINK_NOFOLLOW) != 0:
+                    stats[i, 0] = errno
+                    continue
+            else:
+                fd = openat(dir_fd, path, flags)
+                if fd < 0:
+                    stats[i, 0] = errno
+                    continue
+                if fstat(fd, &st) != 0:
+                    stats[i, 0] = errno
+                    close(fd)
+                    continue
+                got = 0
+                err = 0
+                if S_ISREG(st.st_mode):
+                    while got < width:
+                        r = pread(fd, &heads[i, got], width - got, offset + got)
+                        if r < 0:
+                            if errno == EINTR:
+                                continue
+                            err = errno
+                            break
+                        if r == 0:
+                            break
+                        got += r
+                close(fd)
+                if err:
+                    stats[i, 0] = err
+                    continue
+                stats[i, 5] = got
+            stats[i, 1] = st.st_size
+            stats[i, 2] = <int64_t> st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec
+            stats[i, 3] = st.st_mode
+            stats[i, 4] = <int64_t> st.st_ino
+            stats[i, 6] = <int64_t> st.st_ctim.tv_sec * 1000000000 + st.st_ctim.tv_nsec
+    return n

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from shardstore.errors import ManifestError
-from shardstore.manifest.bulk import Preread, read_bulk
+from shardstore.manifest.bulk import Preread, Reader, read_bulk
 from shardstore.manifest.changes import find_changes
 from shardstore.manifest.checksum import checksum_files
 from shardstore.manifest.discover import LEFT_OUT, Candidate, discover_shards, list_root
@@ -244,28 +244,29 @@ class _Build:
         if not entries:
             return
         num_dirs = sum(1 for e in entries if e.name.startswith("shard_"))
-        candidates, problems = discover_shards(self.root, entries, journal=self.journal(num_dirs))
-        for p in problems:
-            key = (p.shard_id, p.path)
-            if key not in self.discovered:
-                self.discovered.add(key)
-                self.problems.append(p)
-        todo = [c for i, c in candidates.items() if i not in self.read_ids]
-        self.read_ids.update(c.id for c in todo)
-
-        def careful(cand: Candidate, pre: Preread) -> None:
-            self.shards.one_by_one[cand.id] = self._read_shard(cand, pre)
-
-        sigs = self.shards.signatures
-        for key, sig in read_bulk(self.scan, todo, set(self.group_specs), careful).items():
-            if key in sigs:  # read by an earlier pass: the same headers
-                old = sigs[key]
-                old.cands += sig.cands
-                for i in range(len(sig.names)):
-                    old.mtimes[i] += sig.mtimes[i]
-                    old.labels[i] += sig.labels[i]
+        with Reader(self.scan) as reader:  # the shards found whole are read while discovery goes on
+            candidates, problems = discover_shards(self.root, entries, journal=self.journal(num_dirs),
+                                                   root_fd=self.root_fd, whole=reader.add)
+            for p in problems:
+                key = (p.shard_id, p.path)
+                if key not in self.discovered:
+                    self.discovered.add(key)
+                    self.problems.append(p)
+            if self.read_ids:
+                todo = [c for i, c in candidates.items() if i not in self.read_ids]
             else:
-                sigs[key] = sig
+                todo = list(candidates.values())
+            self.read_ids.update(candidates if len(todo) == len(candidates) else (c.id for c in todo))
+
+            def careful(cand: Candidate, pre: Preread) -> None:
+                self.shards.one_by_one[cand.id] = self._read_shard(cand, pre)
+
+            sigs = self.shards.signatures
+            for key, sig in read_bulk(self.scan, todo, set(self.group_specs), careful, reader).items():
+                if key in sigs:  # read by an earlier pass: the same headers
+                    sigs[key].absorb(sig)
+                else:
+                    sigs[key] = sig
         self.scan.label_ranges()
 
     def _read_shard(self, cand: Candidate, pre: Preread | None = None) -> Read | Problem:

@@ -1,63 +1,89 @@
-"""Reading many shards in one loop, grouped by signature: the field names and headers their files share.
+"""Reading many shards at once: each file's stat and first bytes in one compiled loop, grouped by the headers they share.
 
 A large cache holds few distinct headers (shards differ in their data, and the last one of a
 writer in its row count), so what a header decides -- a field's dtype and per-sample shape,
-equal row counts, a group as declared -- is checked once per signature, and each shard costs
-its system calls (``open``, ``fstat``, ``pread``, ``close`` per file) and a few list appends.
-A shard with anything odd (a file that cannot be opened or is not a regular file, a header
-that fails, a size its header does not promise) goes, with what was read of it, to the
-careful per-shard path, which names the problem. So do all shards when the previous
-manifest lends checksums (a file read again may need hashing).
+the size a file must have, equal row counts, a group as declared -- is checked once per
+distinct header, and each file costs only its system calls (``open``, ``fstat``, ``pread``,
+``close``, made by ``kernels.read_heads`` with the GIL released) and its share of a few NumPy
+operations: the headers are compared as rows of one byte array, the sizes against each
+header's promise and the value ranges of label-like files computed a block at a time.
+
+A shard with anything odd (a file that cannot be opened, a link, not a regular file, a header
+that fails or does not fit the bytes read, a size its header does not promise) goes, with what
+was read of it, to the careful per-shard path, which reads again what it needs through the
+one inside-the-root check and names the problem. So do all shards when the previous manifest
+lends checksums (a file read again may need hashing).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 
+from shardstore.kernels import Heads, read_heads
 from shardstore.manifest.discover import Candidate
-from shardstore.manifest.scan import _OPEN_FLAGS, Scan, read_head
-from shardstore.store.npy import HEAD_BYTES
+from shardstore.manifest.scan import FileStat, Scan, _Parsed
+
+#: bytes of each file read in the compiled loop: any header ``np.save`` writes for a cache's dtypes (128 or 192
+#: bytes) and the labels of a small shard. A longer header is read again by the careful path; labels beyond it
+#: are read in a second pass, one file per label-like header at a time.
+HEAD_WIDTH = 256
+#: files per compiled call (bounds the memory of the bytes read: 16 MiB of heads)
+CHUNK_FILES = 1 << 16
+#: bytes of labels per compiled call of the second pass
+LABEL_CHUNK_BYTES = 64 << 20
+_NPY_V1 = np.frombuffer(b"\x93NUMPY\x01\x00", np.uint8)
 
 #: what a careful read of a shard is given: per field, the file's stat and first bytes, if read already
-Preread = dict[str, "tuple[os.stat_result, bytes] | None"]
+Preread = dict[str, "tuple[FileStat, bytes] | None"]
 
 
 class Signature:
     """Shards whose files have the same names and headers, in one layout and id width."""
 
-    __slots__ = ("cands", "digits", "labels", "layout", "mtimes", "names", "parsed")
+    __slots__ = ("_ranges", "cands", "digits", "layout", "mtimes", "names", "parsed")
 
-    def __init__(self, layout: str, digits: int, names: tuple[str, ...], parsed: tuple) -> None:
+    def __init__(self, layout: str, digits: int, names: tuple[str, ...], parsed: tuple[_Parsed, ...]) -> None:
         self.layout = layout
         self.digits = digits
         self.names = names
-        self.parsed = parsed  # scan._Parsed per name
+        self.parsed = parsed
         self.cands: list[Candidate] = []
+        #: the mtime of each shard's file, per name
         self.mtimes: list[list[int]] = [[] for _ in names]
-        #: the labels of each label-like file, as read with its header
-        self.labels: list[list[bytes]] = [[] for _ in names]
+        # per name, blocks of (low, high) per shard of a label-like file (None: its range is not recorded)
+        self._ranges: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in names]
 
     @property
     def rows(self) -> dict[str, int]:
         """Row count of each file."""
         return {n: p.header.shape[0] for n, p in zip(self.names, self.parsed)}
 
+    def add(self, cands: list[Candidate], mtimes: list[list[int]],
+            ranges: list[tuple[np.ndarray, np.ndarray] | None]) -> None:
+        """Shards of this signature: their candidates, the mtime of each file, the value ranges of label-like ones."""
+        self.cands += cands
+        for i in range(len(self.names)):
+            self.mtimes[i] += mtimes[i]
+            if ranges[i] is not None:
+                self._ranges[i].append(ranges[i])
+
+    def absorb(self, other: Signature) -> None:
+        """Add the shards of ``other`` (same key, read by a later pass)."""
+        self.cands += other.cands
+        for i in range(len(self.names)):
+            self.mtimes[i] += other.mtimes[i]
+            self._ranges[i] += other._ranges[i]
+
     def value_ranges(self, i: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """(min, max) per shard of the ``i``-th file if it is label-like (None if not, or a uint64 beyond int64)."""
-        chunks = self.labels[i]
-        if not chunks:
+        """(min, max) per shard of the ``i``-th file if it is label-like (None if not; (1, 0) for a uint64 beyond int64)."""
+        blocks = self._ranges[i]
+        if not blocks:
             return None
-        dtype = self.parsed[i].header.dtype
-        values = np.frombuffer(b"".join(chunks), dtype).reshape(len(chunks), -1)
-        low, high = values.min(axis=1), values.max(axis=1)
-        if dtype.kind == "u" and dtype.itemsize == 8:
-            fits = high < 2**63
-            low, high = low.astype(np.int64), high.astype(np.int64)
-            low[~fits], high[~fits] = 1, 0  # not recorded
-        return low.astype(np.int64), high.astype(np.int64)
+        return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
 
 
 def digits_of(cand: Candidate) -> int:
@@ -66,80 +92,286 @@ def digits_of(cand: Candidate) -> int:
     return len(name) - name.rindex("_") - 1
 
 
+class _Headers(NamedTuple):
+    """The distinct headers among the files read: per file its header's index (-1: none whole), per header what it says."""
+
+    index: np.ndarray
+    parsed: list[_Parsed | None]  # None: not a header a shard can pass with
+    file_bytes: np.ndarray
+    label_start: np.ndarray
+    label_end: np.ndarray  # 0: no labels to record
+
+
+def _distinct_headers(scan: Scan, h: Heads) -> _Headers:
+    """Group the files by their header bytes (NumPy over the rows read) and parse each distinct header once."""
+    n = len(h)
+    index = np.full(n, -1, np.int64)
+    heads = h.heads
+    ok = h.regular() & (h.read >= 10)
+    if heads.shape[1] >= 10:
+        ok &= (heads[:, :8] == _NPY_V1).all(axis=1)
+    ends = 10 + (heads[:, 8].astype(np.int64) | heads[:, 9].astype(np.int64) << 8) if heads.shape[1] >= 10 else 0
+    ok &= ends <= h.read  # the whole header was read (a longer one is read again by the careful path)
+    rows = np.flatnonzero(ok)
+    if not rows.size:
+        return _Headers(index, [], *(np.zeros(0, np.int64) for _ in range(3)))
+    ends = ends[rows]
+    width = int(ends.max())
+    keys = heads[rows, :width]
+    if int(ends.min()) < width:
+        keys[np.arange(width) >= ends[:, None]] = 0  # the bytes after a header (its data) are not part of it
+    # Equal rows end up next to each other; a run of equal rows is one header. (Whatever order the sort of
+    # raw bytes gives, only rows found equal are grouped.)
+    order = np.argsort(keys.view(f"V{width}").ravel(), kind="stable")
+    ordered = keys[order]
+    new = np.ones(len(rows), bool)
+    new[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
+    group = np.cumsum(new) - 1
+    index[rows[order]] = group
+    firsts = order[new]
+    parsed: list[_Parsed | None] = []
+    for k in firsts.tolist():
+        p = scan.parsed(keys[k, : ends[k]].tobytes())
+        parsed.append(p if isinstance(p, _Parsed) and p.problem is None else None)
+    file_bytes = np.array([p.file_bytes if p is not None else -1 for p in parsed], np.int64)
+    label_start = np.array([p.label_slice[0] if p is not None else 0 for p in parsed], np.int64)
+    label_end = np.array([p.label_slice[1] if p is not None else 0 for p in parsed], np.int64)
+    return _Headers(index, parsed, file_bytes, label_start, label_end)
+
+
+def _ranges_of(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(min, max) of each row of label values, as int64; (1, 0) where a uint64 lies beyond int64."""
+    low, high = values.min(axis=1), values.max(axis=1)
+    if values.dtype.kind == "u" and values.dtype.itemsize == 8:
+        fits = high < 2**63
+        low, high = low.astype(np.int64), high.astype(np.int64)
+        low[~fits], high[~fits] = 1, 0  # not recorded
+    return low.astype(np.int64), high.astype(np.int64)
+
+
+class _Block:
+    """The files of shards with the same layout and names, read: per file its stat, bytes and header."""
+
+    def __init__(self, scan: Scan, cands: list[Candidate], names: tuple[str, ...], paths: list[bytes],
+                 h: Heads) -> None:
+        self.cands = cands
+        self.names = names
+        self.paths = paths
+        self.h = h
+        self.headers = hd = _distinct_headers(scan, h)
+        g = hd.index
+        if len(hd.parsed):
+            gi = np.maximum(g, 0)
+            fits = (g >= 0) & (hd.file_bytes[gi] >= 0) & (h.size == hd.file_bytes[gi])
+        else:
+            fits = np.zeros(len(g), bool)
+        #: per file: passes every per-file check
+        self.fast = fits
+        #: per file with labels to record: their (low, high) (only where ``fast``)
+        self.low = np.zeros(len(g), np.int64)
+        self.high = np.zeros(len(g), np.int64)
+        if scan.lend is None and len(hd.parsed):  # (with a lender every shard takes the careful path)
+            self._label_ranges(scan, np.flatnonzero(fits & (hd.label_end[gi] > 0)))
+
+    def _label_ranges(self, scan: Scan, labelled: np.ndarray) -> None:
+        hd = self.headers
+        h = self.h
+        for gid in np.unique(hd.index[labelled]).tolist():
+            files = labelled[hd.index[labelled] == gid]
+            parsed = hd.parsed[gid]
+            assert parsed is not None
+            start, end = parsed.label_slice
+            dtype = parsed.header.dtype
+            inside = files[h.read[files] >= end]  # in the bytes read already
+            if inside.size:
+                values = np.ascontiguousarray(h.heads[inside, start:end]).view(dtype)
+                self.low[inside], self.high[inside] = _ranges_of(values)
+            beyond = files[h.read[files] < end]
+            step = max(1, LABEL_CHUNK_BYTES // (end - start))
+            for k in range(0, beyond.size, step):
+                part = beyond[k:k + step]
+                again = read_heads(scan.root_fd, [self.paths[i] for i in part.tolist()], end - start, start)
+                same = (again.regular() & (again.read == end - start) & (again.size == h.size[part])
+                        & (again.mtime_ns == h.mtime_ns[part]) & (again.ino == h.ino[part]))
+                self.fast[part[~same]] = False  # changed between the two reads: the careful path reads it again
+                if same.any():
+                    values = np.ascontiguousarray(again.heads[same]).view(dtype)
+                    self.low[part[same]], self.high[part[same]] = _ranges_of(values)
+
+    def preread(self, i: int) -> tuple[FileStat, bytes] | None:
+        """What the careful path is given of file ``i``: its stat and bytes, if they hold its whole header."""
+        h = self.h
+        if not (h.errno[i] == 0 and h.mode[i] & 0o170000 == 0o100000):
+            return None
+        if self.headers.index[i] < 0 and h.read[i] != h.size[i]:
+            return None  # a header longer than the bytes read, or not .npy: read again as a whole
+        return FileStat(int(h.size[i]), int(h.mtime_ns[i]), int(h.mode[i])), h.heads[i, : h.read[i]].tobytes()
+
+
+def _paths(cands: list[Candidate], names: tuple[str, ...]) -> list[bytes]:
+    """Each candidate's files in ``names`` order, as the bytes the file system sees."""
+    if not cands or not names:
+        return []
+    text = "\0".join([f"{c.where}/{n}.npy" if c.names is not None else c.files[n] for c in cands for n in names])
+    return text.encode("utf-8", "surrogateescape").split(b"\0")
+
+
+class _Batch(NamedTuple):
+    layout: str
+    names: tuple[str, ...]
+    cands: list[Candidate]
+    paths: list[bytes]
+    heads: Future[Heads]
+
+
+class Reader:
+    """Reads batches of shards on one worker thread while the caller goes on (discovery, the previous batch's checks).
+
+    The compiled loop holds no GIL, so its system calls overlap the Python work of the build.
+    ``add`` may be given the shards discovery finds whole before discovery is done; ``read_bulk``
+    then takes the batches of the shards it is asked to read and reads the others itself.
+    """
+
+    def __init__(self, scan: Scan) -> None:
+        self.scan = scan
+        self._batches: list[_Batch] = []
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._batches = []
+
+    def add(self, cands: list[Candidate]) -> None:
+        """Start reading ``cands`` (in batches of at most ``CHUNK_FILES`` files of shards with the same names)."""
+        by_names: dict[tuple[str, tuple[str, ...]], list[Candidate]] = {}
+        order: dict[tuple[str, ...], tuple[str, ...]] = {}
+        for cand in cands:
+            names = cand.names
+            if names is None:
+                keys = tuple(cand.files)
+                names = order.get(keys)
+                if names is None:
+                    names = order[keys] = tuple(sorted(cand.files))
+            by_names.setdefault((cand.layout, names), []).append(cand)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="shardstore-read")
+        for (layout, names), group in by_names.items():
+            step = max(1, CHUNK_FILES // max(len(names), 1))
+            for s in range(0, len(group), step):
+                part = group[s:s + step]
+                paths = _paths(part, names)
+                future = self._pool.submit(read_heads, self.scan.root_fd, paths, HEAD_WIDTH)
+                self._batches.append(_Batch(layout, names, part, paths, future))
+
+    def take(self, cands: list[Candidate]) -> tuple[list[_Batch], list[Candidate]]:
+        """The batches started for any of ``cands`` (cut to them), and the ones of ``cands`` not started."""
+        wanted = {id(c) for c in cands}
+        taken: list[_Batch] = []
+        started: set[int] = set()
+        for b in self._batches:
+            keep = [id(c) in wanted for c in b.cands]
+            if not any(keep):
+                continue
+            if all(keep):
+                taken.append(b)
+            else:  # some were read by an earlier pass of the build
+                rows = np.flatnonzero(np.repeat(keep, len(b.names)))
+                cut: Future[Heads] = Future()
+                cut.set_result(_rows_of(b.heads.result(), rows))
+                taken.append(_Batch(b.layout, b.names, [c for c, k in zip(b.cands, keep) if k],
+                                    [b.paths[i] for i in rows.tolist()], cut))
+            started.update(id(c) for c, k in zip(b.cands, keep) if k)
+        self._batches = []
+        return taken, [c for c in cands if id(c) not in started]
+
+
+def _rows_of(h: Heads, rows: np.ndarray) -> Heads:
+    return Heads(h.stats[rows], h.heads[rows])
+
+
 def read_bulk(scan: Scan, cands: Iterable[Candidate], group_fields: set[str],
-              careful: Callable[[Candidate, Preread], None]) -> dict[tuple, Signature]:
+              careful: Callable[[Candidate, Preread], None], reader: Reader | None = None) -> dict[tuple, Signature]:
     """Read every candidate; shards passing the per-file checks are grouped by signature, the others go to ``careful``.
 
     A signature whose own files differ in row count, or a flat shard whose files write its id
-    in two widths, goes to ``careful`` as well (it names them shard by shard).
+    in two widths, goes to ``careful`` as well (it names them shard by shard). ``reader``
+    holds the reads started already (see ``Reader``); the others are started here.
     """
-    sigs: dict[tuple, Signature] = {}
-    consistent: dict[tuple, bool] = {}
-    order: dict[tuple, tuple[str, ...]] = {}
-    headers = scan._headers
-    root_fd = scan.root_fd
-    open_, fstat, pread, close = os.open, os.fstat, os.pread, os.close
-    read = 0
-    for cand in cands:
-        files = cand.files
-        names = order.get(tuple(files))
-        if names is None:
-            names = order[tuple(files)] = tuple(sorted(files))
-        got: list = []
-        fast = True
-        for name in names:
-            try:
-                fd = open_(files[name], _OPEN_FLAGS, dir_fd=root_fd)
-            except OSError:  # gone, a link, unreadable: the careful path says which
-                fast = False
-                got.append(None)
-                continue
-            try:
-                st = fstat(fd)
-                if st.st_mode & 0o170000 != 0o100000:  # not a regular file (a FIFO, a device): never read
-                    fast = False
-                    got.append(None)
-                    continue
-                head = pread(fd, HEAD_BYTES, 0)
-                if len(head) == HEAD_BYTES and HEAD_BYTES < st.st_size:
-                    head = read_head(fd, st.st_size)
-            except OSError:
-                fast = False
-                got.append(None)
-                continue
-            finally:
-                close(fd)
-            read += 1
-            parsed = (headers.get(head[: 10 + (head[8] | head[9] << 8)])
-                      if head[6:8] == b"\x01\x00" and len(head) > 9 else None)
-            if parsed is None:
-                parsed = scan.parsed(head)
-                if isinstance(parsed, str):
-                    fast = False
-            if fast and (parsed.problem is not None or st.st_size != parsed.file_bytes
-                         or parsed.label_slice[1] > len(head)):  # labels beyond the page: read by the careful path
-                fast = False
-            got.append((st, head, parsed))
-        if fast and scan.lend is None:
-            digits = digits_of(cand)
-            if cand.layout == "flat" and any(len(files[n]) - len(n) - 5 != digits for n in names):
-                fast = False  # its files write its id in two widths
-        if fast and scan.lend is None:
-            key = (cand.layout, digits, names, *(g[2] for g in got))
+    cands = list(cands)
+    with Reader(scan) as own:
+        batches: list[_Batch] = []
+        if reader is not None:
+            batches, cands = reader.take(cands)
+        if cands:
+            own.add(cands)
+            batches += own.take(cands)[0]
+        sigs: dict[tuple, Signature] = {}
+        for b in batches:
+            block = _Block(scan, b.cands, b.names, b.paths, b.heads.result())
+            _sort(scan, block, b.layout, group_fields, careful, sigs)
+    return {key: sig for key, sig in sigs.items() if sig.cands}
+
+
+def _sort(scan: Scan, block: _Block, layout: str, group_fields: set[str],
+          careful: Callable[[Candidate, Preread], None], sigs: dict[tuple, Signature]) -> None:
+    """Put each shard of ``block`` into its signature, or give it to ``careful``."""
+    cands, names, h = block.cands, block.names, block.h
+    k = len(names)
+    n = len(cands)
+    fast = block.fast.reshape(n, k).all(axis=1) if k else np.zeros(n, bool)
+    if scan.lend is not None:
+        fast[:] = False
+    if layout == "native":
+        digits = np.fromiter(map(len, [c.where for c in cands]), np.int64, n) - len("shard_")
+    else:
+        digits = np.fromiter((digits_of(c) for c in cands), np.int64, n)
+        widths = [(len(c.files[m]) - len(m) - len("_.npy") for m in names) for c in cands]
+        fast &= np.fromiter((all(w == d for w in ws) for ws, d in zip(widths, digits.tolist())), bool, n)
+    rows = np.flatnonzero(fast)
+    to_careful = np.flatnonzero(~fast).tolist()
+    if rows.size:
+        keys = np.concatenate([digits[rows, None], block.headers.index.reshape(n, k)[rows]], axis=1)
+        if (keys == keys[0]).all():  # the usual: one signature
+            distinct, members_of = keys[:1], [rows]
+        else:
+            by_key = np.lexsort(keys.T[::-1])
+            ordered = keys[by_key]
+            new = np.ones(len(rows), bool)
+            new[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
+            starts = np.flatnonzero(new)
+            distinct = ordered[starts]
+            members_of = np.split(rows[by_key], starts[1:])
+        parsed_of = block.headers.parsed
+        mtimes = h.mtime_ns.reshape(n, k)
+        low, high = block.low.reshape(n, k), block.high.reshape(n, k)
+        for key_row, members in zip(distinct.tolist(), members_of):
+            parsed = tuple(parsed_of[g] for g in key_row[1:])
+            key = (layout, key_row[0], names, *parsed)
             sig = sigs.get(key)
             if sig is None:
-                sig = Signature(key[0], key[1], names, key[3:])
-                own_rows = {p.header.shape[0] for n, p in zip(names, sig.parsed) if n not in group_fields}
-                consistent[key] = len(own_rows) <= 1
-                sigs[key] = sig
-            if consistent[key]:
-                sig.cands.append(cand)
-                for i, (st, head, parsed) in enumerate(got):
-                    sig.mtimes[i].append(st.st_mtime_ns)
-                    start, end = parsed.label_slice
-                    if end:
-                        sig.labels[i].append(head[start:end])
+                sig = sigs[key] = Signature(layout, key_row[0], names, parsed)  # type: ignore[arg-type]
+            own_rows = {p.header.shape[0] for m, p in zip(names, parsed) if m not in group_fields}  # type: ignore[union-attr]
+            if len(own_rows) > 1:  # fields of unequal length: named shard by shard
+                to_careful += members.tolist()
                 continue
-        careful(cand, {n: (g[0], g[1]) if g is not None else None for n, g in zip(names, got)})
+            ranges = [(low[members, i], high[members, i]) if p.label_slice[1] else None  # type: ignore[union-attr]
+                      for i, p in enumerate(parsed)]
+            sig.add([cands[j] for j in members.tolist()], [mtimes[members, i].tolist() for i in range(k)], ranges)
+    read = int(block.fast.sum())
+    for j in sorted(to_careful):
+        pre: Preread = {}
+        for i, m in enumerate(names):
+            got = block.preread(j * k + i)
+            pre[m] = got
+            if got is not None and not block.fast[j * k + i]:
+                read += 1
+        careful(cands[j], pre)
     scan.headers_read += read
-    return {k: s for k, s in sigs.items() if s.cands}

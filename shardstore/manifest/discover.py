@@ -1,12 +1,24 @@
-"""Finding shards under a cache root in the native and the flat layout, by name (no file is read)."""
+"""Finding shards under a cache root in the native and the flat layout, by name (no file is read).
+
+A root of 10^5 shard directories is discovered in a few operations per name: the shard ids
+that one directory alone names (nearly all of them) need no bookkeeping of conflicts, the
+directories a writers' journal vouches for are ``lstat``-ed in one compiled loop, and a
+directory found whole keeps its field names (shared with its neighbours) rather than a dict
+of paths. Every other name -- flat files, links, ids named twice, ids too large -- goes through
+the careful per-name loop, in name order.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from operator import attrgetter
+import re
+import stat
+from collections import Counter
+from collections.abc import Callable
+from operator import attrgetter, itemgetter
 from pathlib import Path
 
+from shardstore.kernels import read_heads
 from shardstore.manifest.journal import Journal
 from shardstore.manifest.model import Problem
 from shardstore.store.layout import (
@@ -22,14 +34,34 @@ from shardstore.store.layout import (
 LEFT_OUT = "the shard is left out"
 
 
-@dataclass(slots=True)
 class Candidate:
-    """A shard found by name: its id, layout, where it is, and its field files (paths relative to the root)."""
+    """A shard found by name: its id, layout, where it is, and its field files (paths relative to the root).
 
-    id: int
-    layout: str
-    where: str  # the shard directory, or the first flat file seen
-    files: dict[str, str] = field(default_factory=dict)
+    A native shard found whole may carry only its sorted field ``names`` (shared by the shards
+    of one writer); its ``files`` are then ``<where>/<name>.npy``, made when first asked for.
+    """
+
+    __slots__ = ("_files", "id", "layout", "names", "where")
+
+    def __init__(self, id: int, layout: str, where: str, files: dict[str, str] | None = None,
+                 names: tuple[str, ...] | None = None) -> None:
+        self.id = id
+        self.layout = layout
+        self.where = where  # the shard directory, or the first flat file seen
+        #: sorted field names of a native shard whose files are ``<where>/<name>.npy`` (None: see ``files``)
+        self.names = names
+        self._files = files if files is not None or names is not None else {}
+
+    @property
+    def files(self) -> dict[str, str]:
+        """Field name -> path of its file, relative to the root."""
+        if self._files is None:
+            where = self.where
+            self._files = {n: f"{where}/{n}.npy" for n in self.names}  # type: ignore[union-attr]
+        return self._files
+
+    def __repr__(self) -> str:
+        return f"Candidate({self.id}, {self.layout!r}, {self.where!r}, {self.files!r})"
 
 
 def list_root(root: Path) -> list[os.DirEntry]:
@@ -68,25 +100,144 @@ def _bad_id(name: str, digits: str) -> Problem:
                          f"(ids are 64-bit); rename it with a smaller id; {LEFT_OUT}")
 
 
-def discover_shards(root: Path, entries: list[os.DirEntry] | None = None, *,
-                    journal: Journal | None = None) -> tuple[dict[int, Candidate], list[Problem]]:
+#: per line of names joined by newlines, the digits of a native shard directory's name (NATIVE_DIR), or ""
+_NATIVE_LINES = re.compile(r"^(?:shard_(\d+)$)?.*$", re.MULTILINE)
+
+
+#: shard directories found whole handed on at a time (see ``discover_shards``' ``whole``)
+WHOLE_BATCH = 2048
+
+
+def discover_shards(root: Path, entries: list[os.DirEntry] | None = None, *, journal: Journal | None = None,
+                    root_fd: int | None = None, whole: Callable[[list[Candidate]], None] | None = None
+                    ) -> tuple[dict[int, Candidate], list[Problem]]:
     """Return the shards under ``root`` by id (sorted), and the names that cannot be used as a shard.
 
     ``entries`` limits discovery to those entries of the root (all of them by default). With
     ``journal``, a native directory the journal vouches for (same inode and mtime) is not
-    listed: its files are the journal's.
+    listed: its files are the journal's. ``root_fd``: ``root`` open as a directory, if the
+    caller holds one. ``whole`` is given the shard directories that no other name can
+    conflict with (a plain directory, the only name of its id) a batch at a time as soon as
+    they are found, while the rest of the root is still being looked at: a build starts
+    reading them meanwhile.
     Temporary names of unfinished writers (hidden, ``.tmp``) are skipped silently. A shard
     directory or file that is a symlink to somewhere outside the root is left out (and never
     read): a cache only ever serves what lies inside it.
     """
     resolved_root = os.path.realpath(root)
+    if entries is None:
+        entries = list_root(root)
+    # A name that matches either pattern is never a temporary one (no leading dot, no ".tmp", ends in a digit
+    # or ".npy"), so temporaries fall through both tests.
+    names = [e.name for e in entries]
+    text = "\n".join(names)
+    if names and text.count("\n") == len(names) - 1:  # one regex pass over all names (none holds a newline)
+        digits = _NATIVE_LINES.findall(text)
+    else:
+        digits = [m.group(1) if (m := NATIVE_DIR.match(n)) is not None else "" for n in names]
+    at = [i for i, d in enumerate(digits) if d and entries[i].is_dir()]  # (a link to a directory too)
+    native_digits = [digits[i] for i in at]
+    if max(map(len, native_digits), default=0) <= 18:  # (int() of up to 18 digits always fits an int64)
+        ids: list[int | None] = list(map(int, native_digits))
+    else:
+        ids = list(map(parse_shard_id, native_digits))
+    named: Counter[int | None] = Counter(ids)
+    others: list[os.DirEntry] = []
+    if ".npy" in text:
+        for entry, d in zip(entries, digits):
+            flat = None if d else FLAT_FILE.match(entry.name)
+            if flat is not None:
+                others.append(entry)
+                named[parse_shard_id(flat.group(2))] += 1
+    # A plain directory (not a link) whose id no other name carries cannot conflict with anything: found whole.
+    plain: list[tuple[os.DirEntry, int]] = []
+    for i, shard_id in zip(at, ids):
+        entry = entries[i]
+        if shard_id is not None and named[shard_id] == 1 and not entry.is_symlink():
+            plain.append((entry, shard_id))
+        else:
+            others.append(entry)
+    plain.sort(key=itemgetter(1))  # in id order: the shards dict below needs no sorting
+    shards: dict[int, Candidate] = {}
+    problems: list[Problem] = []
+    vouching = journal is not None and len(journal) > 0
+    for s in range(0, len(plain), WHOLE_BATCH):
+        part = plain[s:s + WHOLE_BATCH]
+        recorded = _vouched(root, root_fd, part, journal) if vouching else [None] * len(part)  # type: ignore[arg-type]
+        batch: list[Candidate] = []
+        for (entry, shard_id), names in zip(part, recorded):
+            name = entry.name
+            if names is not None:
+                cand = Candidate(shard_id, "native", name, None, names)
+            else:
+                files, inner_escape = _native_files(resolved_root, entry.path, name)
+                if inner_escape is not None:
+                    problems.append(Problem(name, f"{inner_escape}; {LEFT_OUT}", shard_id))
+                    continue
+                if not files:
+                    problems.append(Problem(name, "shard directory holds no <field>.npy files", shard_id))
+                    continue
+                cand = Candidate(shard_id, "native", name, files)
+            shards[shard_id] = cand
+            batch.append(cand)
+        if whole is not None and batch:
+            whole(batch)
+    found, more = _careful(resolved_root, others, journal)
+    problems += more
+    for shard_id, cand in found.items():
+        if not cand.files:
+            problems.append(Problem(cand.where, "shard directory holds no <field>.npy files", shard_id))
+            continue
+        shards[shard_id] = cand
+    if found:
+        shards = dict(sorted(shards.items()))
+    return shards, problems
+
+
+def _vouched(root: Path, root_fd: int | None, plain: list[tuple[os.DirEntry, int]],
+             journal: Journal) -> list[tuple[str, ...] | None]:
+    """The field names the journal records for each directory of ``plain`` if it vouches for it, else None.
+
+    What ``Journal.fields`` answers one directory at a time, for all of them at once: one
+    compiled loop ``lstat``-s them (the journal names a directory by inode and mtime), each
+    line is compared with the stamp its directory has now, and each distinct list of names is
+    checked once (by ``Journal.fields`` itself).
+    """
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if root_fd is None else root_fd
+    names = [e.name for e, _ in plain]
+    encoded = "\0".join(names).encode("utf-8", "surrogateescape").split(b"\0")
+    try:
+        st = read_heads(fd, encoded, 0)
+    finally:
+        if root_fd is None:
+            os.close(fd)
+    is_dir = ((st.errno == 0) & (st.mode & 0o170000 == stat.S_IFDIR)).tolist()
+    lines = journal._lines  # name -> "<inode> <mtime_ns> <field> ...": read here for 10^5 directories at once
+    out: list[tuple[str, ...] | None] = []
+    known: dict[bytes, tuple[str, ...] | None] = {}  # the field names of each distinct line ending
+    for k, (line, ok, ino, mtime) in enumerate(zip(map(lines.get, encoded), is_dir, st.ino.tolist(),
+                                                   st.mtime_ns.tolist())):
+        stamp = b"%d %d " % (ino, mtime)
+        if line is None or not ok or not line.startswith(stamp):
+            out.append(None)  # (gone meanwhile, or changed: listed, which says so)
+            continue
+        rest = line[len(stamp):]
+        fields = known.get(rest, ())
+        if fields == ():
+            recorded = journal.fields(names[k], ino, mtime)
+            fields = known[rest] = tuple(sorted(n for n, _ in recorded)) if recorded is not None else None
+        out.append(fields)
+    return out
+
+
+def _careful(resolved_root: str, entries: list[os.DirEntry],
+             journal: Journal | None) -> tuple[dict[int, Candidate], list[Problem]]:
+    """Discovery name by name, in name order: what ids named twice, links and flat files need."""
     found: dict[int, Candidate] = {}
     conflicts: dict[int, Problem] = {}
     problems: list[Problem] = []
-    for entry in sorted(list_root(root) if entries is None else entries, key=attrgetter("name")):
+    for entry in sorted(entries, key=attrgetter("name")):
         name = entry.name
-        # A name that matches either pattern is never a temporary one (no leading dot, no ".tmp", ends in a digit
-        # or ".npy"), so temporaries fall through both tests.
         native = NATIVE_DIR.match(name)
         if native is not None:
             if not entry.is_dir():
@@ -143,13 +294,6 @@ def discover_shards(root: Path, entries: list[os.DirEntry] | None = None, *,
         else:
             cand.files[field_name] = name
     problems += [p for p in conflicts.values() if p not in problems]
-    shards: dict[int, Candidate] = {}
-    for shard_id in sorted(found):
-        cand = found[shard_id]
-        if shard_id in conflicts:
-            continue
-        if not cand.files:
-            problems.append(Problem(cand.where, "shard directory holds no <field>.npy files", shard_id))
-            continue
-        shards[shard_id] = cand
-    return shards, problems
+    for shard_id in conflicts:
+        found.pop(shard_id, None)
+    return found, problems

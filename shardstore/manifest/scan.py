@@ -1,9 +1,10 @@
 """Reading a candidate file for a manifest build: its header, through the inside-the-root check, against the old table.
 
-A build of a large cache reads a page of every file it does not take from the previous
-manifest, so this is the build's hot path: one ``open``, ``fstat``, ``pread`` and ``close``
-per file (a plain ``stat`` + read loop costs as many), each distinct header parsed once,
-and no data read beyond that page except the labels of a label-like file too large for it.
+Shards read in bulk (``bulk.py``) are read by a compiled loop and only their distinct
+headers come here (``parsed``); a shard with anything odd, the spot check and every file
+whose checksum may need hashing are read here one file at a time: one ``open``, ``fstat``,
+``pread`` and ``close`` per file, through the one inside-the-root check, and no data read
+beyond the first page except the labels of a label-like file too large for it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,15 @@ from shardstore.store.npy import (
 LABEL_RANGE_BYTES = 8 << 20
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class FileStat(NamedTuple):
+    """What a build uses of a file's ``fstat`` (``os.stat_result`` has the same attributes)."""
+
+    st_size: int
+    st_mtime_ns: int
+    st_mode: int
+
 
 class Lent(NamedTuple):
     """What the previous manifest recorded for a file."""
@@ -185,8 +195,8 @@ class Scan:
         except Exception as exc:  # noqa: BLE001 - any parse failure of foreign bytes is a bad shard, never a crash
             return f"unreadable .npy header ({one_line(exc)})"
 
-    def examine(self, rel: str, shard_id: int, field: str, st: os.stat_result, head: bytes, fd: int | None = None,
-                *, lend: bool = True) -> FileInfo | str:
+    def examine(self, rel: str, shard_id: int, field: str, st: os.stat_result | FileStat, head: bytes,
+                fd: int | None = None, *, lend: bool = True) -> FileInfo | str:
         """The checks of ``read`` on a file already read (its stat and first bytes); ``fd`` if it is still open."""
         parsed = self.parsed(head)
         if isinstance(parsed, str):
@@ -236,7 +246,8 @@ class Scan:
                 info.value_range = (lo, hi) if -(2**63) <= lo and hi < 2**63 else None  # uint64 beyond int64
 
 
-    def _checksum(self, rel: str, shard_id: int, field: str, fd: int, st: os.stat_result) -> tuple[str | None, bool]:
+    def _checksum(self, rel: str, shard_id: int, field: str, fd: int,
+                  st: os.stat_result | FileStat) -> tuple[str | None, bool]:
         """The checksum the new entry carries, and whether the file is unchanged since the previous manifest.
 
         A checksum is never dropped because a file changed: a changed file with a recorded
