@@ -246,7 +246,7 @@ class _Build:
         num_dirs = sum(1 for e in entries if e.name.startswith("shard_"))
         with Reader(self.scan) as reader:  # the shards found whole are read while discovery goes on
             candidates, problems = discover_shards(self.root, entries, journal=self.journal(num_dirs),
-                                                   root_fd=self.root_fd, whole=reader.add)
+                                                   root_fd=self.root_fd, whole=reader.add, pool=reader.pool)
             for p in problems:
                 key = (p.shard_id, p.path)
                 if key not in self.discovered:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import compress
+from operator import attrgetter
 from typing import NamedTuple
 
 import numpy as np
@@ -212,7 +214,11 @@ def _paths(cands: list[Candidate], names: tuple[str, ...]) -> list[bytes]:
     """Each candidate's files in ``names`` order, as the bytes the file system sees."""
     if not cands or not names:
         return []
-    text = "\0".join([f"{c.where}/{n}.npy" if c.names is not None else c.files[n] for c in cands for n in names])
+    if all(c.names is not None for c in cands):  # native shards found whole: <where>/<name>.npy
+        template = "\0".join(f"{{0}}/{n}.npy" for n in names)
+        text = "\0".join(map(template.format, map(attrgetter("where"), cands)))
+    else:
+        text = "\0".join([c.files[n] for c in cands for n in names])
     return text.encode("utf-8", "surrogateescape").split(b"\0")
 
 
@@ -243,6 +249,13 @@ class Reader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        """The reading thread (discovery ``lstat``-s the directories for the journal on it too)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="shardstore-read")
+        return self._pool
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
@@ -251,46 +264,49 @@ class Reader:
 
     def add(self, cands: list[Candidate]) -> None:
         """Start reading ``cands`` (in batches of at most ``CHUNK_FILES`` files of shards with the same names)."""
+        first = cands[0].names if cands else None
         by_names: dict[tuple[str, tuple[str, ...]], list[Candidate]] = {}
-        order: dict[tuple[str, ...], tuple[str, ...]] = {}
-        for cand in cands:
-            names = cand.names
-            if names is None:
-                keys = tuple(cand.files)
-                names = order.get(keys)
+        if first is not None and list(map(attrgetter("names"), cands)).count(first) == len(cands):
+            by_names[(cands[0].layout, first)] = cands  # the usual: a batch of directories the journal vouches for
+        else:
+            order: dict[tuple[str, ...], tuple[str, ...]] = {}
+            for cand in cands:
+                names = cand.names
                 if names is None:
-                    names = order[keys] = tuple(sorted(cand.files))
-            by_names.setdefault((cand.layout, names), []).append(cand)
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="shardstore-read")
+                    keys = tuple(cand.files)
+                    names = order.get(keys)
+                    if names is None:
+                        names = order[keys] = tuple(sorted(cand.files))
+                by_names.setdefault((cand.layout, names), []).append(cand)
         for (layout, names), group in by_names.items():
             step = max(1, CHUNK_FILES // max(len(names), 1))
             for s in range(0, len(group), step):
                 part = group[s:s + step]
                 paths = _paths(part, names)
-                future = self._pool.submit(read_heads, self.scan.root_fd, paths, HEAD_WIDTH)
+                future = self.pool.submit(read_heads, self.scan.root_fd, paths, HEAD_WIDTH)
                 self._batches.append(_Batch(layout, names, part, paths, future))
 
     def take(self, cands: list[Candidate]) -> tuple[list[_Batch], list[Candidate]]:
         """The batches started for any of ``cands`` (cut to them), and the ones of ``cands`` not started."""
-        wanted = {id(c) for c in cands}
+        wanted = set(map(id, cands))
         taken: list[_Batch] = []
         started: set[int] = set()
         for b in self._batches:
-            keep = [id(c) in wanted for c in b.cands]
-            if not any(keep):
-                continue
-            if all(keep):
+            ids = set(map(id, b.cands))
+            if ids <= wanted:
                 taken.append(b)
-            else:  # some were read by an earlier pass of the build
+                started |= ids
+                continue
+            keep = [id(c) in wanted for c in b.cands]
+            if any(keep):  # some were read by an earlier pass of the build
                 rows = np.flatnonzero(np.repeat(keep, len(b.names)))
                 cut: Future[Heads] = Future()
                 cut.set_result(_rows_of(b.heads.result(), rows))
-                taken.append(_Batch(b.layout, b.names, [c for c, k in zip(b.cands, keep) if k],
+                taken.append(_Batch(b.layout, b.names, list(compress(b.cands, keep)),
                                     [b.paths[i] for i in rows.tolist()], cut))
-            started.update(id(c) for c, k in zip(b.cands, keep) if k)
+                started |= ids & wanted
         self._batches = []
-        return taken, [c for c in cands if id(c) not in started]
+        return taken, [c for c in cands if id(c) not in started] if len(started) < len(wanted) else []
 
 
 def _rows_of(h: Heads, rows: np.ndarray) -> Heads:

@@ -14,11 +14,15 @@ import os
 import re
 import stat
 from collections import Counter
-from collections.abc import Callable
-from operator import attrgetter, itemgetter
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future
+from itertools import compress, repeat
+from operator import attrgetter
 from pathlib import Path
 
-from shardstore.kernels import read_heads
+import numpy as np
+
+from shardstore.kernels import Heads, read_heads
 from shardstore.manifest.journal import Journal
 from shardstore.manifest.model import Problem
 from shardstore.store.layout import (
@@ -109,8 +113,8 @@ WHOLE_BATCH = 2048
 
 
 def discover_shards(root: Path, entries: list[os.DirEntry] | None = None, *, journal: Journal | None = None,
-                    root_fd: int | None = None, whole: Callable[[list[Candidate]], None] | None = None
-                    ) -> tuple[dict[int, Candidate], list[Problem]]:
+                    root_fd: int | None = None, whole: Callable[[list[Candidate]], None] | None = None,
+                    pool: Executor | None = None) -> tuple[dict[int, Candidate], list[Problem]]:
     """Return the shards under ``root`` by id (sorted), and the names that cannot be used as a shard.
 
     ``entries`` limits discovery to those entries of the root (all of them by default). With
@@ -119,7 +123,8 @@ def discover_shards(root: Path, entries: list[os.DirEntry] | None = None, *, jou
     caller holds one. ``whole`` is given the shard directories that no other name can
     conflict with (a plain directory, the only name of its id) a batch at a time as soon as
     they are found, while the rest of the root is still being looked at: a build starts
-    reading them meanwhile.
+    reading them meanwhile. ``pool`` (one thread) ``lstat``-s the next batch of directories
+    for the journal while this one is checked.
     Temporary names of unfinished writers (hidden, ``.tmp``) are skipped silently. A shard
     directory or file that is a symlink to somewhere outside the root is left out (and never
     read): a cache only ever serves what lies inside it.
@@ -127,61 +132,18 @@ def discover_shards(root: Path, entries: list[os.DirEntry] | None = None, *, jou
     resolved_root = os.path.realpath(root)
     if entries is None:
         entries = list_root(root)
-    # A name that matches either pattern is never a temporary one (no leading dot, no ".tmp", ends in a digit
-    # or ".npy"), so temporaries fall through both tests.
-    names = [e.name for e in entries]
-    text = "\n".join(names)
-    if names and text.count("\n") == len(names) - 1:  # one regex pass over all names (none holds a newline)
-        digits = _NATIVE_LINES.findall(text)
-    else:
-        digits = [m.group(1) if (m := NATIVE_DIR.match(n)) is not None else "" for n in names]
-    at = [i for i, d in enumerate(digits) if d and entries[i].is_dir()]  # (a link to a directory too)
-    native_digits = [digits[i] for i in at]
-    if max(map(len, native_digits), default=0) <= 18:  # (int() of up to 18 digits always fits an int64)
-        ids: list[int | None] = list(map(int, native_digits))
-    else:
-        ids = list(map(parse_shard_id, native_digits))
-    named: Counter[int | None] = Counter(ids)
-    others: list[os.DirEntry] = []
-    if ".npy" in text:
-        for entry, d in zip(entries, digits):
-            flat = None if d else FLAT_FILE.match(entry.name)
-            if flat is not None:
-                others.append(entry)
-                named[parse_shard_id(flat.group(2))] += 1
-    # A plain directory (not a link) whose id no other name carries cannot conflict with anything: found whole.
-    plain: list[tuple[os.DirEntry, int]] = []
-    for i, shard_id in zip(at, ids):
-        entry = entries[i]
-        if shard_id is not None and named[shard_id] == 1 and not entry.is_symlink():
-            plain.append((entry, shard_id))
-        else:
-            others.append(entry)
-    plain.sort(key=itemgetter(1))  # in id order: the shards dict below needs no sorting
+    plain_ids, plain_dirs, others = _plain_directories(entries)
     shards: dict[int, Candidate] = {}
     problems: list[Problem] = []
-    vouching = journal is not None and len(journal) > 0
-    for s in range(0, len(plain), WHOLE_BATCH):
-        part = plain[s:s + WHOLE_BATCH]
-        recorded = _vouched(root, root_fd, part, journal) if vouching else [None] * len(part)  # type: ignore[arg-type]
-        batch: list[Candidate] = []
-        for (entry, shard_id), names in zip(part, recorded):
-            name = entry.name
-            if names is not None:
-                cand = Candidate(shard_id, "native", name, None, names)
-            else:
-                files, inner_escape = _native_files(resolved_root, entry.path, name)
-                if inner_escape is not None:
-                    problems.append(Problem(name, f"{inner_escape}; {LEFT_OUT}", shard_id))
-                    continue
-                if not files:
-                    problems.append(Problem(name, "shard directory holds no <field>.npy files", shard_id))
-                    continue
-                cand = Candidate(shard_id, "native", name, files)
-            shards[shard_id] = cand
-            batch.append(cand)
-        if whole is not None and batch:
-            whole(batch)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if root_fd is None else root_fd
+    try:
+        for batch in _found_whole(fd, resolved_root, plain_ids, plain_dirs, journal, pool, problems):
+            shards.update(zip(map(attrgetter("id"), batch), batch))
+            if whole is not None:
+                whole(batch)
+    finally:
+        if root_fd is None:
+            os.close(fd)
     found, more = _careful(resolved_root, others, journal)
     problems += more
     for shard_id, cand in found.items():
@@ -194,39 +156,113 @@ def discover_shards(root: Path, entries: list[os.DirEntry] | None = None, *, jou
     return shards, problems
 
 
-def _vouched(root: Path, root_fd: int | None, plain: list[tuple[os.DirEntry, int]],
-             journal: Journal) -> list[tuple[str, ...] | None]:
-    """The field names the journal records for each directory of ``plain`` if it vouches for it, else None.
+def _plain_directories(entries: list[os.DirEntry]) -> tuple[list[int], list[os.DirEntry], list[os.DirEntry]]:
+    """The plain shard directories by id (not links; their id named by nothing else), and every other shard name.
 
-    What ``Journal.fields`` answers one directory at a time, for all of them at once: one
-    compiled loop ``lstat``-s them (the journal names a directory by inode and mtime), each
-    line is compared with the stamp its directory has now, and each distinct list of names is
-    checked once (by ``Journal.fields`` itself).
+    One regex pass over all names. A name that matches either pattern is never a temporary
+    one (no leading dot, no ".tmp", ends in a digit or ".npy"), so temporaries fall through.
     """
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if root_fd is None else root_fd
-    names = [e.name for e, _ in plain]
-    encoded = "\0".join(names).encode("utf-8", "surrogateescape").split(b"\0")
-    try:
-        st = read_heads(fd, encoded, 0)
-    finally:
-        if root_fd is None:
-            os.close(fd)
-    is_dir = ((st.errno == 0) & (st.mode & 0o170000 == stat.S_IFDIR)).tolist()
-    lines = journal._lines  # name -> "<inode> <mtime_ns> <field> ...": read here for 10^5 directories at once
-    out: list[tuple[str, ...] | None] = []
-    known: dict[bytes, tuple[str, ...] | None] = {}  # the field names of each distinct line ending
-    for k, (line, ok, ino, mtime) in enumerate(zip(map(lines.get, encoded), is_dir, st.ino.tolist(),
-                                                   st.mtime_ns.tolist())):
-        stamp = b"%d %d " % (ino, mtime)
-        if line is None or not ok or not line.startswith(stamp):
-            out.append(None)  # (gone meanwhile, or changed: listed, which says so)
+    names = [e.name for e in entries]
+    text = "\n".join(names)
+    if names and text.count("\n") == len(names) - 1:  # none holds a newline: one line per name
+        digits = _NATIVE_LINES.findall(text)
+    else:
+        digits = [m.group(1) if (m := NATIVE_DIR.match(n)) is not None else "" for n in names]
+    dirs = [entries[i] for i, d in enumerate(digits) if d and entries[i].is_dir()]  # (a link to a directory too)
+    native_digits = [d for d in digits if d] if len(dirs) == sum(map(bool, digits)) else [
+        d for d, e in zip(digits, entries) if d and e.is_dir()]
+    if max(map(len, native_digits), default=0) <= 18:  # (int() of up to 18 digits always fits an int64)
+        ids: list[int | None] = list(map(int, native_digits))
+    else:
+        ids = list(map(parse_shard_id, native_digits))
+    named: Counter[int | None] = Counter(ids)
+    others: list[os.DirEntry] = []
+    if ".npy" in text:
+        for entry, d in zip(entries, digits):
+            flat = None if d else FLAT_FILE.match(entry.name)
+            if flat is not None:
+                others.append(entry)
+                named[parse_shard_id(flat.group(2))] += 1
+    links = list(map(os.DirEntry.is_symlink, dirs))
+    if not others and len(named) == len(ids) and None not in named and not any(links):  # the usual: all plain
+        plain = np.arange(len(ids))
+    else:
+        is_plain = [shard_id is not None and named[shard_id] == 1 and not link for shard_id, link in zip(ids, links)]
+        others += [e for e, p in zip(dirs, is_plain) if not p]
+        plain = np.flatnonzero(is_plain)
+    if plain.size:
+        plain = plain[np.argsort(np.array(ids, np.int64)[plain], kind="stable")]  # in id order
+    return [ids[k] for k in plain.tolist()], [dirs[k] for k in plain.tolist()], others  # type: ignore[misc]
+
+
+def _found_whole(fd: int, resolved_root: str, ids: list[int], dirs: list[os.DirEntry], journal: Journal | None,
+                 pool: Executor | None, problems: list[Problem]) -> Iterator[list[Candidate]]:
+    """The plain shard directories as candidates, a batch at a time: vouched for by the journal, or listed."""
+    batches = [(ids[s:s + WHOLE_BATCH], dirs[s:s + WHOLE_BATCH]) for s in range(0, len(ids), WHOLE_BATCH)]
+    if journal is not None and len(journal):
+        encoded = ["\0".join(e.name for e in part).encode("utf-8", "surrogateescape").split(b"\0")
+                   for _, part in batches]
+        submit = pool.submit if pool is not None else _now
+        ahead = [submit(read_heads, fd, encoded[0], 0)] if batches else []
+    for k, (part_ids, part_dirs) in enumerate(batches):
+        part_names = [e.name for e in part_dirs]
+        if journal is not None and len(journal):
+            if k + 1 < len(batches):  # the next batch is lstat-ed meanwhile
+                ahead.append(submit(read_heads, fd, encoded[k + 1], 0))
+            recorded = _vouched(part_names, encoded[k], ahead[k].result(), journal)
+        else:
+            recorded = [None] * len(part_ids)
+        if None not in recorded:  # the usual with a journal: no directory to list
+            yield list(map(Candidate, part_ids, repeat("native"), part_names, repeat(None), recorded))
             continue
-        rest = line[len(stamp):]
-        fields = known.get(rest, ())
-        if fields == ():
-            recorded = journal.fields(names[k], ino, mtime)
-            fields = known[rest] = tuple(sorted(n for n, _ in recorded)) if recorded is not None else None
-        out.append(fields)
+        batch = []
+        for shard_id, entry, names in zip(part_ids, part_dirs, recorded):
+            name = entry.name
+            if names is not None:
+                batch.append(Candidate(shard_id, "native", name, None, names))
+                continue
+            files, inner_escape = _native_files(resolved_root, entry.path, name)
+            if inner_escape is not None:
+                problems.append(Problem(name, f"{inner_escape}; {LEFT_OUT}", shard_id))
+            elif not files:
+                problems.append(Problem(name, "shard directory holds no <field>.npy files", shard_id))
+            else:
+                batch.append(Candidate(shard_id, "native", name, files))
+        if batch:
+            yield batch
+
+
+def _now(fn: Callable[..., Heads], *args: object) -> Future[Heads]:
+    done: Future[Heads] = Future()
+    done.set_result(fn(*args))
+    return done
+
+
+def _vouched(names: list[str], encoded: list[bytes], st: Heads, journal: Journal) -> list[tuple[str, ...] | None]:
+    """The field names the journal records for each directory of ``names`` if it vouches for it, else None.
+
+    What ``Journal.fields`` answers one directory at a time, for all of them at once: ``st``
+    holds their ``lstat`` (the journal names a directory by inode and mtime), each line is
+    compared with the stamp its directory has now, and each distinct list of names is checked
+    once (by ``Journal.fields`` itself).
+    """
+    is_dir = ((st.errno == 0) & (st.mode & 0o170000 == stat.S_IFDIR)).tolist()
+    stamps = list(map(b"%d %d ".__mod__, zip(st.ino.tolist(), st.mtime_ns.tolist())))
+    # name -> "<inode> <mtime_ns> <field> ...": read here for 10^5 directories at once
+    lines = list(map(journal._lines.get, encoded, repeat(b"")))
+    out: list[tuple[str, ...] | None] = [None] * len(names)  # (gone meanwhile, or changed: listed, which says so)
+    todo = [k for k, (line, stamp, ok) in enumerate(zip(lines, stamps, is_dir)) if ok and line.startswith(stamp)]
+    while todo:
+        k = todo[0]
+        rest = lines[k][len(stamps[k]):]
+        recorded = journal.fields(names[k], int(st.ino[k]), int(st.mtime_ns[k]))
+        fields = tuple(sorted(n for n, _ in recorded)) if recorded is not None else None
+        # every other line with this ending at once (a cache's shards share one list of names)
+        same = list(map(bytes.__eq__, [lines[j] for j in todo], map(bytes.__add__, [stamps[j] for j in todo],
+                                                                      repeat(rest))))
+        for j in compress(todo, same):
+            out[j] = fields
+        todo = [j for j, x in zip(todo, same) if not x]
     return out
 
 
