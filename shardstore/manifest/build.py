@@ -262,7 +262,8 @@ class _Build:
                 self.shards.one_by_one[cand.id] = self._read_shard(cand, pre)
 
             sigs = self.shards.signatures
-            for key, sig in read_bulk(self.scan, todo, set(self.group_specs), careful, reader).items():
+            every = len(todo) == len(candidates)  # (else some were read by an earlier pass)
+            for key, sig in read_bulk(self.scan, todo, set(self.group_specs), careful, reader, every).items():
                 if key in sigs:  # read by an earlier pass: the same headers
                     sigs[key].absorb(sig)
                 else:

@@ -109,30 +109,36 @@ def _distinct_headers(scan: Scan, h: Heads) -> _Headers:
     n = len(h)
     index = np.full(n, -1, np.int64)
     heads = h.heads
-    ok = h.regular() & (h.read >= 10)
-    if heads.shape[1] >= 10:
-        ok &= (heads[:, :8] == _NPY_V1).all(axis=1)
-    ends = 10 + (heads[:, 8].astype(np.int64) | heads[:, 9].astype(np.int64) << 8) if heads.shape[1] >= 10 else 0
+    ok = h.regular() & (h.read >= 10) & (heads[:, :8] == _NPY_V1).all(axis=1)
+    ends = 10 + (heads[:, 8].astype(np.int64) | heads[:, 9].astype(np.int64) << 8)
     ok &= ends <= h.read  # the whole header was read (a longer one is read again by the careful path)
     rows = np.flatnonzero(ok)
     if not rows.size:
         return _Headers(index, [], *(np.zeros(0, np.int64) for _ in range(3)))
     ends = ends[rows]
-    width = int(ends.max())
-    keys = heads[rows, :width]
-    if int(ends.min()) < width:
-        keys[np.arange(width) >= ends[:, None]] = 0  # the bytes after a header (its data) are not part of it
-    # Equal rows end up next to each other; a run of equal rows is one header. (Whatever order the sort of
-    # raw bytes gives, only rows found equal are grouped.)
-    order = np.argsort(keys.view(f"V{width}").ravel(), kind="stable")
-    ordered = keys[order]
-    new = np.ones(len(rows), bool)
-    new[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
-    group = np.cumsum(new) - 1
-    index[rows[order]] = group
-    firsts = order[new]
+    width = -(-int(ends.max()) // 8) * 8  # compared as 8-byte words (HEAD_WIDTH is a multiple of 8)
+    keys = heads[:, :width] if rows.size == n else heads[rows, :width]
+    if int(ends.min()) < width:  # the bytes after a header (its data) are not part of it
+        keys = np.where(np.arange(width) < ends[:, None], keys, 0).astype(np.uint8)
+    words = keys.view(np.uint64)
+    # A cache holds a few distinct headers: each is found by comparing every row left with the first one left;
+    # past a few, the rest are sorted (equal rows end up next to each other, and only rows found equal are grouped).
+    firsts: list[int] = []
+    left = np.arange(rows.size)
+    while left.size and len(firsts) < 8:
+        same = (words[left] == words[left[0]]).all(axis=1) if len(firsts) else (words == words[0]).all(axis=1)
+        index[rows[left[same]]] = len(firsts)
+        firsts.append(int(left[0]))
+        left = left[~same]
+    if left.size:
+        order = left[np.argsort(np.ascontiguousarray(keys[left]).view(f"V{width}").ravel(), kind="stable")]
+        ordered = words[order]
+        new = np.ones(order.size, bool)
+        new[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
+        index[rows[order]] = len(firsts) + np.cumsum(new) - 1
+        firsts += order[new].tolist()
     parsed: list[_Parsed | None] = []
-    for k in firsts.tolist():
+    for k in firsts:
         p = scan.parsed(keys[k, : ends[k]].tobytes())
         parsed.append(p if isinstance(p, _Parsed) and p.problem is None else None)
     file_bytes = np.array([p.file_bytes if p is not None else -1 for p in parsed], np.int64)
@@ -214,11 +220,15 @@ def _paths(cands: list[Candidate], names: tuple[str, ...]) -> list[bytes]:
     """Each candidate's files in ``names`` order, as the bytes the file system sees."""
     if not cands or not names:
         return []
-    if all(c.names is not None for c in cands):  # native shards found whole: <where>/<name>.npy
-        template = "\0".join(f"{{0}}/{n}.npy" for n in names)
-        text = "\0".join(map(template.format, map(attrgetter("where"), cands)))
-    else:
-        text = "\0".join([c.files[n] for c in cands for n in names])
+    if all(c.names is not None for c in cands):  # native shards found whole: <where>/<name>.npy, a name at a time
+        wheres = [c.where for c in cands]
+        paths: list[bytes] = [b""] * (len(cands) * len(names))
+        for i, n in enumerate(names):
+            suffix = f"/{n}.npy"
+            text = f"{suffix}\0".join(wheres) + suffix
+            paths[i::len(names)] = text.encode("utf-8", "surrogateescape").split(b"\0")
+        return paths
+    text = "\0".join([c.files[n] for c in cands for n in names])
     return text.encode("utf-8", "surrogateescape").split(b"\0")
 
 
@@ -286,8 +296,18 @@ class Reader:
                 future = self.pool.submit(read_heads, self.scan.root_fd, paths, HEAD_WIDTH)
                 self._batches.append(_Batch(layout, names, part, paths, future))
 
-    def take(self, cands: list[Candidate]) -> tuple[list[_Batch], list[Candidate]]:
-        """The batches started for any of ``cands`` (cut to them), and the ones of ``cands`` not started."""
+    def take(self, cands: list[Candidate], every: bool = False) -> tuple[list[_Batch], list[Candidate]]:
+        """The batches started for any of ``cands`` (cut to them), and the ones of ``cands`` not started.
+
+        ``every``: ``cands`` hold every shard this reader was given (no batch needs cutting).
+        """
+        if every:
+            taken, self._batches = self._batches, []
+            started = sum(len(b.cands) for b in taken)
+            if started == len(cands):
+                return taken, []
+            ids = set(map(id, (c for b in taken for c in b.cands)))
+            return taken, [c for c in cands if id(c) not in ids]
         wanted = set(map(id, cands))
         taken: list[_Batch] = []
         started: set[int] = set()
@@ -314,21 +334,23 @@ def _rows_of(h: Heads, rows: np.ndarray) -> Heads:
 
 
 def read_bulk(scan: Scan, cands: Iterable[Candidate], group_fields: set[str],
-              careful: Callable[[Candidate, Preread], None], reader: Reader | None = None) -> dict[tuple, Signature]:
+              careful: Callable[[Candidate, Preread], None], reader: Reader | None = None,
+              every: bool = False) -> dict[tuple, Signature]:
     """Read every candidate; shards passing the per-file checks are grouped by signature, the others go to ``careful``.
 
     A signature whose own files differ in row count, or a flat shard whose files write its id
     in two widths, goes to ``careful`` as well (it names them shard by shard). ``reader``
-    holds the reads started already (see ``Reader``); the others are started here.
+    holds the reads started already (see ``Reader``; ``every``: ``cands`` hold all the shards
+    it was given); the others are started here.
     """
     cands = list(cands)
     with Reader(scan) as own:
         batches: list[_Batch] = []
         if reader is not None:
-            batches, cands = reader.take(cands)
+            batches, cands = reader.take(cands, every)
         if cands:
             own.add(cands)
-            batches += own.take(cands)[0]
+            batches += own.take(cands, every=True)[0]
         sigs: dict[tuple, Signature] = {}
         for b in batches:
             block = _Block(scan, b.cands, b.names, b.paths, b.heads.result())
@@ -346,7 +368,7 @@ def _sort(scan: Scan, block: _Block, layout: str, group_fields: set[str],
     if scan.lend is not None:
         fast[:] = False
     if layout == "native":
-        digits = np.fromiter(map(len, [c.where for c in cands]), np.int64, n) - len("shard_")
+        digits = np.fromiter(map(len, map(attrgetter("where"), cands)), np.int64, n) - len("shard_")
     else:
         digits = np.fromiter((digits_of(c) for c in cands), np.int64, n)
         widths = [(len(c.files[m]) - len(m) - len("_.npy") for m in names) for c in cands]
@@ -368,6 +390,7 @@ def _sort(scan: Scan, block: _Block, layout: str, group_fields: set[str],
         parsed_of = block.headers.parsed
         mtimes = h.mtime_ns.reshape(n, k)
         low, high = block.low.reshape(n, k), block.high.reshape(n, k)
+        whole = len(members_of) == 1 and rows.size == n  # every shard of the block, in one signature
         for key_row, members in zip(distinct.tolist(), members_of):
             parsed = tuple(parsed_of[g] for g in key_row[1:])
             key = (layout, key_row[0], names, *parsed)
@@ -380,7 +403,8 @@ def _sort(scan: Scan, block: _Block, layout: str, group_fields: set[str],
                 continue
             ranges = [(low[members, i], high[members, i]) if p.label_slice[1] else None  # type: ignore[union-attr]
                       for i, p in enumerate(parsed)]
-            sig.add([cands[j] for j in members.tolist()], [mtimes[members, i].tolist() for i in range(k)], ranges)
+            sig.add(cands if whole else [cands[j] for j in members.tolist()],
+                    [(mtimes[:, i] if whole else mtimes[members, i]).tolist() for i in range(k)], ranges)
     read = int(block.fast.sum())
     for j in sorted(to_careful):
         pre: Preread = {}

@@ -10,6 +10,7 @@ the careful per-name loop, in name order.
 
 from __future__ import annotations
 
+import operator
 import os
 import re
 import stat
@@ -168,31 +169,36 @@ def _plain_directories(entries: list[os.DirEntry]) -> tuple[list[int], list[os.D
         digits = _NATIVE_LINES.findall(text)
     else:
         digits = [m.group(1) if (m := NATIVE_DIR.match(n)) is not None else "" for n in names]
-    dirs = [entries[i] for i, d in enumerate(digits) if d and entries[i].is_dir()]  # (a link to a directory too)
-    native_digits = [d for d in digits if d] if len(dirs) == sum(map(bool, digits)) else [
-        d for d, e in zip(digits, entries) if d and e.is_dir()]
+    at = list(compress(range(len(digits)), digits))
+    is_dir = list(map(os.DirEntry.is_dir, map(entries.__getitem__, at)))  # (a link to a directory too)
+    if not all(is_dir):
+        at = list(compress(at, is_dir))
+    dirs = list(map(entries.__getitem__, at))
+    native_digits = list(map(digits.__getitem__, at))
     if max(map(len, native_digits), default=0) <= 18:  # (int() of up to 18 digits always fits an int64)
         ids: list[int | None] = list(map(int, native_digits))
     else:
         ids = list(map(parse_shard_id, native_digits))
-    named: Counter[int | None] = Counter(ids)
     others: list[os.DirEntry] = []
+    flat_ids: list[int | None] = []
     if ".npy" in text:
         for entry, d in zip(entries, digits):
             flat = None if d else FLAT_FILE.match(entry.name)
             if flat is not None:
                 others.append(entry)
-                named[parse_shard_id(flat.group(2))] += 1
+                flat_ids.append(parse_shard_id(flat.group(2)))
     links = list(map(os.DirEntry.is_symlink, dirs))
-    if not others and len(named) == len(ids) and None not in named and not any(links):  # the usual: all plain
+    if not others and not any(links) and None not in ids and len(set(ids)) == len(ids):  # the usual: all plain
         plain = np.arange(len(ids))
     else:
+        named = Counter(ids + flat_ids)
         is_plain = [shard_id is not None and named[shard_id] == 1 and not link for shard_id, link in zip(ids, links)]
         others += [e for e, p in zip(dirs, is_plain) if not p]
         plain = np.flatnonzero(is_plain)
     if plain.size:
-        plain = plain[np.argsort(np.array(ids, np.int64)[plain], kind="stable")]  # in id order
-    return [ids[k] for k in plain.tolist()], [dirs[k] for k in plain.tolist()], others  # type: ignore[misc]
+        plain = plain[np.argsort(np.fromiter(ids, np.int64, len(ids))[plain], kind="stable")]  # in id order
+    order = plain.tolist()
+    return list(map(ids.__getitem__, order)), list(map(dirs.__getitem__, order)), others  # type: ignore[arg-type]
 
 
 def _found_whole(fd: int, resolved_root: str, ids: list[int], dirs: list[os.DirEntry], journal: Journal | None,
@@ -205,7 +211,7 @@ def _found_whole(fd: int, resolved_root: str, ids: list[int], dirs: list[os.DirE
         submit = pool.submit if pool is not None else _now
         ahead = [submit(read_heads, fd, encoded[0], 0)] if batches else []
     for k, (part_ids, part_dirs) in enumerate(batches):
-        part_names = [e.name for e in part_dirs]
+        part_names = list(map(attrgetter("name"), part_dirs))
         if journal is not None and len(journal):
             if k + 1 < len(batches):  # the next batch is lstat-ed meanwhile
                 ahead.append(submit(read_heads, fd, encoded[k + 1], 0))
@@ -250,19 +256,29 @@ def _vouched(names: list[str], encoded: list[bytes], st: Heads, journal: Journal
     stamps = list(map(b"%d %d ".__mod__, zip(st.ino.tolist(), st.mtime_ns.tolist())))
     # name -> "<inode> <mtime_ns> <field> ...": read here for 10^5 directories at once
     lines = list(map(journal._lines.get, encoded, repeat(b"")))
-    out: list[tuple[str, ...] | None] = [None] * len(names)  # (gone meanwhile, or changed: listed, which says so)
-    todo = [k for k, (line, stamp, ok) in enumerate(zip(lines, stamps, is_dir)) if ok and line.startswith(stamp)]
-    while todo:
-        k = todo[0]
+    n = len(names)
+    known: dict[bytes, tuple[str, ...] | None] = {}  # the field names of each distinct line ending
+
+    def names_of(k: int) -> tuple[str, ...] | None:
         rest = lines[k][len(stamps[k]):]
-        recorded = journal.fields(names[k], int(st.ino[k]), int(st.mtime_ns[k]))
-        fields = tuple(sorted(n for n, _ in recorded)) if recorded is not None else None
-        # every other line with this ending at once (a cache's shards share one list of names)
-        same = list(map(bytes.__eq__, [lines[j] for j in todo], map(bytes.__add__, [stamps[j] for j in todo],
-                                                                      repeat(rest))))
-        for j in compress(todo, same):
-            out[j] = fields
-        todo = [j for j, x in zip(todo, same) if not x]
+        if rest not in known:
+            recorded = journal.fields(names[k], int(st.ino[k]), int(st.mtime_ns[k]))
+            known[rest] = tuple(sorted(n for n, _ in recorded)) if recorded is not None else None
+        return known[rest]
+
+    # (None: gone meanwhile, or changed; listed, which says so)
+    first = next((k for k in range(n) if is_dir[k] and lines[k].startswith(stamps[k])), None)
+    if first is None:
+        return [None] * n
+    fields = names_of(first)
+    rest = lines[first][len(stamps[first]):]
+    # Every line with the first one's ending at once (a cache's shards share one list of names) ...
+    same = list(map(bytes.__eq__, lines, map(bytes.__add__, stamps, repeat(rest))))
+    out = [fields if s and d else None for s, d in zip(same, is_dir)]
+    # ... and the others (shards of a writer of other fields) one by one.
+    for k in compress(range(n), map(operator.not_, same)):
+        if is_dir[k] and lines[k].startswith(stamps[k]):
+            out[k] = names_of(k)
     return out
 
 

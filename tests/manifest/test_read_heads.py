@@ -232,3 +232,22 @@ def test_links_and_fifos_in_a_large_root_take_the_careful_path(tmp_path: Path, j
     assert ("not a regular file" if journal else "'labels' is missing") in problems[3]
     assert f"resolves to {outside}, outside the cache root" in problems[5]
     assert report.manifest.num_shards == 38 and 7 in report.manifest.ids.tolist()
+
+
+def test_many_distinct_headers_and_header_lengths_are_each_checked_once(tmp_path: Path) -> None:
+    """Shards of 1..20 rows (20 distinct headers per field) and a field whose header is longer than the others'."""
+    root = tmp_path / "c"
+    for shard_id in range(20):
+        shard = root / f"shard_{shard_id:06d}"
+        shard.mkdir(parents=True)
+        rows = shard_id + 1
+        np.save(shard / "images.npy", np.full((rows, 2), shard_id, np.uint8))
+        np.save(shard / "labels.npy", np.arange(rows) - shard_id)
+        np.save(shard / "wide.npy", np.zeros((rows,) + (1,) * 30, np.float32))  # a header of 192 bytes
+    assert (root / "shard_000000" / "wide.npy").stat().st_size - 4 > 128
+    report = build_manifest(root, write=False)
+    m = report.manifest
+    assert not report.problems and report.headers_read == 60
+    assert m.columns["samples"].tolist() == list(range(1, 21))
+    assert [m.value_range(p, "labels") for p in range(20)] == [(-p, 0) for p in range(20)]
+    assert m.fields["wide"].shape == (1,) * 30
