@@ -462,6 +462,13 @@ def breakdown(info: dict[str, Any]) -> None:
         print("| CPU ms in the span | " + " | ".join(f"{p['cpu_ms']:.0f}" for p in perf.values()) + " |")
         for part in next(iter(perf.values()))["percent"]:
             print(f"| {part} | " + " | ".join(f"{p['percent'].get(part, 0):.1f}%" for p in perf.values()) + " |")
+    stat = {k: info[f"perfstat_{k}"] for k in ("t1", "t2", "plain") if "counts" in info.get(f"perfstat_{k}", {})}
+    if stat:
+        print("\n| perf stat over the span | " + " | ".join(stat) + " |\n|---|" + "---:|" * len(stat))
+        for event in next(iter(stat.values()))["counts"]:
+            print(f"| {event} | " + " | ".join(f"{p['counts'].get(event) or 0:,.0f}" for p in stat.values()) + " |")
+        print("| minor faults (getrusage, populate included) | "
+              + " | ".join(f"{p['minflt']:,}" for p in stat.values()) + " |")
     for name in ("strace_t2", "strace_plain"):
         if name in info:
             calls = info[name]["syscalls"]

@@ -318,15 +318,37 @@ KERNEL_PARTS = {"page faults": ("asm_exc_page_fault",), "  anonymous (fresh buff
                 "mmap": ("__x64_sys_mmap",), "munmap": ("__x64_sys_munmap",), "futex": ("__x64_sys_futex",)}
 
 
+def under_perf(tmp: Path, command: list[str], probe: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Run the probe under ``perf COMMAND``, its events switched on for the probe's span only."""
+    ctl, ack = tmp / "ctl", tmp / "ack"
+    os.mkfifo(ctl)
+    os.mkfifo(ack)
+    return run_probe(probe, args, env={"FRESH_PERF_CTL": f"{ctl},{ack}"},
+                     prefix=["perf", *command, "-D", "-1", "--control", f"fifo:{ctl},{ack}", "--"])
+
+
+def perf_stat(probe: str, args: dict[str, Any]) -> dict[str, Any]:
+    """``perf stat``'s software counters over the span. Its ``page-faults`` are the faults taken touching memory;
+    getrusage's ``minflt`` also counts the pages ``MADV_POPULATE_READ`` mapped. (Cycles and instructions: not
+    supported on this VM.)"""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "stat.csv"
+        events = "task-clock,page-faults,context-switches,cpu-migrations"
+        result = under_perf(Path(tmp), ["stat", "-x", ",", "-e", events, "-o", str(out)], probe, args)
+        counts = {}
+        for line in out.read_text().splitlines():
+            fields = line.split(",")
+            if len(fields) > 2 and fields[2] in events.split(","):
+                counts[fields[2]] = float(fields[0]) if fields[0].replace(".", "").isdigit() else None
+    return {"counts": counts, "minflt": result["rusage"]["minflt"], "span_ms": round(result["s"] * 1e3, 1)}
+
+
 def perf_profile(probe: str, args: dict[str, Any]) -> dict[str, Any]:
     """Where the span's CPU time went (``perf record -e cpu-clock -g``, switched on for the span only): shares in %."""
     with tempfile.TemporaryDirectory() as tmp:
-        ctl, ack, data = Path(tmp) / "ctl", Path(tmp) / "ack", Path(tmp) / "perf.data"
-        os.mkfifo(ctl)
-        os.mkfifo(ack)
-        result = run_probe(probe, args, env={"FRESH_PERF_CTL": f"{ctl},{ack}"},
-                           prefix=["perf", "record", "-q", "-e", "cpu-clock", "-F", "10000", "-g", "-D", "-1",
-                                   "--control", f"fifo:{ctl},{ack}", "-o", str(data), "--"])
+        data = Path(tmp) / "perf.data"
+        result = under_perf(Path(tmp), ["record", "-q", "-e", "cpu-clock", "-F", "10000", "-g", "-o", str(data)],
+                            probe, args)
 
         def report(*options: str) -> list[list[str]]:
             text = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "-g", "none", *options],
@@ -395,10 +417,11 @@ def test_fresh_breakdown(benchmark: BenchmarkFixture, caches: Callable[[str], Ca
         if shutil.which("perf"):
             for name, probe, args in (("t2", "loader", loader), ("t1", "loader", {**loader, "threads": 1}),
                                       ("plain", "plain", plain)):
-                try:
-                    out[f"perf_{name}"] = perf_profile(probe, args)
-                except (AssertionError, subprocess.CalledProcessError) as exc:
-                    out[f"perf_{name}"] = {"error": str(exc)[-300:]}
+                for kind, measure in (("perf", perf_profile), ("perfstat", perf_stat)):
+                    try:
+                        out[f"{kind}_{name}"] = measure(probe, args)
+                    except (AssertionError, OSError, subprocess.CalledProcessError) as exc:
+                        out[f"{kind}_{name}"] = {"error": str(exc)[-300:]}
 
     benchmark.pedantic(run, rounds=1, iterations=1)
     for trace in (out[k] for k in ("trace_t1", "trace_t2") if k in out):
