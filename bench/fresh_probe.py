@@ -223,7 +223,7 @@ def probe_loader(args: dict[str, Any]) -> dict[str, Any]:
     trace = Trace() if args.get("trace") else None
     n = 0
     with Span() as span:
-        loader = ShardLoader(ds, num_threads=int(args["threads"]))
+        loader = ShardLoader(ds, num_threads=int(args["threads"]), **args.get("kwargs", {}))
         span.mark("constructed")
         loader.set_epoch(int(args["epoch"]))  # plans the epoch in this thread, as a trainer's call does
         span.mark("set_epoch")

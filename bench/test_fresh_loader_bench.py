@@ -18,12 +18,14 @@ and the loader with 1 and 2 threads. ``test_reused_warm``: the loader in one pro
 rounds, maps kept (as ``test_loader_bench.py``), against a memcpy in the same process.
 ``test_fresh_breakdown``: where a fresh warm epoch's time goes (the probe's trace, and
 ``strace``/``perf`` when installed). SHARDSTORE_BENCH_FRESH_ROUNDS (5) rounds, one when
-benchmarks are disabled. Figures go to ``benchmark.extra_info``; ``python bench/fresh_probe.py
-report OUT.json`` prints them as tables. GB is 10**9 bytes.
+benchmarks are disabled. SHARDSTORE_BENCH_FRESH_LOADER_KWARGS (JSON, e.g. '{"pread": true}') is passed
+to every ShardLoader. Figures go to ``benchmark.extra_info``; ``python bench/fresh_probe.py report
+OUT.json`` prints them as tables. GB is 10**9 bytes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -38,10 +40,13 @@ from typing import Any
 import numpy as np
 import pytest
 from fresh_probe import CHUNK, epoch_files, run_probe, write_cache
-from loader_cases import ShardLoaderCase, describe_epoch
+from loader_cases import BATCH_SIZE, SEED, ShardLoaderCase, describe_epoch
 from pytest_benchmark.fixture import BenchmarkFixture
 
+from shardstore import ShardStore
+from shardstore.dataset.subset import RandomShardSubsetCachedDataset
 from shardstore.kernels import resident_fraction
+from shardstore.loader import ShardLoader
 
 
 def _env_int(name: str, default: int) -> int:
@@ -56,6 +61,8 @@ SIZES = {"3x64x64": (64, _env_int("SHARDSTORE_BENCH_FRESH_SAMPLES", 2048)),
          "3x224x224": (224, _env_int("SHARDSTORE_BENCH_FRESH_LARGE_SAMPLES", 160))}
 ROUNDS = _env_int("SHARDSTORE_BENCH_FRESH_ROUNDS", 5)
 MEMCPY_BYTES = _env_int("SHARDSTORE_BENCH_FRESH_MEMCPY_MB", 1024) << 20
+#: Extra ``ShardLoader`` arguments for every loader case (JSON), e.g. '{"pread": true}'; default: none.
+LOADER_KWARGS: dict[str, Any] = json.loads(os.environ.get("SHARDSTORE_BENCH_FRESH_LOADER_KWARGS", "{}"))
 WARM_LIMIT = 0.99  # a warm round starts with at least this fraction of the epoch's files in the page cache
 COLD_LIMIT = 0.05
 #: After an epoch a loader prepares the next one (plans it, fills the first chunks, reads shards ahead);
@@ -155,7 +162,8 @@ def run_round(cache: Cache, epoch: int, cases: list[str], *, cold: bool) -> dict
         elif kind == "read":
             result = run_probe("read", {"files": files})
         else:
-            result = run_probe("loader", {"root": str(cache.root), "epoch": epoch, "threads": int(kind[-1])})
+            result = run_probe("loader", {"root": str(cache.root), "epoch": epoch, "threads": int(kind[-1]),
+                                          "kwargs": LOADER_KWARGS})
             result["bytes"] = result["samples"] * sample_bytes
         if "samples" in result:
             assert result["samples"] == num_samples, f"{case}: {result['samples']} samples, not {num_samples}"
@@ -225,11 +233,21 @@ def test_fresh_epochs(benchmark: BenchmarkFixture, caches: Callable[[str], Cache
     first = summary["cases"]["loader_t2"]["first_batch_ms"]
     summary["ratios"]["first batch, construction to batch (ms)"] = {"value": first, "target": 5.0,
                                                                     "met": bool(first <= 5.0), "lower_is_better": True}
-    benchmark.extra_info.update(kind="fresh", size=size, shards=SHARDS, samples_per_shard=SIZES[size][1],
+    benchmark.extra_info.update(kind="fresh", size=size, loader_kwargs=LOADER_KWARGS, shards=SHARDS,
+                                samples_per_shard=SIZES[size][1],
                                 loadavg=[round(x, 2) for x in loads], **summary)
 
 
 # -- one process, maps reused ---------------------------------------------------------------------
+
+
+class ReusedLoader(ShardLoaderCase):
+    """``test_loader_bench.py``'s loader case, with LOADER_KWARGS."""
+
+    def open(self) -> None:
+        ds = RandomShardSubsetCachedDataset(ShardStore.open(self.epoch.root), self.epoch.shards_per_epoch, SEED,
+                                            batch_size=BATCH_SIZE)
+        self.reader = ShardLoader(ds, num_threads=self.num_threads, **LOADER_KWARGS)
 
 
 @pytest.mark.slow
@@ -243,7 +261,7 @@ def test_reused_warm(benchmark: BenchmarkFixture, caches: Callable[[str], Cache]
     src = np.full(MEMCPY_BYTES, 0x5A, np.uint8)
     dst = np.empty(MEMCPY_BYTES, np.uint8)
     dst.fill(0)  # pre-touched (np.zeros would leave it to fault in during the first copy)
-    loaders = {threads: ShardLoaderCase(epoch, threads) for threads in (1, 2)}
+    loaders = {threads: ReusedLoader(epoch, threads) for threads in (1, 2)}
     times: dict[str, list[float]] = {"memcpy": [], "loader_t1": [], "loader_t2": []}
 
     def timed(name: str, fn: Callable[[], object]) -> None:
@@ -274,7 +292,8 @@ def test_reused_warm(benchmark: BenchmarkFixture, caches: Callable[[str], Cache]
     ratio = cases["loader_t2"]["GB_per_s"] / cases["memcpy"]["GB_per_s"]
     per_round = [a / b for a, b in zip(rates["loader_t2"], rates["memcpy"])]
     benchmark.extra_info.update(
-        kind="reused", size=size, cases=cases, ratios={"reused warm 2 threads / memcpy": {
+        kind="reused", size=size, loader_kwargs=LOADER_KWARGS, cases=cases,
+        ratios={"reused warm 2 threads / memcpy": {
             "value": round(ratio, 3), "target": 0.70, "met": bool(ratio >= 0.70),
             "per_round": [round(x, 3) for x in per_round]}})
 
@@ -376,7 +395,8 @@ def traced(cache: Cache, threads: int, times: int) -> dict[str, Any]:
     runs = []
     for _ in range(times):
         read_all(cache.files)
-        runs.append(run_probe("loader", {"root": str(cache.root), "epoch": 0, "threads": threads, "trace": True}))
+        runs.append(run_probe("loader", {"root": str(cache.root), "epoch": 0, "threads": threads, "trace": True,
+                                         "kwargs": LOADER_KWARGS}))
     runs.sort(key=lambda r: r["s"])
     mid = runs[len(runs) // 2]
     mid["medians"] = {
@@ -408,7 +428,7 @@ def test_fresh_breakdown(benchmark: BenchmarkFixture, caches: Callable[[str], Ca
             out[f"trace_t{threads}"] = traced(cache, threads, 1 if benchmark.disabled else 3)
         if benchmark.disabled:
             return  # strace and perf: in measured runs only
-        loader = {"root": str(cache.root), "epoch": 0, "threads": 2}
+        loader = {"root": str(cache.root), "epoch": 0, "threads": 2, "kwargs": LOADER_KWARGS}
         plain = {"files": files, "num_samples": num_samples}
         read_all(cache.files)
         if shutil.which("strace"):
@@ -427,4 +447,5 @@ def test_fresh_breakdown(benchmark: BenchmarkFixture, caches: Callable[[str], Ca
     for trace in (out[k] for k in ("trace_t1", "trace_t2") if k in out):
         assert trace["samples"] == num_samples
         assert trace["first_labels"] == trace["want_labels"]
-    benchmark.extra_info.update(kind="breakdown", size=size, loadavg=round(os.getloadavg()[0], 2), **out)
+    benchmark.extra_info.update(kind="breakdown", size=size, loader_kwargs=LOADER_KWARGS,
+                                loadavg=round(os.getloadavg()[0], 2), **out)
