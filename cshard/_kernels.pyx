@@ -218,13 +218,14 @@ cdef extern from "gather.h" nogil:
     int shardstore_gather(const uint64_t *bases, const uint64_t *source_bytes, int64_t num_fields,
                           int64_t num_sources, const int64_t *num_rows, const int64_t *row_bytes,
                           const int64_t *source, const int64_t *rows, int64_t n, int64_t batch_size,
-                          const uint64_t *out, const uint64_t *out_bytes, int64_t num_batches, int64_t *info)
+                          const uint64_t *out, const uint64_t *out_bytes, int64_t num_batches, int64_t *info,
+                          const int64_t *fds, const int64_t *file_offsets)
     int shardstore_guarded_copy(void *dst, const void *src, size_t n, uintptr_t lo, size_t span,
                                 uintptr_t *fault_address)
     int shardstore_install_bus_handler()
 
 #: what ``gather_batches`` returns (its ``info`` says where); kept in step with gather.h
-DONE, UNMAPPED, BAD_ROW, OUT_SHORT, SRC_SHORT, FAULT = range(6)
+DONE, UNMAPPED, BAD_ROW, OUT_SHORT, SRC_SHORT, FAULT, SHORT_READ, READ_ERROR = range(8)
 
 
 def install_bus_handler():
@@ -238,29 +239,45 @@ def install_bus_handler():
 def gather_batches(const uint64_t[:, ::1] bases, const uint64_t[:, ::1] source_bytes,
                    const int64_t[::1] num_rows, const int64_t[::1] row_bytes, const int64_t[::1] source,
                    const int64_t[::1] rows, Py_ssize_t batch_size, const uint64_t[:, ::1] out,
-                   const uint64_t[:, ::1] out_bytes, int64_t[::1] info):
+                   const uint64_t[:, ::1] out_bytes, int64_t[::1] info, const int64_t[:, ::1] fds=None,
+                   const int64_t[:, ::1] file_offsets=None):
     """Copy the samples of consecutive batches, every field, into their batch buffers; returns a status.
 
     Sample ``i`` is row ``rows[i]`` of source ``source[i]``; it goes to row ``i % batch_size``
     of batch ``i // batch_size``. For field ``f``: ``bases[f, j]`` is the address of source
-    ``j``'s first row (0: not mapped yet) and ``source_bytes[f, j]`` the bytes there,
+    ``j``'s first row (0: not mapped) and ``source_bytes[f, j]`` the bytes of its rows,
     ``row_bytes[f]`` the bytes of one row, ``out[b, f]`` the address of batch ``b``'s buffer and
-    ``out_bytes[b, f]`` its size. ``num_rows[j]`` is source ``j``'s row count. A run of
-    consecutive rows of one source inside one batch is one copy.
+    ``out_bytes[b, f]`` its size. ``num_rows[j]`` is source ``j``'s row count. A source that is
+    not mapped may be an open file instead: ``fds[f, j]`` (>= 0; -1: none) whose row 0 starts
+    at byte ``file_offsets[f, j]``, read with ``pread`` straight into the buffer. A run of
+    consecutive rows of one source inside one batch is one copy (or one read).
 
     No copy reaches past its source or destination: ``SRC_SHORT``/``OUT_SHORT`` instead. A
-    source whose file shrank under its map (SIGBUS) gives ``FAULT``. ``info`` (4 entries) gets
-    the sample, field, source and, for ``FAULT``, the address. Copies made before stopping stay made.
+    source whose file shrank under its map (SIGBUS) gives ``FAULT``, a file that ends before
+    the rows ``SHORT_READ``, a failed read ``READ_ERROR``. ``info`` (4 entries) gets the sample,
+    field, source and: for ``FAULT`` the address, for ``SHORT_READ`` the file offset where the
+    file ended, for ``READ_ERROR`` the errno. Copies made before stopping stay made.
     """
     cdef Py_ssize_t n = source.shape[0]
     cdef Py_ssize_t num_fields = bases.shape[0]
     cdef Py_ssize_t num_sources = bases.shape[1]
     cdef int status
+    cdef const int64_t *fd_ptr = NULL
+    cdef const int64_t *offset_ptr = NULL
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if (source_bytes.shape[0] != num_fields or source_bytes.shape[1] != num_sources
             or row_bytes.shape[0] != num_fields or num_rows.shape[0] != num_sources):
         raise ValueError("bases, source_bytes, row_bytes and num_rows disagree on the fields or sources")
+    if (fds is None) != (file_offsets is None):
+        raise ValueError("give fds and file_offsets together, or neither")
+    if fds is not None:
+        if (fds.shape[0] != num_fields or fds.shape[1] != num_sources or file_offsets.shape[0] != num_fields
+                or file_offsets.shape[1] != num_sources):
+            raise ValueError("fds and file_offsets must both be (fields, sources) like bases")
+        if num_fields and num_sources:
+            fd_ptr = &fds[0, 0]
+            offset_ptr = &file_offsets[0, 0]
     if out.shape[1] != num_fields or out_bytes.shape[0] != out.shape[0] or out_bytes.shape[1] != num_fields:
         raise ValueError("out and out_bytes must both be (batches, fields) like bases' fields")
     if rows.shape[0] != n or info.shape[0] < 4:
@@ -273,7 +290,7 @@ def gather_batches(const uint64_t[:, ::1] bases, const uint64_t[:, ::1] source_b
     with nogil:
         status = shardstore_gather(&bases[0, 0], &source_bytes[0, 0], num_fields, num_sources, &num_rows[0],
                                    &row_bytes[0], &source[0], &rows[0], n, batch_size, &out[0, 0],
-                                   &out_bytes[0, 0], out.shape[0], &info[0])
+                                   &out_bytes[0, 0], out.shape[0], &info[0], fd_ptr, offset_ptr)
     return status
 
 

@@ -1,5 +1,9 @@
 /* The batch gather, and copies out of memory maps that survive the file shrinking under them.
  *
+ * A source is either a memory map (read with a guarded copy) or an open file (read with ``pread``
+ * straight into the batch buffer: no page of the file is mapped into the process, so a freshly
+ * selected shard costs no page fault per page; a file that shrank is a short read, not SIGBUS).
+ *
  * A file truncated while it is mapped makes every read of the lost pages raise SIGBUS, which kills
  * the process by default. Reads of maps here run inside a *guard*: a SIGBUS whose address lies in
  * the map being read, on the thread that reads it, jumps back to the guard's start and the copy
@@ -20,7 +24,10 @@
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <errno.h>
 #include <string.h>
+#include <sys/types.h>
+#include <unistd.h>
 
 #include "stream_copy.h"
 
@@ -31,6 +38,8 @@ enum {
     SHARDSTORE_OUT_SHORT = 3,  /* info: sample, field; the destination buffer is too small for it */
     SHARDSTORE_SRC_SHORT = 4,  /* info: sample, field, source; the source map is too small for the row */
     SHARDSTORE_FAULT = 5,      /* info: sample, field, source, address; the source's file shrank (SIGBUS) */
+    SHARDSTORE_SHORT_READ = 6, /* info: sample, field, source, file offset; the file ended before the row (it shrank) */
+    SHARDSTORE_READ_ERROR = 7, /* info: sample, field, source, errno; reading the source's file failed */
 };
 
 struct shardstore_guard {
@@ -131,18 +140,42 @@ static int shardstore_guarded_copy(void *dst, const void *src, size_t n, uintptr
     return SHARDSTORE_DONE;
 }
 
+/* Read ``n`` bytes at ``offset`` of ``fd`` into ``dst``: SHARDSTORE_DONE, SHARDSTORE_SHORT_READ when the
+ * file ends first (``*at``: the offset where it ended), or SHARDSTORE_READ_ERROR (``*at``: errno). */
+static int shardstore_read_exact(int fd, unsigned char *dst, size_t n, int64_t offset, int64_t *at) {
+    ssize_t got;
+    while (n > 0) {
+        got = pread(fd, dst, n, (off_t)offset);
+        if (got > 0) {
+            dst += got;
+            n -= (size_t)got;
+            offset += got;
+        } else if (got == 0) {
+            *at = offset;
+            return SHARDSTORE_SHORT_READ;
+        } else if (errno != EINTR) {
+            *at = errno;
+            return SHARDSTORE_READ_ERROR;
+        }
+    }
+    return SHARDSTORE_DONE;
+}
+
 /* The batch gather (see ``gather_batches`` in _kernels.pyx for the layout of the arguments).
- * Every copy is checked against the sizes of its source map and destination buffer first. */
+ * Every copy is checked against the sizes of its source and destination buffer first. Source ``j`` of
+ * field ``f`` is the map at ``bases[f, j]`` when that is not 0, else the file ``fds[f, j]`` (when
+ * ``fds`` is not NULL and it is >= 0) whose row 0 starts at ``file_offsets[f, j]``. */
 static int shardstore_gather(const uint64_t *bases, const uint64_t *source_bytes, int64_t num_fields,
                              int64_t num_sources, const int64_t *num_rows, const int64_t *row_bytes,
                              const int64_t *source, const int64_t *rows, int64_t n, int64_t batch_size,
                              const uint64_t *out, const uint64_t *out_bytes, int64_t num_batches,
-                             int64_t *info) {
+                             int64_t *info, const int64_t *fds, const int64_t *file_offsets) {
     struct shardstore_guard guard;
     /* What the copy under way reads; volatile, as they are read again after a jump back. */
     volatile int64_t at_sample = 0, at_field = 0, at_source = 0;
-    int64_t i, end, f, j, r, batch, batch_end;
+    int64_t i, end, f, j, r, batch, batch_end, k, at = 0;
     uint64_t rb, length, dst_offset, src_offset;
+    unsigned char *dst;
     int status = SHARDSTORE_DONE;
 
     guard.lo = guard.hi = 0;
@@ -180,7 +213,8 @@ static int shardstore_gather(const uint64_t *bases, const uint64_t *source_bytes
             length = (uint64_t)(end - i) * rb;
             dst_offset = (uint64_t)(i - batch * batch_size) * rb;
             src_offset = (uint64_t)r * rb;
-            if (bases[f * num_sources + j] == 0) {
+            k = f * num_sources + j;
+            if (bases[k] == 0 && (fds == NULL || fds[k] < 0)) {
                 status = SHARDSTORE_UNMAPPED;
                 break;
             }
@@ -196,16 +230,27 @@ static int shardstore_gather(const uint64_t *bases, const uint64_t *source_bytes
         if (status != SHARDSTORE_DONE)
             break;
         for (f = 0; f < num_fields; f++) {
+            k = f * num_sources + j;
             rb = (uint64_t)row_bytes[f];
+            dst = (unsigned char *)(uintptr_t)(out[batch * num_fields + f] + (uint64_t)(i - batch * batch_size) * rb);
+            length = (uint64_t)(end - i) * rb;
+            if (bases[k] == 0) { /* an open file: one pread per run, no map, no guard needed */
+                status = shardstore_read_exact((int)fds[k], dst, (size_t)length, file_offsets[k] + r * (int64_t)rb, &at);
+                if (status != SHARDSTORE_DONE) {
+                    info[1] = f;
+                    info[2] = j;
+                    info[3] = at;
+                    break;
+                }
+                continue;
+            }
             at_sample = i;
             at_field = f;
             at_source = j;
-            guard.lo = (uintptr_t)bases[f * num_sources + j];
-            guard.hi = guard.lo + (uintptr_t)source_bytes[f * num_sources + j];
+            guard.lo = (uintptr_t)bases[k];
+            guard.hi = guard.lo + (uintptr_t)source_bytes[k];
             atomic_signal_fence(memory_order_seq_cst); /* the guard names this map before it is read */
-            shardstore_stream_copy((unsigned char *)(uintptr_t)(out[batch * num_fields + f] + (uint64_t)(i - batch * batch_size) * rb),
-                                   (const unsigned char *)(uintptr_t)(bases[f * num_sources + j] + (uint64_t)r * rb),
-                                   (size_t)((uint64_t)(end - i) * rb));
+            shardstore_stream_copy(dst, (const unsigned char *)(uintptr_t)(bases[k] + (uint64_t)r * rb), (size_t)length);
             atomic_signal_fence(memory_order_seq_cst);
         }
     }

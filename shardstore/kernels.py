@@ -5,6 +5,7 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -152,6 +153,47 @@ class SourceFault(OSError):
         self.address = address
 
 
+class SourceShrank(OSError):
+    """Reading a source's file with ``pread`` ended early: the file shrank after it was opened.
+
+    ``field`` and ``source`` say which file, ``offset`` where it ended; the caller names it to the user.
+    """
+
+    def __init__(self, field: str, source: int, offset: int) -> None:
+        super().__init__(f"field {field!r} of source {source}: its file ended at byte {offset:,}, before the rows "
+                         "it was read for (the file shrank while open)")
+        self.field = field
+        self.source = source
+        self.offset = offset
+
+
+class FileRows:
+    """The rows of a field in an open file, for ``BatchGather`` to read with ``pread``: no map, no page faults.
+
+    ``fd`` is owned by the gather that opens this source (closed on ``release``); row 0 starts at
+    byte ``offset`` and the rows take ``nbytes``; ``file_bytes`` is the file's size when opened.
+    """
+
+    __slots__ = ("fd", "offset", "nbytes", "file_bytes", "path")
+
+    def __init__(self, fd: int, offset: int, nbytes: int, file_bytes: int, path: str) -> None:
+        self.fd, self.offset, self.nbytes, self.file_bytes, self.path = int(fd), int(offset), int(nbytes), \
+            int(file_bytes), str(path)
+
+    def __repr__(self) -> str:
+        return f"FileRows({self.path!r}, fd={self.fd}, offset={self.offset}, nbytes={self.nbytes})"
+
+
+def _close_files(fds: np.ndarray) -> None:
+    """Close the descriptors a collected gather still held (a job dropped without ``release``)."""
+    for fd in fds[fds >= 0].tolist():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds[...] = -1
+
+
 def _specs(fields: FieldSpecs) -> FieldSpecs:
     return {name: (np.dtype(dtype), tuple(int(d) for d in shape)) for name, (dtype, shape) in fields.items()}
 
@@ -209,16 +251,24 @@ class BatchBuffers:
 
 
 class BatchGather:
-    """Copies rows of a fixed list of shards, every field, into batch buffers; shards are mapped lazily.
+    """Copies rows of a fixed list of shards, every field, into batch buffers; shards are opened lazily.
 
     ``num_rows[j]`` is shard ``j``'s row count and ``fields`` maps each field to its dtype
     and per-row shape. The first time a row of shard ``j`` is needed, ``open_source(name, j)``
-    returns that field's array (a memory map), which this object then keeps alive until
-    ``release(j)``. Thread-safe: threads may gather different batches at once. A map whose
-    file shrank under it raises ``SourceFault`` for the batch that reads it.
+    returns that field's source, which this object then keeps until ``release(j)``: an array
+    (a memory map, copied from), or a ``FileRows`` (an open file, read with ``pread`` straight
+    into the buffers; its descriptor is closed on ``release`` or when this object is collected).
+    Thread-safe: threads may gather different batches at once. A map whose file shrank under it
+    raises ``SourceFault`` for the batch that reads it, a file that shrank ``SourceShrank``.
+
+    With ``open_file``, the fields in ``file_fields`` are opened through it instead (it may return
+    either kind) while fewer than ``max_files`` sources are open as files: the descriptors this
+    object holds stay bounded however many shards are in flight.
     """
 
-    def __init__(self, num_rows: np.ndarray, fields: FieldSpecs, open_source: Callable[[str, int], np.ndarray]) -> None:
+    def __init__(self, num_rows: np.ndarray, fields: FieldSpecs, open_source: Callable[[str, int], np.ndarray], *,
+                 open_file: Callable[[str, int], np.ndarray | FileRows] | None = None,
+                 file_fields: tuple[str, ...] = (), max_files: int = 0) -> None:
         self.num_rows = _int64_vector("num_rows", np.ascontiguousarray(num_rows, dtype=np.int64))
         if self.num_rows.size and self.num_rows.min() < 0:
             raise ValueError("num_rows must be non-negative")
@@ -226,25 +276,50 @@ class BatchGather:
         self.row_bytes = np.array([_row_bytes(dtype, shape) for dtype, shape in self.fields.values()], dtype=np.int64)
         self._names = list(self.fields)
         self._open = open_source
-        self._arrays: list[list[np.ndarray | None]] = [[None] * self.num_rows.size for _ in self._names]
-        self._bases = np.zeros((len(self._names), self.num_rows.size), dtype=np.uint64)
-        self._source_bytes = np.zeros((len(self._names), self.num_rows.size), dtype=np.uint64)
+        self._open_file = open_file
+        self.file_fields = frozenset(file_fields) if open_file is not None else frozenset()
+        self.max_files = int(max_files)
+        shape = (len(self._names), self.num_rows.size)
+        self._arrays: list[list[np.ndarray | FileRows | None]] = [[None] * self.num_rows.size for _ in self._names]
+        self._bases = np.zeros(shape, dtype=np.uint64)
+        self._source_bytes = np.zeros(shape, dtype=np.uint64)
+        self._fds = np.full(shape, -1, dtype=np.int64)
+        self._file_offsets = np.zeros(shape, dtype=np.int64)
+        self.files_open = 0
+        """Sources open as files now (each holds a descriptor)."""
+        self._closer = weakref.finalize(self, _close_files, self._fds)
         self._buffers_seen: tuple[BatchBuffers, np.ndarray, np.ndarray] | None = None
         self._lock = threading.Lock()
 
-    def source(self, name: str, j: int) -> np.ndarray | None:
+    def source(self, name: str, j: int) -> np.ndarray | FileRows | None:
         """Field ``name`` of shard ``j`` if it is open."""
         return self._arrays[self._names.index(name)][j]
 
-    def open(self, name: str, j: int) -> np.ndarray:
+    def open(self, name: str, j: int) -> np.ndarray | FileRows:
         """Field ``name`` of shard ``j``, opened now if it was not yet."""
         f = self._names.index(name)
         with self._lock:
             arr = self._arrays[f][j]
             if arr is not None:
                 return arr
-            arr = self._open(name, j)
+            if name in self.file_fields and self.files_open < self.max_files:
+                arr = self._open_file(name, j)
+            else:
+                arr = self._open(name, j)
             dtype, shape = self.fields[name]
+            if isinstance(arr, FileRows):
+                want = int(self.num_rows[j]) * int(self.row_bytes[f])
+                if arr.nbytes != want or arr.fd < 0 or arr.offset < 0:
+                    if arr.fd >= 0:
+                        os.close(arr.fd)
+                    raise ValueError(f"source {j} of field {name!r} is a file with {arr.nbytes} bytes of rows at "
+                                     f"offset {arr.offset}, expected {want}")
+                self._arrays[f][j] = arr
+                self._source_bytes[f, j] = arr.nbytes
+                self._file_offsets[f, j] = arr.offset
+                self._fds[f, j] = arr.fd
+                self.files_open += 1
+                return arr
             if not isinstance(arr, np.ndarray) or arr.dtype != dtype or arr.shape != (self.num_rows[j], *shape):
                 got = f"{arr.shape} {arr.dtype}" if isinstance(arr, np.ndarray) else type(arr).__name__
                 raise ValueError(f"source {j} of field {name!r} is {got}, "
@@ -257,7 +332,8 @@ class BatchGather:
             return arr
 
     def release(self, j: int) -> list[np.ndarray]:
-        """Forget shard ``j``'s maps (returned; they unmap when the last reference goes); reopened if needed again.
+        """Forget shard ``j``'s sources: close its files, return its maps (they unmap when the last reference
+        goes); reopened if needed again.
 
         The caller guarantees no gather running now reads shard ``j``.
         """
@@ -265,10 +341,15 @@ class BatchGather:
         with self._lock:
             self._bases[:, j] = 0
             self._source_bytes[:, j] = 0
-            for arrays in self._arrays:
-                if arrays[j] is not None:
-                    out.append(arrays[j])
-                    arrays[j] = None
+            for f, arrays in enumerate(self._arrays):
+                src = arrays[j]
+                arrays[j] = None
+                if isinstance(src, FileRows):
+                    self._fds[f, j] = -1
+                    self.files_open -= 1
+                    os.close(src.fd)
+                elif src is not None:
+                    out.append(src)
         return out
 
     def release_all(self) -> None:
@@ -310,7 +391,8 @@ class BatchGather:
         _kernels.install_bus_handler()
         while True:
             status = _kernels.gather_batches(self._bases, self._source_bytes, self.num_rows, self.row_bytes,
-                                             source_index, rows, buffers.batch_size, out, out_bytes, info)
+                                             source_index, rows, buffers.batch_size, out, out_bytes, info,
+                                             self._fds, self._file_offsets)
             if status == _kernels.DONE:
                 return
             i, f, j = int(info[0]), int(info[1]), int(info[2])
@@ -319,6 +401,11 @@ class BatchGather:
                 continue
             if status == _kernels.FAULT:
                 raise SourceFault(self._names[f], j, int(info[3]) & ((1 << 64) - 1))
+            if status == _kernels.SHORT_READ:
+                raise SourceShrank(self._names[f], j, int(info[3]))
+            if status == _kernels.READ_ERROR:
+                src = self._arrays[f][j]
+                raise OSError(int(info[3]), os.strerror(int(info[3])), getattr(src, "path", f"source {j}"))
             if status == _kernels.BAD_ROW:
                 raise IndexError(f"sample {i}: row {int(rows[i])} of source {int(source_index[i])} is out of range")
             if status == _kernels.OUT_SHORT:

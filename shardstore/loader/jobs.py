@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import threading
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -11,6 +12,35 @@ import numpy as np
 from shardstore.kernels import BatchGather
 from shardstore.manifest.reader import ShardStore
 from shardstore.sampling.plan import RankPlan
+from shardstore.store.mmaps import field_rows
+
+#: With ``pread``, a field is read from its files when a job's reads of it move at least this many
+#: bytes on average (a batch of 64 images of 3x64x64 is one 786 KB read in file order). Shorter reads
+#: (labels, the single rows of an interleaved order) copy from memory maps: a system call per read
+#: would cost more than the page faults it saves.
+PREAD_MIN_BYTES = 64 << 10
+#: At most this many shard files open for ``pread`` per job (and an eighth of the descriptor limit);
+#: past it, shards are mapped (a map holds no descriptor).
+MAX_OPEN_FILES = 64
+
+
+def open_files_limit() -> int:
+    """Files a job may hold open: ``MAX_OPEN_FILES``, or an eighth of ``RLIMIT_NOFILE`` when that is lower."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return MAX_OPEN_FILES if soft == resource.RLIM_INFINITY else max(0, min(MAX_OPEN_FILES, soft // 8))
+
+
+def mean_run(source_index: np.ndarray, rows: np.ndarray, batch_size: int) -> float:
+    """Samples per read: a read is a run of consecutive rows of one shard inside one batch."""
+    n = source_index.size
+    if n == 0:
+        return 0.0
+    starts = np.empty(n, bool)
+    starts[0] = True
+    np.not_equal(source_index[1:], source_index[:-1], out=starts[1:])
+    starts[1:] |= rows[1:] != rows[:-1] + 1
+    starts[::batch_size] = True
+    return n / int(np.count_nonzero(starts))
 
 
 @dataclass
@@ -22,6 +52,8 @@ class Job:
     """
 
     key: Hashable
+    #: read fields in long runs with pread from shard files the store has not mapped (else: maps only)
+    pread: bool = False
     planned: bool = False
     #: the consumer took a batch of it: a new iteration cannot take it over
     started: bool = False
@@ -53,7 +85,8 @@ class Job:
     def plan(self, plan: RankPlan) -> None:
         """Take ``plan`` as it is (its shards, rows and spans) and set up the per-field gathers.
 
-        O(visited shards): nothing is located or sorted, and maps open lazily, on first use.
+        O(visited shards) (with ``pread``, one pass over the rows: how long its reads are): nothing
+        is located or sorted, and files open lazily, on first use.
         """
         batch_size = plan.batch_size
         num_batches = -(-plan.num_samples // batch_size)
@@ -69,9 +102,18 @@ class Job:
         self.unmapped = np.zeros(self.visited.size, bool)
         store, visited = plan.store, plan.visited
         counts = store.offsets[visited + 1] - store.offsets[visited]
-        # Maps open through the plan's store (no reference back to the job: it is dropped when done).
+        # Sources open through the plan's store (no reference back to the job: it is dropped when done).
+        # With pread, fields read in long runs are read from their files (a shard the store has mapped
+        # already is copied from its map); the others are mapped.
+        file_fields: tuple[str, ...] = ()
+        if self.pread:
+            run = mean_run(plan.source_index, plan.rows, batch_size)
+            file_fields = tuple(name for name, spec in store.fields.items()
+                                if run * spec.sample_bytes >= PREAD_MIN_BYTES)
         self.gather = BatchGather(counts, {name: (spec.dtype, spec.shape) for name, spec in store.fields.items()},
-                                  lambda name, j: store.field(int(visited[j]), name))
+                                  lambda name, j: store.field(int(visited[j]), name),
+                                  open_file=lambda name, j: field_rows(store, int(visited[j]), name),
+                                  file_fields=file_fields, max_files=open_files_limit() if file_fields else 0)
 
     def batch_bounds(self, batch: int, count: int = 1) -> tuple[int, int]:
         """Sample range of batches ``batch .. batch + count - 1``."""
@@ -86,10 +128,11 @@ class Job:
         return which
 
     def unmap(self, which: np.ndarray) -> None:
-        """Let go of these visited shards' maps: no batch still to be filled may read them.
+        """Let go of these visited shards' maps and files: no batch still to be filled may read them.
 
-        They are unmapped once the store's cache (bounded by ``max_open_maps``) drops them too,
-        so the maps alive stay bounded however many shards an epoch visits.
+        Files are closed now; maps are unmapped once the store's cache (bounded by
+        ``max_open_maps``) drops them too, so the maps alive stay bounded however many shards an
+        epoch visits.
         """
         if self.gather is None:
             return

@@ -9,6 +9,8 @@ Waking a sleeping thread costs tens of microseconds (more on a VM), as long as c
 small batch. So threads work in *chunks* of consecutive batches (a few MiB): a filler
 claims a chunk and copies all of it in one GIL-free kernel call, the consumer sleeps
 until a whole chunk is ready, and fillers are woken when a whole chunk of slots is free.
+The first chunk after a fresh start is the exception: it is claimed and handed out one
+batch at a time, so the first batch is out after one batch's copy, not a chunk's.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 
 from shardstore.errors import ShardstoreError
-from shardstore.kernels import BatchBuffers, SourceFault, file_map_of
+from shardstore.kernels import BatchBuffers, FileRows, SourceFault, SourceShrank, file_map_of
 from shardstore.loader import pager
 from shardstore.loader.jobs import Job
 from shardstore.loader.slots import Slot
@@ -51,7 +53,7 @@ class Pipeline:
 
     def __init__(self, fields: dict[str, FieldSpec], planner: Callable[[Hashable], RankPlan], slots: list[Slot],
                  chunk: int, *, num_threads: int, device: torch.device | None, read_ahead_shards: int,
-                 drop_pages: bool) -> None:
+                 drop_pages: bool, pread: bool = False) -> None:
         if len(slots) % chunk:
             raise ValueError(f"{len(slots)} slots are not a whole number of chunks of {chunk}")
         self.planner = planner
@@ -64,6 +66,7 @@ class Pipeline:
         self.device = device
         self.read_ahead_shards = read_ahead_shards
         self.drop_pages = drop_pages
+        self.pread = pread
         self._stream = torch.cuda.Stream(device) if device is not None else None
         # One lock, three conditions: each kind of thread is woken only by what it waits for.
         self._lock = threading.Lock()
@@ -82,6 +85,7 @@ class Pipeline:
         self._jobs: deque[Job] = deque()
         self._retired: list[Job] = []
         self._claim_seq = 0  # first batch of the next chunk a filler takes
+        self._ramp_end = self.chunk  # batches before this one are claimed and awaited one at a time
         self._released = 0  # batches before this one were handed out and given back
         self._planned_end = 0  # first seq after the last planned job
         self._stopping = False
@@ -150,16 +154,16 @@ class Pipeline:
                      and not head.started)
             if reuse:
                 if len(self._jobs) == 1 and following is not None:
-                    self._jobs.append(Job(following))
+                    self._jobs.append(Job(following, self.pread))
                     self._work.notify_all()
                 self.warm_starts += 1
                 return head, self._generation
         self.stop()
         self._reset()
         self._generation += 1
-        self._jobs.append(Job(key))
+        self._jobs.append(Job(key, self.pread))
         if following is not None:
-            self._jobs.append(Job(following))
+            self._jobs.append(Job(following, self.pread))
         self._start()
         return self._jobs[0], self._generation
 
@@ -226,8 +230,10 @@ class Pipeline:
             self._wait(lambda: True, generation)
             self._release(seq)  # the consumer is done with the previous batch (on the CPU it viewed a slot)
             if slot.seq != seq:
-                # Sleep until the rest of this batch's chunk is filled too: one wake-up per chunk.
-                chunk_end = min((seq // self.chunk + 1) * self.chunk, job.first_seq + job.num_batches)
+                # Sleep until the rest of this batch's chunk is filled too: one wake-up per chunk (in the
+                # first chunk of a fresh start, until this batch is).
+                chunk_end = min(seq + 1 if seq < self._ramp_end else (seq // self.chunk + 1) * self.chunk,
+                                job.first_seq + job.num_batches)
                 self._want = (seq, chunk_end - seq)
                 try:
                     self._wait(lambda: self._run_ready(seq, chunk_end - seq), generation)
@@ -278,7 +284,7 @@ class Pipeline:
                 continue
             if not self._claimable(seq):
                 continue  # no free chunk of slots yet; a later job may still need planning
-            count = min(self.chunk - seq % self.chunk, end - seq)
+            count = 1 if seq < self._ramp_end else min(self.chunk - seq % self.chunk, end - seq)
             self._claim_seq = seq + count
             needed = job.shards_needed_by(seq + count - 1 - job.first_seq)
             if self.read_ahead_shards and needed > job.claimed_shards:
@@ -405,11 +411,14 @@ class Pipeline:
                     continue  # the fillers are past it already
                 for name in store.fields:
                     try:
-                        arr = job.gather.open(name, j) if kind == "ahead" else job.gather.source(name, j)
+                        if kind == "ahead" and name not in job.gather.file_fields:
+                            arr = job.gather.open(name, j)  # mapped now, its pages populated below
+                        else:  # files read with pread are only advised (they are opened when read)
+                            arr = job.gather.source(name, j)
                     except Exception:  # the filler that needs this shard reports the error, with its name
                         log.debug("read-ahead of shard %d failed", position, exc_info=True)
                         continue
-                    if arr is not None:
+                    if isinstance(arr, np.ndarray):
                         arrays.append(arr)
                     paths.append(store.path(position, name))
             if kind == "ahead":
@@ -420,9 +429,11 @@ class Pipeline:
                     job.unmap(which)  # after their pages were dropped: they unmap with the store's cache
 
 
-def _mapped_bytes(job: Job, field: str, j: int) -> int:
-    """Size of the file behind visited shard ``j``'s ``field`` when it was mapped (maps span whole files)."""
+def _opened_bytes(job: Job, field: str, j: int) -> int:
+    """Size of the file behind visited shard ``j``'s ``field`` when it was opened (maps span whole files)."""
     arr = job.gather.source(field, j)
+    if isinstance(arr, FileRows):
+        return arr.file_bytes
     mapping = file_map_of(arr) if arr is not None else None
     if mapping is not None:
         return len(mapping)
@@ -434,9 +445,10 @@ def _loader_error(exc: Exception, job: Job, batch: int) -> ShardstoreError:
     """A filler's error as the consumer sees it: shard errors as they are (they name the file)."""
     if isinstance(exc, ShardstoreError):
         return exc
-    if isinstance(exc, SourceFault):  # SIGBUS caught: the file shrank under its map
+    if isinstance(exc, (SourceFault, SourceShrank)):  # SIGBUS caught, or a short read: the file shrank
         position = int(job.visited[exc.source])
-        error = shrunk_error(job.store.path(position, exc.field), _mapped_bytes(job, exc.field, exc.source))
+        error = shrunk_error(job.store.path(position, exc.field), _opened_bytes(job, exc.field, exc.source),
+                             mapped=isinstance(exc, SourceFault))
         error.__cause__ = exc
         return error
     error = ShardstoreError(f"loading batch {batch} of {job.key}: {type(exc).__name__}: {exc}")

@@ -84,6 +84,13 @@ class ShardLoader:
     may keep them. On the CPU, the consumer gets views of the reused buffers: valid until
     it asks for the next batch (``.clone()`` what you keep).
 
+    ``pread=True`` reads the bulk fields (those a batch reads in runs of 64 KiB or more: images
+    in file order) of shards the store has not mapped with ``pread`` straight into the buffers,
+    holding each shard's files open while it is read (at most 64 per epoch in flight), and
+    copies the rest from maps. For file systems where page faults on a memory map are slow;
+    on the local ext4 disks of the 2-core VMs, a fresh map and ``pread`` cost the same, and
+    maps already read through in this process are faster, so maps are the default.
+
     While it iterates, the interpreter's GIL switch interval is lowered to
     ``gil_switch_interval_s`` (see ``shardstore.loader.gil``; None leaves it alone), so a
     consumer busy in Python does not starve the threads.
@@ -107,6 +114,7 @@ class ShardLoader:
         drop_pages: bool = False,
         prepare_next_epoch: bool = True,
         gil_switch_interval_s: float | None = 0.0005,
+        pread: bool = False,
     ) -> None:
         if isinstance(dataset, RandomShardSubsetCachedDataset):
             if batch_size is not None and batch_size != dataset.batch_size:
@@ -145,7 +153,7 @@ class ShardLoader:
                            pin_memory=self.pin_memory, cuda=self.device is not None)
         self._pipeline = Pipeline(store.fields, _Planner(dataset, self.batch_size, self.drop_last), slots, chunk,
                                   num_threads=num_threads, device=self.device, read_ahead_shards=read_ahead_shards,
-                                  drop_pages=bool(drop_pages))
+                                  drop_pages=bool(drop_pages), pread=bool(pread))
         self._finalizer = weakref.finalize(self, self._pipeline.close)
         self.stats = WaitStats()
         """Consumer wait times (see ``WaitStats``)."""
@@ -245,7 +253,7 @@ class ShardLoader:
     # -- lifetime -----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop the background threads and let go of the maps they held (also done at garbage collection).
+        """Stop the background threads and let go of the maps and files they held (also done at garbage collection).
 
         Maps hold no file descriptor; the store's own cache keeps at most ``max_open_maps``.
         """

@@ -1,12 +1,15 @@
-"""A bounded, thread-safe cache of read-only memory maps of shard field files (zero copy, no descriptors held)."""
+"""Opening shard field files: a bounded, thread-safe cache of read-only memory maps (zero copy, no descriptors
+held), and files opened for reading with ``pread``."""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -14,21 +17,17 @@ from shardstore import kernels
 from shardstore.errors import CorruptShardError
 from shardstore.store.layout import OutsideRootError, open_within
 
+if TYPE_CHECKING:
+    from shardstore.store.reader import ShardStore
 
-def map_array(path: Path, dtype: np.dtype, shape: tuple[int, ...], offset: int, *,
-              resolved_root: str | None = None, rel: str | None = None,
-              expected_bytes: int | None = None) -> tuple[np.ndarray, os.stat_result]:
-    """Map the array stored at ``offset`` of ``path`` read-only; its pages load on first touch.
+log = logging.getLogger("shardstore.store.reader")  # the logger ShardStore warns through
 
-    This is where a file is checked against the manifest: it must exist, lie inside the
-    root (``resolved_root``: a symlink out of it is refused, never followed) and have exactly
-    ``expected_bytes`` (its header plus its rows); otherwise a ``CorruptShardError`` names it.
-    The ``fstat`` of the descriptor opened anyway is the whole cost. The descriptor is closed
-    once the file is mapped: a loader that maps thousands of files must not hold thousands.
-    Returns the array and the file's stat.
+
+def _open_checked(path: Path, need: int, resolved_root: str | None, rel: str | None) -> tuple[int, os.stat_result]:
+    """Open ``path`` read-only and check it holds exactly ``need`` bytes; ``CorruptShardError`` naming it if not.
+
+    The caller owns the descriptor returned.
     """
-    count = int(np.prod(shape, dtype=np.int64))
-    need = offset + count * dtype.itemsize if expected_bytes is None else expected_bytes
     fix = "rebuild the manifest with `shardstore build-manifest`"
     try:
         if resolved_root is None:
@@ -48,6 +47,28 @@ def map_array(path: Path, dtype: np.dtype, shape: tuple[int, ...], offset: int, 
                 f"{path}: file has {st.st_size:,} bytes, the manifest promises {need:,} (changed since the "
                 f"manifest was built); restore it, or {fix}"
             )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def map_array(path: Path, dtype: np.dtype, shape: tuple[int, ...], offset: int, *,
+              resolved_root: str | None = None, rel: str | None = None,
+              expected_bytes: int | None = None) -> tuple[np.ndarray, os.stat_result]:
+    """Map the array stored at ``offset`` of ``path`` read-only; its pages load on first touch.
+
+    This is where a file is checked against the manifest: it must exist, lie inside the
+    root (``resolved_root``: a symlink out of it is refused, never followed) and have exactly
+    ``expected_bytes`` (its header plus its rows); otherwise a ``CorruptShardError`` names it.
+    The ``fstat`` of the descriptor opened anyway is the whole cost. The descriptor is closed
+    once the file is mapped: a loader that maps thousands of files must not hold thousands.
+    Returns the array and the file's stat.
+    """
+    count = int(np.prod(shape, dtype=np.int64))
+    need = offset + count * dtype.itemsize if expected_bytes is None else expected_bytes
+    fd, st = _open_checked(path, need, resolved_root, rel)
+    try:
         if count == 0:
             out = np.empty(shape, dtype=dtype)
             out.flags.writeable = False
@@ -59,14 +80,57 @@ def map_array(path: Path, dtype: np.dtype, shape: tuple[int, ...], offset: int, 
     return np.frombuffer(mapping, dtype=dtype, count=count, offset=offset).reshape(shape), st
 
 
-def shrunk_error(path: Path, expected_bytes: int) -> CorruptShardError:
-    """The error for a file whose map faulted (SIGBUS caught): it was truncated or rewritten while mapped."""
+def open_rows(path: Path, dtype: np.dtype, shape: tuple[int, ...], offset: int, *,
+              resolved_root: str | None = None, rel: str | None = None,
+              expected_bytes: int | None = None) -> tuple[kernels.FileRows, os.stat_result]:
+    """Open the array stored at ``offset`` of ``path`` for reading with ``pread`` (see ``kernels.FileRows``).
+
+    Checked exactly as ``map_array`` checks a file; the caller owns the descriptor (a
+    ``BatchGather`` closes it when it lets go of the shard). Returns the rows and the file's stat.
+    """
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    need = offset + nbytes if expected_bytes is None else expected_bytes
+    fd, st = _open_checked(path, need, resolved_root, rel)
+    return kernels.FileRows(fd, offset, nbytes, st.st_size, str(path)), st
+
+
+def field_rows(store: ShardStore, position: int, field: str) -> np.ndarray | kernels.FileRows:
+    """``field`` of the shard at ``position`` for a gather: the store's map when it holds one, else the open file.
+
+    A map the store already holds has most likely been read through in this process, so its
+    pages are mapped in and copying from it is fastest. Any other file is opened for
+    ``pread``, checked exactly as ``ShardStore.field`` checks a file it maps (a
+    ``CorruptShardError`` naming it otherwise); the caller owns its descriptor.
+    """
+    m = store.manifest
+    spec = m.fields.get(field)
+    offset = int(m.columns[f"{field}.offset"][position]) if spec is not None and 0 <= position < m.num_shards else 0
+    if not offset:
+        return store.field(position, field)  # raises the error that says what is missing
+    rel = m.file_path(position, field)
+    path = store.root / rel
+    mapped = store._maps.peek(path)
+    if mapped is not None:
+        return mapped
+    rows, st = open_rows(path, spec.dtype, (int(m.counts[position]), *spec.shape), offset,
+                         resolved_root=store._resolved_root, rel=rel, expected_bytes=m.file_bytes(position, field))
+    if st.st_mtime_ns != int(m.columns[f"{field}.mtime_ns"][position]) and not store._touched_warned:
+        store._touched_warned = True
+        log.warning("%s has a new mtime but the size the manifest records; rebuild the manifest if shard "
+                    "files changed (`shardstore build-manifest %s`)", path, store.root)
+    return rows
+
+
+def shrunk_error(path: Path, expected_bytes: int, *, mapped: bool = True) -> CorruptShardError:
+    """The error for a file that shrank while it was read: its map faulted (SIGBUS caught) or, with
+    ``mapped=False``, a read of the open file ended early."""
     try:
         now = f"shrank to {os.stat(path).st_size:,} bytes"
     except OSError:
         now = "was removed or replaced"
+    how = "mapped" if mapped else "open"
     return CorruptShardError(
-        f"{path}: file {now} while mapped (expected {expected_bytes:,}); it was truncated or rewritten while "
+        f"{path}: file {now} while {how} (expected {expected_bytes:,}); it was truncated or rewritten while "
         "being read: restore it (or rewrite its shard), then rebuild the manifest with `shardstore build-manifest`"
     )
 
@@ -100,6 +164,14 @@ class MapCache:
             while len(self._maps) > self.max_open:
                 self._maps.popitem(last=False)
         return arr
+
+    def peek(self, path: Path) -> np.ndarray | None:
+        """The array of ``path`` if it is mapped now (and marked recently used), else None; never maps."""
+        with self._lock:
+            arr = self._maps.get(path)
+            if arr is not None:
+                self._maps.move_to_end(path)
+            return arr
 
     def __len__(self) -> int:
         return len(self._maps)
