@@ -539,11 +539,14 @@ def read_heads(dir_fd: int, paths: list[bytes], width: int, offset: int = 0) -> 
     file, with no Python work between them: a plain Python loop of ``os.stat`` and a read costs
     more than the calls themselves.
     """
-    if not isinstance(paths, list) or not all(type(p) is bytes for p in paths):
-        raise TypeError("paths must be a list of bytes (relative paths, os.fsencode-d)")
+    if not isinstance(paths, list):
+        raise TypeError(f"paths must be a list of bytes (relative paths, os.fsencode-d), got {type(paths).__name__}")
     if width < 0 or offset < 0:
         raise ValueError(f"width and offset must be >= 0, got {width} and {offset}")
-    joined = b"".join(paths)
+    try:
+        joined = b"".join(paths)
+    except TypeError:
+        raise TypeError("paths must be a list of bytes (relative paths, os.fsencode-d)") from None
     if b"\0" in joined:
         raise ValueError("a path holds a NUL byte; no file has such a name")
     starts = np.zeros(len(paths) + 1, np.int64)

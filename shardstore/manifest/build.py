@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from shardstore.errors import ManifestError
-from shardstore.manifest.bulk import Preread, Reader, read_bulk
+from shardstore.manifest.bulk import Preread, Reader
 from shardstore.manifest.changes import find_changes
 from shardstore.manifest.checksum import checksum_files
 from shardstore.manifest.discover import LEFT_OUT, Candidate, discover_shards, list_root
@@ -244,7 +244,12 @@ class _Build:
         if not entries:
             return
         num_dirs = sum(1 for e in entries if e.name.startswith("shard_"))
-        with Reader(self.scan) as reader:  # the shards found whole are read while discovery goes on
+
+        def careful(cand: Candidate, pre: Preread) -> None:
+            self.shards.one_by_one[cand.id] = self._read_shard(cand, pre)
+
+        # The shards found whole are read (and sorted) while discovery goes on; those read by an earlier pass are not.
+        with Reader(self.scan, set(self.group_specs), careful, skip=self.read_ids) as reader:
             candidates, problems = discover_shards(self.root, entries, journal=self.journal(num_dirs),
                                                    root_fd=self.root_fd, whole=reader.add, pool=reader.pool)
             for p in problems:
@@ -257,13 +262,8 @@ class _Build:
             else:
                 todo = list(candidates.values())
             self.read_ids.update(candidates if len(todo) == len(candidates) else (c.id for c in todo))
-
-            def careful(cand: Candidate, pre: Preread) -> None:
-                self.shards.one_by_one[cand.id] = self._read_shard(cand, pre)
-
             sigs = self.shards.signatures
-            every = len(todo) == len(candidates)  # (else some were read by an earlier pass)
-            for key, sig in read_bulk(self.scan, todo, set(self.group_specs), careful, reader, every).items():
+            for key, sig in reader.finish(todo).items():
                 if key in sigs:  # read by an earlier pass: the same headers
                     sigs[key].absorb(sig)
                 else:

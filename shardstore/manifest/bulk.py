@@ -17,9 +17,9 @@ lends checksums (a file read again may need hashing).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from itertools import compress
 from operator import attrgetter
 from typing import NamedTuple
 
@@ -33,8 +33,8 @@ from shardstore.manifest.scan import FileStat, Scan, _Parsed
 #: bytes) and the labels of a small shard. A longer header is read again by the careful path; labels beyond it
 #: are read in a second pass, one file per label-like header at a time.
 HEAD_WIDTH = 256
-#: files per compiled call (bounds the memory of the bytes read: 16 MiB of heads)
-CHUNK_FILES = 1 << 16
+#: files per compiled call (a batch's heads take 2 MiB; see ``Reader.AHEAD``)
+CHUNK_FILES = 8192
 #: bytes of labels per compiled call of the second pass
 LABEL_CHUNK_BYTES = 64 << 20
 _NPY_V1 = np.frombuffer(b"\x93NUMPY\x01\x00", np.uint8)
@@ -58,11 +58,6 @@ class Signature:
         self.mtimes: list[list[int]] = [[] for _ in names]
         # per name, blocks of (low, high) per shard of a label-like file (None: its range is not recorded)
         self._ranges: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in names]
-
-    @property
-    def rows(self) -> dict[str, int]:
-        """Row count of each file."""
-        return {n: p.header.shape[0] for n, p in zip(self.names, self.parsed)}
 
     def add(self, cands: list[Candidate], mtimes: list[list[int]],
             ranges: list[tuple[np.ndarray, np.ndarray] | None]) -> None:
@@ -99,8 +94,7 @@ class _Headers(NamedTuple):
 
     index: np.ndarray
     parsed: list[_Parsed | None]  # None: not a header a shard can pass with
-    file_bytes: np.ndarray
-    label_start: np.ndarray
+    file_bytes: np.ndarray  # -1: a header no shard passes with
     label_end: np.ndarray  # 0: no labels to record
 
 
@@ -114,12 +108,12 @@ def _distinct_headers(scan: Scan, h: Heads) -> _Headers:
     ok &= ends <= h.read  # the whole header was read (a longer one is read again by the careful path)
     rows = np.flatnonzero(ok)
     if not rows.size:
-        return _Headers(index, [], *(np.zeros(0, np.int64) for _ in range(3)))
+        return _Headers(index, [], np.zeros(0, np.int64), np.zeros(0, np.int64))
     ends = ends[rows]
     width = -(-int(ends.max()) // 8) * 8  # compared as 8-byte words (HEAD_WIDTH is a multiple of 8)
     keys = heads[:, :width] if rows.size == n else heads[rows, :width]
     if int(ends.min()) < width:  # the bytes after a header (its data) are not part of it
-        keys = np.where(np.arange(width) < ends[:, None], keys, 0).astype(np.uint8)
+        keys = np.where(np.arange(width) < ends[:, None], keys, np.uint8(0))
     words = keys.view(np.uint64)
     # A cache holds a few distinct headers: each is found by comparing every row left with the first one left;
     # past a few, the rest are sorted (equal rows end up next to each other, and only rows found equal are grouped).
@@ -142,9 +136,8 @@ def _distinct_headers(scan: Scan, h: Heads) -> _Headers:
         p = scan.parsed(keys[k, : ends[k]].tobytes())
         parsed.append(p if isinstance(p, _Parsed) and p.problem is None else None)
     file_bytes = np.array([p.file_bytes if p is not None else -1 for p in parsed], np.int64)
-    label_start = np.array([p.label_slice[0] if p is not None else 0 for p in parsed], np.int64)
     label_end = np.array([p.label_slice[1] if p is not None else 0 for p in parsed], np.int64)
-    return _Headers(index, parsed, file_bytes, label_start, label_end)
+    return _Headers(index, parsed, file_bytes, label_end)
 
 
 def _ranges_of(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -241,16 +234,29 @@ class _Batch(NamedTuple):
 
 
 class Reader:
-    """Reads batches of shards on one worker thread while the caller goes on (discovery, the previous batch's checks).
+    """Reads shards in batches on one worker thread while the build goes on, and sorts them into signatures.
 
-    The compiled loop holds no GIL, so its system calls overlap the Python work of the build.
-    ``add`` may be given the shards discovery finds whole before discovery is done; ``read_bulk``
-    then takes the batches of the shards it is asked to read and reads the others itself.
+    The compiled loop holds no GIL, so its system calls overlap the Python work of the build:
+    discovery hands over the shards it finds whole (``add``) while it looks at the rest of the
+    root, and each batch read is checked and sorted while the next ones are read. At most
+    ``AHEAD`` batches wait to be sorted (their bytes are in memory), so a root of 10^6 shards
+    needs a few MiB for this, not the heads of every file. Shards whose id is in ``skip`` (read
+    by an earlier pass of the build) are not read again.
     """
 
-    def __init__(self, scan: Scan) -> None:
+    #: batches read ahead of the one being sorted
+    AHEAD = 4
+
+    def __init__(self, scan: Scan, group_fields: set[str], careful: Callable[[Candidate, Preread], None],
+                 skip: set[int] | None = None) -> None:
         self.scan = scan
-        self._batches: list[_Batch] = []
+        self.group_fields = group_fields
+        self.careful = careful
+        self.skip = skip
+        #: the shards sorted so far, by signature
+        self.signatures: dict[tuple, Signature] = {}
+        self._batches: deque[_Batch] = deque()
+        self._added: set[int] = set()
         self._pool: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> Reader:
@@ -270,11 +276,27 @@ class Reader:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
-        self._batches = []
+        self._batches.clear()
 
     def add(self, cands: list[Candidate]) -> None:
         """Start reading ``cands`` (in batches of at most ``CHUNK_FILES`` files of shards with the same names)."""
-        first = cands[0].names if cands else None
+        if self.skip:
+            cands = [c for c in cands if c.id not in self.skip]
+        self._added.update(map(attrgetter("id"), cands))
+        self._start(cands)
+
+    def finish(self, cands: list[Candidate]) -> dict[tuple, Signature]:
+        """Read those of ``cands`` not given to ``add``, sort every batch, and return the signatures."""
+        if len(cands) != len(self._added):
+            self._start([c for c in cands if c.id not in self._added])
+        while self._batches:
+            self._sort_next()
+        return {key: sig for key, sig in self.signatures.items() if sig.cands}
+
+    def _start(self, cands: list[Candidate]) -> None:
+        if not cands:
+            return
+        first = cands[0].names
         by_names: dict[tuple[str, tuple[str, ...]], list[Candidate]] = {}
         if first is not None and list(map(attrgetter("names"), cands)).count(first) == len(cands):
             by_names[(cands[0].layout, first)] = cands  # the usual: a batch of directories the journal vouches for
@@ -295,67 +317,25 @@ class Reader:
                 paths = _paths(part, names)
                 future = self.pool.submit(read_heads, self.scan.root_fd, paths, HEAD_WIDTH)
                 self._batches.append(_Batch(layout, names, part, paths, future))
+                while len(self._batches) > self.AHEAD:
+                    self._sort_next()
 
-    def take(self, cands: list[Candidate], every: bool = False) -> tuple[list[_Batch], list[Candidate]]:
-        """The batches started for any of ``cands`` (cut to them), and the ones of ``cands`` not started.
-
-        ``every``: ``cands`` hold every shard this reader was given (no batch needs cutting).
-        """
-        if every:
-            taken, self._batches = self._batches, []
-            started = sum(len(b.cands) for b in taken)
-            if started == len(cands):
-                return taken, []
-            ids = set(map(id, (c for b in taken for c in b.cands)))
-            return taken, [c for c in cands if id(c) not in ids]
-        wanted = set(map(id, cands))
-        taken: list[_Batch] = []
-        started: set[int] = set()
-        for b in self._batches:
-            ids = set(map(id, b.cands))
-            if ids <= wanted:
-                taken.append(b)
-                started |= ids
-                continue
-            keep = [id(c) in wanted for c in b.cands]
-            if any(keep):  # some were read by an earlier pass of the build
-                rows = np.flatnonzero(np.repeat(keep, len(b.names)))
-                cut: Future[Heads] = Future()
-                cut.set_result(_rows_of(b.heads.result(), rows))
-                taken.append(_Batch(b.layout, b.names, list(compress(b.cands, keep)),
-                                    [b.paths[i] for i in rows.tolist()], cut))
-                started |= ids & wanted
-        self._batches = []
-        return taken, [c for c in cands if id(c) not in started] if len(started) < len(wanted) else []
-
-
-def _rows_of(h: Heads, rows: np.ndarray) -> Heads:
-    return Heads(h.stats[rows], h.heads[rows])
+    def _sort_next(self) -> None:
+        b = self._batches.popleft()
+        block = _Block(self.scan, b.cands, b.names, b.paths, b.heads.result())
+        _sort(self.scan, block, b.layout, self.group_fields, self.careful, self.signatures)
 
 
 def read_bulk(scan: Scan, cands: Iterable[Candidate], group_fields: set[str],
-              careful: Callable[[Candidate, Preread], None], reader: Reader | None = None,
-              every: bool = False) -> dict[tuple, Signature]:
+              careful: Callable[[Candidate, Preread], None]) -> dict[tuple, Signature]:
     """Read every candidate; shards passing the per-file checks are grouped by signature, the others go to ``careful``.
 
     A signature whose own files differ in row count, or a flat shard whose files write its id
-    in two widths, goes to ``careful`` as well (it names them shard by shard). ``reader``
-    holds the reads started already (see ``Reader``; ``every``: ``cands`` hold all the shards
-    it was given); the others are started here.
+    in two widths, goes to ``careful`` as well (it names them shard by shard). (A build that
+    starts reading while it discovers uses a ``Reader`` itself.)
     """
-    cands = list(cands)
-    with Reader(scan) as own:
-        batches: list[_Batch] = []
-        if reader is not None:
-            batches, cands = reader.take(cands, every)
-        if cands:
-            own.add(cands)
-            batches += own.take(cands, every=True)[0]
-        sigs: dict[tuple, Signature] = {}
-        for b in batches:
-            block = _Block(scan, b.cands, b.names, b.paths, b.heads.result())
-            _sort(scan, block, b.layout, group_fields, careful, sigs)
-    return {key: sig for key, sig in sigs.items() if sig.cands}
+    with Reader(scan, group_fields, careful) as reader:
+        return reader.finish(list(cands))
 
 
 def _sort(scan: Scan, block: _Block, layout: str, group_fields: set[str],

@@ -17,11 +17,12 @@ no new name in the root carries its id. Everything else is read again.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from shardstore.kernels import read_heads
+from shardstore.kernels import Heads, read_heads
 from shardstore.store.layout import FLAT_FILE, NATIVE_DIR, parse_shard_id
 from shardstore.store.manifest import LAYOUTS, FieldSpec, Manifest
 
@@ -54,12 +55,25 @@ def id_text(ids: np.ndarray, digits: np.ndarray) -> np.ndarray:
     return out
 
 
+#: paths ``lstat``-ed by one thread; more are split between two (the compiled loop holds no GIL)
+STAT_SPLIT = 32768
+
+
 def _stat_files(root_fd: int, paths: list[bytes], kind: int = 0o100000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Size (-1: missing, not of ``kind`` (a regular file), or unreadable), mtime_ns and ctime_ns of each path.
 
-    One ``lstat`` each, relative to the open root, in one compiled loop.
+    One ``lstat`` each, relative to the open root, in the compiled loop; a long list in two
+    halves on two threads.
     """
-    st = read_heads(root_fd, paths, 0)
+    if len(paths) > STAT_SPLIT:
+        half = len(paths) // 2
+        with ThreadPoolExecutor(1, thread_name_prefix="shardstore-stat") as pool:
+            second = pool.submit(read_heads, root_fd, paths[half:], 0)
+            first = read_heads(root_fd, paths[:half], 0)
+            stats = np.concatenate([first.stats, second.result().stats])
+        st = Heads(stats, np.zeros((len(paths), 0), np.uint8))
+    else:
+        st = read_heads(root_fd, paths, 0)
     # gone, its directory gone or replaced by a file, unreadable, or of another kind: read again
     there = (st.errno == 0) & (st.mode & 0o170000 == kind)
     return np.where(there, st.size, -1), np.where(there, st.mtime_ns, 0), np.where(there, st.ctime_ns, 0)

@@ -195,10 +195,10 @@ def _plain_directories(entries: list[os.DirEntry]) -> tuple[list[int], list[os.D
         is_plain = [shard_id is not None and named[shard_id] == 1 and not link for shard_id, link in zip(ids, links)]
         others += [e for e, p in zip(dirs, is_plain) if not p]
         plain = np.flatnonzero(is_plain)
-    if plain.size:
-        plain = plain[np.argsort(np.fromiter(ids, np.int64, len(ids))[plain], kind="stable")]  # in id order
     order = plain.tolist()
-    return list(map(ids.__getitem__, order)), list(map(dirs.__getitem__, order)), others  # type: ignore[arg-type]
+    plain_ids = list(map(ids.__getitem__, order))
+    by_id = np.argsort(np.fromiter(plain_ids, np.int64, len(plain_ids))).tolist()  # listed in id order
+    return list(map(plain_ids.__getitem__, by_id)), [dirs[order[k]] for k in by_id], others  # type: ignore[arg-type]
 
 
 def _found_whole(fd: int, resolved_root: str, ids: list[int], dirs: list[os.DirEntry], journal: Journal | None,

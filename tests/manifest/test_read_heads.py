@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -182,9 +183,9 @@ def test_a_header_longer_than_the_bytes_read_is_read_whole(tmp_path: Path) -> No
     assert report.manifest.fields["deep"].shape == (1,) * 60
 
 
-def test_shards_already_read_are_cut_from_a_batch_started_early(tmp_path: Path) -> None:
-    """New shards that change a field's dtype make the build discover every shard again: the reads started for
-    all of them (one batch: they have the same field names) are cut to those not read yet."""
+def test_shards_read_by_an_earlier_pass_are_not_read_again(tmp_path: Path) -> None:
+    """New shards that change a field's dtype make the build discover every shard again: the reads it starts while
+    discovering are of the shards it has not read yet."""
     root = write(tmp_path / "c", 2, 4)
     build_manifest(root)
     for shard_id in range(2, 8):  # by hand: a writer refuses a dtype the cache's shards do not have
@@ -192,21 +193,29 @@ def test_shards_already_read_are_cut_from_a_batch_started_early(tmp_path: Path) 
         shard.mkdir()
         np.save(shard / "images.npy", np.zeros((4, 2, 3), np.uint8))
         np.save(shard / "labels.npy", np.arange(4, dtype=np.int32))
-    cut: list[int] = []
-    inner = bulk._rows_of
-
-    def spy(h, rows):
-        cut.append(len(rows))
-        return inner(h, rows)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(bulk, "_rows_of", spy)
-        report = build_manifest(root)
-    assert cut == [2 * 2]  # the two old shards' files, out of a batch of all eight
+    report = build_manifest(root)
     assert report.headers_read == 2 + 6 * 2 + 2 * 2  # spot check, the new shards, the old ones once more
     assert [(p.shard_id, p.path) for p in report.problems] == [(0, "shard_000000/labels.npy"),
                                                                 (1, "shard_000001/labels.npy")]
     assert report.manifest.ids.tolist() == list(range(2, 8)) and report.manifest.fields["labels"].dtype == np.int32
+
+
+def test_reads_ahead_are_bounded_and_every_shard_is_sorted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches of one shard, at most one waiting: discovery's batches are sorted as they come, all of them."""
+    monkeypatch.setattr(bulk, "CHUNK_FILES", 2)
+    monkeypatch.setattr(bulk.Reader, "AHEAD", 1)
+    waiting: list[int] = []
+    inner = bulk.Reader._start
+
+    def start(self, cands):
+        inner(self, cands)
+        waiting.append(len(self._batches))
+
+    monkeypatch.setattr(bulk.Reader, "_start", start)
+    root = write(tmp_path / "c", 9, 100)
+    report = build_manifest(root, write=False)
+    assert not report.problems and report.manifest.num_shards == 9 and max(waiting) == 1
+    assert ranges(report) == expected_ranges(9, 100)
 
 
 def replace_keeping_the_journal(shard: Path, make) -> None:
@@ -251,3 +260,37 @@ def test_many_distinct_headers_and_header_lengths_are_each_checked_once(tmp_path
     assert m.columns["samples"].tolist() == list(range(1, 21))
     assert [m.value_range(p, "labels") for p in range(20)] == [(-p, 0) for p in range(20)]
     assert m.fields["wide"].shape == (1,) * 30
+
+
+def test_stats_split_between_two_threads_are_those_of_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from shardstore.manifest import changes
+
+    root = write(tmp_path / "c", 5, 4)
+    os.mkfifo(root / "shard_000001" / "fifo.npy")
+    paths = [p.encode() for p in ("shard_000000/images.npy", "shard_000001/fifo.npy", "gone.npy", "shard_000002",
+                                  "shard_000003/labels.npy", "shard_000004/images.npy", "shard_000004/labels.npy")]
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        one = changes._stat_files(fd, paths)
+        monkeypatch.setattr(changes, "STAT_SPLIT", 2)
+        two = changes._stat_files(fd, paths)
+        dirs = changes._stat_files(fd, paths, kind=stat.S_IFDIR)
+    finally:
+        os.close(fd)
+    assert all(np.array_equal(a, b) for a, b in zip(one, two))
+    assert one[0].tolist() == [os.stat(root / p.decode()).st_size if i in (0, 4, 5, 6) else -1
+                               for i, p in enumerate(paths)]
+    assert dirs[0].tolist() == [-1, -1, -1, (root / "shard_000002").stat().st_size, -1, -1, -1]
+
+
+def test_names_discovery_cannot_use_leave_the_whole_directories_as_they_were(tmp_path: Path) -> None:
+    """An id too large for int64, an id named twice, a link to a shard directory: the rest are found whole."""
+    root = write(tmp_path / "c", 6, 4)
+    shutil.copytree(root / "shard_000001", root / f"shard_{2**64}")
+    shutil.copytree(root / "shard_000002", root / "shard_2")
+    (root / "shard_000009").symlink_to(root / "shard_000003")
+    report = build_manifest(root, write=False)
+    problems = {(p.shard_id, p.path) for p in report.problems}
+    assert (None, f"shard_{2**64}") in problems and (2, "shard_2") in problems
+    assert report.manifest.ids.tolist() == [0, 1, 3, 4, 5, 9]
+    assert ranges(report) == [expected_ranges(6, 4)[i] for i in (0, 1, 3, 4, 5, 3)]
