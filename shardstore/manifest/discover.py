@@ -32,7 +32,6 @@ from shardstore.store.layout import (
     NATIVE_FILE,
     OutsideRootError,
     check_within,
-    is_temporary,
     parse_shard_id,
 )
 
@@ -91,7 +90,8 @@ def _native_files(resolved_root: str, dir_path: str, dir_name: str) -> tuple[dic
     with os.scandir(dir_path) as inner:
         for f in inner:
             m = NATIVE_FILE.match(f.name)
-            if m and not is_temporary(f.name) and f.is_file():
+            # (a name that matches is never a temporary one: no leading dot, no ".tmp", it ends in ".npy")
+            if m and f.is_file():
                 rel = f"{dir_name}/{f.name}"
                 escape = _escape(resolved_root, f, rel)
                 if escape is not None:
