@@ -175,9 +175,11 @@ class ShardLoader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         key, following = self._current()
         pipeline = self._pipeline
-        job, generation = pipeline.begin(key, following if self.prepare_next_epoch else None)
-        completed = False
         with gil.switch_interval(self.gil_switch_interval_s):
+            # Lowered before the threads start: each Thread.start waits until its thread runs, which
+            # needs the GIL, and a filler started before it may hold that for a whole switch interval.
+            job, generation = pipeline.begin(key, following if self.prepare_next_epoch else None)
+            completed = False
             try:
                 num_batches = pipeline.num_batches(job, generation)
                 self._steps_key, self._steps_done = key, 0
