@@ -390,11 +390,13 @@ def report(path: str) -> None:
               "| consumer wait | first batch |")
         print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
         for case, row in cases.items():
-            mode = "cold, fresh" if case.endswith("_cold") else "warm, fresh"
-            ceiling = cases.get("read_cold" if case.endswith("_cold") else "memcpy", {}).get("GB_per_s")
+            cold = case.removesuffix("@base").endswith("_cold")
+            mode = "cold, fresh" if cold else "warm, fresh"
+            ceiling = cases.get("read_cold" if cold else "memcpy", {}).get("GB_per_s")
             first = (f"{row['first_batch_ms']:.1f} ms ({row['first_batch_from_start_s']:.2f} s from start)"
                      if "first_batch_ms" in row else "")
-            print(f"| {NAMES[case]} | {mode} | {row['GB_per_s']:.2f} ({row['min']:.2f}-{row['max']:.2f}) | "
+            name = NAMES[case.removesuffix("@base")] + (" (base tree)" if case.endswith("@base") else "")
+            print(f"| {name} | {mode} | {row['GB_per_s']:.2f} ({row['min']:.2f}-{row['max']:.2f}) | "
                   f"{row['GB_per_s'] / ceiling:.0%} | {row['cpu_ms']:.0f} | {row['GB_per_cpu_s']:.2f} | "
                   f"{row['minflt_per_MiB']:.1f} | {row.get('wait_ms', '')} | {first} |")
         if reused:
@@ -405,8 +407,10 @@ def report(path: str) -> None:
         print("\n| target | value | wanted | met |\n|---|---:|---:|---|")
         ratios = {**info["ratios"], **(reused["ratios"] if reused else {})}
         for name, r in ratios.items():
-            wanted = f"<= {r['target']}" if r.get("lower_is_better") else f">= {r['target']}"
-            print(f"| {name} | {r['value']} | {wanted} | {'yes' if r['met'] else 'no'} |")
+            wanted = "" if r["target"] is None else f"<= {r['target']}" if r.get("lower_is_better") else \
+                f">= {r['target']}"
+            met = "" if r["met"] is None else "yes" if r["met"] else "no"
+            print(f"| {name} | {r['value']} | {wanted} | {met} |")
         print(f"\n(memcpy ceiling {memcpy:.2f} GB/s)")
     for info in (r for r in runs if r["kind"] == "breakdown"):
         breakdown(info)
@@ -490,6 +494,7 @@ def main(argv: list[str]) -> None:
     # Every probe imports what the loader's does, before its span: the processes differ only in the case.
     import torch  # noqa: F401
 
+    import shardstore
     import shardstore.dataset.subset
     import shardstore.loader  # noqa: F401
 
@@ -497,6 +502,7 @@ def main(argv: list[str]) -> None:
     result = PROBES[name](args)
     if started is not None:
         result["imported_after_s"] = result["wall0"] - float(started)
+    result["shardstore"] = str(Path(shardstore.__file__).resolve().parent.parent)  # the source tree it ran
     print(json.dumps(result))
 
 

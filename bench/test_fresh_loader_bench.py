@@ -18,9 +18,11 @@ and the loader with 1 and 2 threads. ``test_reused_warm``: the loader in one pro
 rounds, maps kept (as ``test_loader_bench.py``), against a memcpy in the same process.
 ``test_fresh_breakdown``: where a fresh warm epoch's time goes (the probe's trace, and
 ``strace``/``perf`` when installed). SHARDSTORE_BENCH_FRESH_ROUNDS (5) rounds, one when
-benchmarks are disabled. SHARDSTORE_BENCH_FRESH_LOADER_KWARGS (JSON, e.g. '{"pread": true}') is passed
-to every ShardLoader. Figures go to ``benchmark.extra_info``; ``python bench/fresh_probe.py report
-OUT.json`` prints them as tables. GB is 10**9 bytes.
+benchmarks are disabled. SHARDSTORE_BENCH_FRESH_LOADER_KWARGS (JSON, e.g. '{"pread": true}') is
+passed to every ShardLoader; SHARDSTORE_BENCH_FRESH_BASE_TREE (a source tree with its extension built
+in place) adds that tree's loader to the same rounds, for a before/after. Figures go to
+``benchmark.extra_info``; ``python bench/fresh_probe.py report OUT.json`` prints them as tables.
+GB is 10**9 bytes.
 """
 
 from __future__ import annotations
@@ -68,8 +70,11 @@ COLD_LIMIT = 0.05
 #: After an epoch a loader prepares the next one (plans it, fills the first chunks, reads shards ahead);
 #: the in-process cases wait this long between them, so that no case runs alongside another's preparation.
 SETTLE_S = 0.3
-WARM = ["memcpy", "plain", "loader_t1", "loader_t2"]
-COLD = ["read_cold", "loader_t1_cold", "loader_t2_cold"]
+#: Another shardstore source tree (extension built in place): its loader runs too, as ``...@base`` cases in the
+#: same rounds and processes of the same kind, for a before/after that shares the machine's load.
+BASE_TREE = os.environ.get("SHARDSTORE_BENCH_FRESH_BASE_TREE")
+WARM = ["memcpy", "plain", "loader_t1", "loader_t2"] + (["loader_t1@base", "loader_t2@base"] if BASE_TREE else [])
+COLD = ["read_cold", "loader_t1_cold", "loader_t2_cold"] + (["loader_t2_cold@base"] if BASE_TREE else [])
 #: (name, numerator case, denominator case, target): ratios of median GB/s.
 TARGETS = [("fresh warm 2 threads / memcpy", "loader_t2", "memcpy", 0.60),
            ("fresh warm 2 threads / plain loop", "loader_t2", "plain", 1.6),
@@ -153,7 +158,7 @@ def run_round(cache: Cache, epoch: int, cases: list[str], *, cold: bool) -> dict
         else:
             fraction = resident(flat)
             assert fraction >= WARM_LIMIT, f"warm round: only {fraction:.1%} of the epoch's files are cached"
-        kind = case.removesuffix("_cold")
+        kind = case.removesuffix("@base").removesuffix("_cold")
         if kind == "memcpy":
             result = run_probe("memcpy", {"bytes": MEMCPY_BYTES})
         elif kind == "plain":
@@ -163,11 +168,14 @@ def run_round(cache: Cache, epoch: int, cases: list[str], *, cold: bool) -> dict
             result = run_probe("read", {"files": files})
         else:
             result = run_probe("loader", {"root": str(cache.root), "epoch": epoch, "threads": int(kind[-1]),
-                                          "kwargs": LOADER_KWARGS})
+                                          "kwargs": LOADER_KWARGS},
+                               env={"PYTHONPATH": BASE_TREE} if case.endswith("@base") and BASE_TREE else None)
             result["bytes"] = result["samples"] * sample_bytes
         if "samples" in result:
             assert result["samples"] == num_samples, f"{case}: {result['samples']} samples, not {num_samples}"
             assert result["first_labels"] == want, f"{case}: the first batch is not the dataset's first batch"
+        if case.endswith("@base") and BASE_TREE:
+            assert Path(result["shardstore"]) == Path(BASE_TREE).resolve(), f"{case} ran {result['shardstore']}"
         result["resident_before"] = fraction
         out[case] = result
     if cold:
@@ -200,6 +208,10 @@ def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         if num in cases and den in cases:
             value = cases[num]["GB_per_s"] / cases[den]["GB_per_s"]
             ratios[name] = {"value": round(value, 3), "target": target, "met": bool(value >= target)}
+    for case in [c for c in cases if c.endswith("@base")]:
+        mine = case.removesuffix("@base")
+        ratios[f"{mine}: this tree / base tree"] = {"value": round(cases[mine]["GB_per_s"] / cases[case]["GB_per_s"],
+                                                                    3), "target": None, "met": None}
     return {"cases": cases, "ratios": ratios}
 
 
@@ -214,8 +226,8 @@ def test_fresh_epochs(benchmark: BenchmarkFixture, caches: Callable[[str], Cache
     counter = iter(range(10**6))
 
     # Disabled (CI): one process per code path; each costs an interpreter and torch's import (about 2 s).
-    warm = [c for c in WARM if c != "loader_t1"] if benchmark.disabled else WARM
-    cold = [c for c in COLD if c != "loader_t1_cold"] if benchmark.disabled else COLD
+    warm = [c for c in WARM if "loader_t1" not in c] if benchmark.disabled else WARM
+    cold = [c for c in COLD if "loader_t1" not in c] if benchmark.disabled else COLD
 
     def one_round() -> None:
         epoch = next(counter)
@@ -329,9 +341,11 @@ def strace_counts(probe: str, args: dict[str, Any]) -> dict[str, Any]:
 
 
 #: Kernel entry points whose share (callees included) ``perf report --children`` gives. A fault on a file
-#: map goes through ``do_fault``, one on fresh anonymous memory through ``do_anonymous_page``; the pager's
-#: ``MADV_POPULATE_READ`` maps file pages too, but under ``madvise``, not as a fault.
-KERNEL_PARTS = {"page faults": ("asm_exc_page_fault",), "  anonymous (fresh buffers)": ("do_anonymous_page",),
+#: map goes through ``do_fault``, one on fresh anonymous memory through ``do_anonymous_page`` (4 KiB) or
+#: ``do_huge_pmd_anonymous_page`` (2 MiB); the pager's ``MADV_POPULATE_READ`` maps file pages too, but under
+#: ``madvise``, not as a fault.
+KERNEL_PARTS = {"page faults": ("asm_exc_page_fault",),
+                "  anonymous (fresh buffers)": ("do_anonymous_page", "do_huge_pmd_anonymous_page"),
                 "madvise (populate)": ("__x64_sys_madvise",), "read/pread": (
                     "__x64_sys_read", "__x64_sys_pread64", "__x64_sys_preadv", "__x64_sys_preadv2"),
                 "mmap": ("__x64_sys_mmap",), "munmap": ("__x64_sys_munmap",), "futex": ("__x64_sys_futex",)}
