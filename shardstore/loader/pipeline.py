@@ -407,6 +407,8 @@ class Pipeline:
                 # may have been planned on a newer store, whose positions differ.
                 in_use = {int(i) for j in self._jobs if j is not job and j.planned and j.store is not None
                           for i in j.store.shard_ids[j.visited]}
+                claimed = self._claim_seq - job.first_seq
+                reached = job.shards_needed_by(claimed - 1) if kind == "ahead" and claimed > 0 else 0
             store = job.store
             arrays, paths = [], []
             for j in which.tolist():
@@ -415,6 +417,12 @@ class Pipeline:
                     continue  # the next epoch reads it again soon
                 if kind == "ahead" and job.unmapped[j]:
                     continue  # the fillers are past it already
+                if j < reached:
+                    # The fillers are in it already (the first shard of an epoch, usually): populating it
+                    # as well would map the same pages twice over, competing for the same CPU. It is only
+                    # advised, so that a cold file is read ahead in full.
+                    paths.extend(store.path(position, name) for name in store.fields)
+                    continue
                 for name in store.fields:
                     try:
                         if kind == "ahead" and name not in job.gather.file_fields:
