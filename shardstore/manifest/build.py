@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -249,7 +251,7 @@ class _Build:
             self.shards.one_by_one[cand.id] = self._read_shard(cand, pre)
 
         # The shards found whole are read (and sorted) while discovery goes on; those read by an earlier pass are not.
-        with Reader(self.scan, set(self.group_specs), careful, skip=self.read_ids) as reader:
+        with _without_cyclic_gc(), Reader(self.scan, set(self.group_specs), careful, skip=self.read_ids) as reader:
             candidates, problems = discover_shards(self.root, entries, journal=self.journal(num_dirs),
                                                    root_fd=self.root_fd, whole=reader.add, pool=reader.pool)
             for p in problems:
@@ -365,6 +367,24 @@ class _Build:
         # The root was listed already: only a root holding such a temporary is listed again to remove it.
         if write and self.stale_manifest_temporaries:
             remove_stale_temporaries(self.root, MANIFEST_NAME)
+
+
+@contextmanager
+def _without_cyclic_gc() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while a build discovers and reads its shards.
+
+    That takes about ten new objects per shard, all kept until the table is made; the collector
+    would walk the growing heap again and again (measured: an eighth of the main thread's time
+    in a build of 10^5 shards). Reference counting still frees everything; a cycle made meanwhile
+    waits for the next collection.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _digests(columns: dict[str, np.ndarray]) -> set[str]:

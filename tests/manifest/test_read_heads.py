@@ -294,3 +294,28 @@ def test_names_discovery_cannot_use_leave_the_whole_directories_as_they_were(tmp
     assert (None, f"shard_{2**64}") in problems and (2, "shard_2") in problems
     assert report.manifest.ids.tolist() == [0, 1, 3, 4, 5, 9]
     assert ranges(report) == [expected_ranges(6, 4)[i] for i in (0, 1, 3, 4, 5, 3)]
+
+
+def test_the_cyclic_collector_is_as_it_was_after_a_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    from shardstore.manifest import build
+
+    root = write(tmp_path / "c", 3, 4)
+    assert gc.isenabled()
+    build_manifest(root, write=False)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        build_manifest(root, write=False)
+        assert not gc.isenabled()  # someone else's choice is left alone
+    finally:
+        gc.enable()
+
+    def fails(*args: object, **kwargs: object) -> None:
+        raise OSError("the disk went away")
+
+    monkeypatch.setattr(build, "discover_shards", fails)
+    with pytest.raises(OSError, match="the disk went away"):
+        build_manifest(root, write=False)
+    assert gc.isenabled()
