@@ -496,7 +496,7 @@ def main(argv: list[str]) -> None:
 
     import shardstore
     import shardstore.dataset.subset
-    import shardstore.loader  # noqa: F401
+    import shardstore.loader
 
     started = args.get("spawned_at")
     result = PROBES[name](args)
