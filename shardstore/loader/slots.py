@@ -74,9 +74,10 @@ def ring_memory(nbytes: int) -> np.ndarray:
 
     A fresh process pays for every page of new memory on first touch (a fault, and on a VM
     an exit to the host): touching the ~20 MB of a ring one 4 KiB page at a time took 11-14 ms
-    on the 2-core VMs, in 2 MiB pages 3.5-4 ms, while the copies of a whole 15-shard epoch
-    take 40-60 ms. Transparent huge pages are asked for with ``MADV_HUGEPAGE`` (the kernel
-    default is "madvise"); where they are unavailable, this is ordinary memory.
+    on the 2-core VMs, in 2 MiB pages 3.5-4 ms (both more while the host is busy), while the
+    copies of a whole 15-shard epoch take 40-60 ms. Transparent huge pages are asked for with
+    ``MADV_HUGEPAGE`` (the kernel default is "madvise"); where they are unavailable, this is
+    ordinary memory.
     """
     size = -(-max(nbytes, 1) // HUGE_PAGE) * HUGE_PAGE
     region = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20))
