@@ -293,9 +293,9 @@ class Pipeline:
             count = 1 if seq < self._ramp_end else min(self.chunk - seq % self.chunk, end - seq)
             self._claim_seq = seq + count
             needed = job.shards_needed_by(seq + count - 1 - job.first_seq)
-            if self.read_ahead_shards and needed > job.claimed_shards:
-                job.claimed_shards = needed
-                self._page.notify()  # the read-ahead window moved, maybe into the next epoch
+            if self.read_ahead_shards and (needed > job.claimed_shards or seq + count == end):
+                job.claimed_shards = max(job.claimed_shards, needed)
+                self._page.notify()  # the read-ahead window moved (at the job's end: into the next epoch)
             return "fill", job, seq, count
         return None
 
@@ -394,6 +394,11 @@ class Pipeline:
                 if finished.size:
                     return "drop", job, finished
             budget = max(0, budget - (job.visited.size - needed))
+            if reached < job.num_batches:
+                # The next epoch is read ahead only once this one's batches are all claimed: until then
+                # its pages would only compete with this epoch's copies, and a process that ends with this
+                # epoch (a fresh process per epoch) would never read them.
+                break
         return None
 
     def _pager_loop(self) -> None:

@@ -100,3 +100,32 @@ def test_a_populated_map_is_not_populated_again(store: ShardStore, monkeypatch: 
     pager.read_ahead(arrays, paths)
     assert calls == [id(arrays[0]), id(arrays[1]), id(arrays[0])]
     assert not pager._was_populated(np.zeros(4))
+
+
+def test_the_next_epoch_is_read_ahead_only_once_this_ones_batches_are_claimed(store: ShardStore,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process that ends with its epoch never reads the next one: its pages must not compete with this one's."""
+    ds = RandomShardSubsetCachedDataset(store, 3, 5, batch_size=1)  # ~90 batches: more than the ring holds
+    epochs = [{int(np.flatnonzero(store.shard_ids == i)[0]) for i in ds.set_epoch(e)} for e in (1, 0)][::-1]
+    next_only = {store.path(p, name) for p in epochs[1] - epochs[0] for name in store.fields}
+    assert next_only
+    seen: list[tuple[set, int]] = []  # each read-ahead: its files, and the batches claimed when it was made
+    real = pager.read_ahead
+
+    def read_ahead(arrays, paths, **kwargs):
+        seen.append((set(paths), loader._pipeline._claim_seq))  # epoch 0 is batches 0 .. len(loader) - 1
+        return real(arrays, paths, **kwargs)
+
+    monkeypatch.setattr(pager, "read_ahead", read_ahead)
+    with ShardLoader(ds, num_threads=1, prefetch=1, read_ahead_shards=2) as loader:
+        batches = 0
+        for _ in loader:  # a consumer slower than the loader: claims wait for free slots
+            batches += 1
+            threading.Event().wait(0.002)
+        assert batches == len(loader) > 2 * len(loader._pipeline.slots)
+        for _ in range(500):  # the next epoch's first shards are read ahead once this one is claimed
+            if any(paths & next_only for paths, _ in seen):
+                break
+            threading.Event().wait(0.01)
+    assert any(paths & next_only for paths, _ in seen)
+    assert not [claimed for paths, claimed in seen if paths & next_only and claimed < batches]
