@@ -33,8 +33,8 @@ from shardstore.manifest.scan import FileStat, Scan, _Parsed
 #: bytes) and the labels of a small shard. A longer header is read again by the careful path; labels beyond it
 #: are read in a second pass, one file per label-like header at a time.
 HEAD_WIDTH = 256
-#: files per compiled call (a batch's heads take 2 MiB; see ``Reader.AHEAD``)
-CHUNK_FILES = 8192
+#: files per compiled call (a batch's heads take 4 MiB; see ``Reader.AHEAD``)
+CHUNK_FILES = 16384
 #: bytes of labels per compiled call of the second pass
 LABEL_CHUNK_BYTES = 64 << 20
 _NPY_V1 = np.frombuffer(b"\x93NUMPY\x01\x00", np.uint8)

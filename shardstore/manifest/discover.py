@@ -109,8 +109,9 @@ def _bad_id(name: str, digits: str) -> Problem:
 _NATIVE_LINES = re.compile(r"^(?:shard_(\d+)$)?.*$", re.MULTILINE)
 
 
-#: shard directories found whole handed on at a time (see ``discover_shards``' ``whole``)
-WHOLE_BATCH = 2048
+#: shard directories found whole handed on at a time (see ``discover_shards``' ``whole``): large enough that the
+#: reading thread seldom waits for the GIL between batches (measured: 2,048 cost 5-10% more at 10^5 shards)
+WHOLE_BATCH = 8192
 
 
 def discover_shards(root: Path, entries: list[os.DirEntry] | None = None, *, journal: Journal | None = None,
@@ -188,34 +189,32 @@ def _plain_directories(entries: list[os.DirEntry]) -> tuple[list[int], list[os.D
                 others.append(entry)
                 flat_ids.append(parse_shard_id(flat.group(2)))
     links = list(map(os.DirEntry.is_symlink, dirs))
-    if not others and not any(links) and None not in ids and len(set(ids)) == len(ids):  # the usual: all plain
-        plain = np.arange(len(ids))
-    else:
+    if others or any(links) or None in ids or len(set(ids)) != len(ids):  # (the usual: every directory is plain)
         named = Counter(ids + flat_ids)
         is_plain = [shard_id is not None and named[shard_id] == 1 and not link for shard_id, link in zip(ids, links)]
         others += [e for e, p in zip(dirs, is_plain) if not p]
-        plain = np.flatnonzero(is_plain)
-    order = plain.tolist()
-    plain_ids = list(map(ids.__getitem__, order))
-    by_id = np.argsort(np.fromiter(plain_ids, np.int64, len(plain_ids))).tolist()  # listed in id order
-    return list(map(plain_ids.__getitem__, by_id)), [dirs[order[k]] for k in by_id], others  # type: ignore[arg-type]
+        ids, dirs = list(compress(ids, is_plain)), list(compress(dirs, is_plain))
+    by_id = np.argsort(np.fromiter(ids, np.int64, len(ids))).tolist()  # listed in id order
+    return list(map(ids.__getitem__, by_id)), list(map(dirs.__getitem__, by_id)), others  # type: ignore[arg-type]
 
 
 def _found_whole(fd: int, resolved_root: str, ids: list[int], dirs: list[os.DirEntry], journal: Journal | None,
                  pool: Executor | None, problems: list[Problem]) -> Iterator[list[Candidate]]:
     """The plain shard directories as candidates, a batch at a time: vouched for by the journal, or listed."""
     batches = [(ids[s:s + WHOLE_BATCH], dirs[s:s + WHOLE_BATCH]) for s in range(0, len(ids), WHOLE_BATCH)]
-    if journal is not None and len(journal):
-        encoded = ["\0".join(e.name for e in part).encode("utf-8", "surrogateescape").split(b"\0")
-                   for _, part in batches]
+    names = [list(map(attrgetter("name"), part)) for _, part in batches]
+    vouching = journal is not None and len(journal) > 0
+    if vouching:
+        encoded = [_encode(part) for part in names[:1]]
         submit = pool.submit if pool is not None else _now
         ahead = [submit(read_heads, fd, encoded[0], 0)] if batches else []
     for k, (part_ids, part_dirs) in enumerate(batches):
-        part_names = list(map(attrgetter("name"), part_dirs))
-        if journal is not None and len(journal):
+        part_names = names[k]
+        if vouching:
             if k + 1 < len(batches):  # the next batch is lstat-ed meanwhile
+                encoded.append(_encode(names[k + 1]))
                 ahead.append(submit(read_heads, fd, encoded[k + 1], 0))
-            recorded = _vouched(part_names, encoded[k], ahead[k].result(), journal)
+            recorded = _vouched(part_names, encoded[k], ahead[k].result(), journal)  # type: ignore[arg-type]
         else:
             recorded = [None] * len(part_ids)
         if None not in recorded:  # the usual with a journal: no directory to list
@@ -236,6 +235,10 @@ def _found_whole(fd: int, resolved_root: str, ids: list[int], dirs: list[os.DirE
                 batch.append(Candidate(shard_id, "native", name, files))
         if batch:
             yield batch
+
+
+def _encode(names: list[str]) -> list[bytes]:
+    return "\0".join(names).encode("utf-8", "surrogateescape").split(b"\0")
 
 
 def _now(fn: Callable[..., Heads], *args: object) -> Future[Heads]:
