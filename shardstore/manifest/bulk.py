@@ -239,9 +239,9 @@ class Reader:
     The compiled loop holds no GIL, so its system calls overlap the Python work of the build:
     discovery hands over the shards it finds whole (``add``) while it looks at the rest of the
     root, and each batch read is checked and sorted while the next ones are read. At most
-    ``AHEAD`` batches wait to be sorted (their bytes are in memory), so a root of 10^6 shards
-    needs a few MiB for this, not the heads of every file. Shards whose id is in ``skip`` (read
-    by an earlier pass of the build) are not read again.
+    ``AHEAD`` batches wait to be sorted (4 MiB of heads each), so a root of 10^6 shards needs
+    about 20 MiB for this, not the heads of every file (0.5 GiB). Shards whose id is in
+    ``skip`` (read by an earlier pass of the build) are not read again.
     """
 
     #: batches read ahead of the one being sorted
