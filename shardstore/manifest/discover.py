@@ -221,10 +221,10 @@ def _found_whole(fd: int, resolved_root: str, ids: list[int], dirs: list[os.DirE
             yield list(map(Candidate, part_ids, repeat("native"), part_names, repeat(None), recorded))
             continue
         batch = []
-        for shard_id, entry, names in zip(part_ids, part_dirs, recorded):
+        for shard_id, entry, fields in zip(part_ids, part_dirs, recorded):
             name = entry.name
-            if names is not None:
-                batch.append(Candidate(shard_id, "native", name, None, names))
+            if fields is not None:
+                batch.append(Candidate(shard_id, "native", name, None, fields))
                 continue
             files, inner_escape = _native_files(resolved_root, entry.path, name)
             if inner_escape is not None:

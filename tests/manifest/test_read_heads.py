@@ -319,3 +319,19 @@ def test_the_cyclic_collector_is_as_it_was_after_a_build(tmp_path: Path, monkeyp
     with pytest.raises(OSError, match="the disk went away"):
         build_manifest(root, write=False)
     assert gc.isenabled()
+
+
+@pytest.mark.parametrize("journal", [True, False], ids=["vouched", "listed"])
+def test_many_batches_of_directories_some_vouched_some_listed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              journal: bool) -> None:
+    from shardstore.manifest import discover
+
+    monkeypatch.setattr(discover, "WHOLE_BATCH", 3)
+    monkeypatch.setattr(bulk, "CHUNK_FILES", 4)
+    root = write(tmp_path / "c", 11, 100, journal=journal)
+    replace_keeping_the_journal(root / "shard_000004", lambda: None)
+    (root / "shard_000007" / "extra.npy").write_bytes(b"")  # its mtime moves: listed even with the journal
+    report = build_manifest(root, write=False)
+    assert [(p.shard_id, p.path) for p in report.problems] == [(7, "shard_000007/extra.npy")]
+    assert report.manifest.ids.tolist() == [i for i in range(11) if i != 7]
+    assert ranges(report) == [r for i, r in enumerate(expected_ranges(11, 100)) if i != 7]
