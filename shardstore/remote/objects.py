@@ -21,6 +21,7 @@ class ObjectInfo:
     size: int
     etag: str | None = None        # changes whenever the object is replaced; sent back as If-Match
     version: str | None = None     # the store's version id, where it keeps versions
+    mtime_ns: int | None = None    # last-modified time, where the listing or HEAD gives one
 
 
 class RemoteError(ShardstoreError):
