@@ -16,7 +16,12 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from shardstore.errors import ConfigError
-from shardstore.remote.objects import ObjectChanged, ObjectNotFound, RemoteError, TransientRemoteError
+from shardstore.remote.objects import (
+    ObjectChanged,
+    ObjectNotFound,
+    RemoteError,
+    TransientRemoteError,
+)
 
 T = TypeVar("T")
 

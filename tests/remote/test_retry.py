@@ -18,7 +18,12 @@ import pytest
 
 from shardstore.errors import ConfigError
 from shardstore.remote.gate import NodeGate
-from shardstore.remote.objects import ObjectChanged, ObjectNotFound, RemoteError, TransientRemoteError
+from shardstore.remote.objects import (
+    ObjectChanged,
+    ObjectNotFound,
+    RemoteError,
+    TransientRemoteError,
+)
 from shardstore.remote.retry import RetryPolicy, call_with_retries
 
 
@@ -37,7 +42,7 @@ class Flaky:
         return self.value
 
 
-def run(fn, policy=RetryPolicy(), seed=0, on_retry=None):
+def run(fn, policy=None, seed=0, on_retry=None):
     sleeps: list[float] = []
     result = call_with_retries(fn, what="GET s3://b/k [0, 8)", policy=policy, sleep=sleeps.append,
                                rng=random.Random(seed), on_retry=on_retry)

@@ -1,0 +1,523 @@
+"""The object clients: ``open_client(url)`` gives a ``FileClient`` for ``file://`` and an ``ObstoreClient`` otherwise.
+
+Both only translate: each call is one request, and each failure becomes one of the errors of
+``shardstore.remote.objects`` with a one-line message naming the object's URL. Neither retries: callers wrap
+calls in ``retry.call_with_retries`` (and ``gate.NodeGate.slot``), the one place that decides how often to try
+again. Both are thread-safe and picklable (an unpickled client reopens from its URL and options).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import secrets
+import stat
+from collections.abc import Iterator, Mapping
+from datetime import datetime
+from typing import Any
+
+from shardstore.errors import ConfigError, ShardstoreError
+from shardstore.remote.objects import (
+    ObjectChanged,
+    ObjectClient,
+    ObjectInfo,
+    ObjectNotFound,
+    RemoteError,
+    TransientRemoteError,
+)
+from shardstore.remote.url import split_url
+
+#: The errno values of a local read or write worth retrying (the same kinds a network hiccup gives).
+_TRANSIENT_ERRNOS = {errno.EIO, errno.EINTR, errno.EAGAIN, errno.ETIMEDOUT, errno.ESTALE}
+
+
+def open_client(url: str, storage_options: Mapping[str, Any] | None = None) -> ObjectClient:
+    """A client for the root ``url`` (``s3://``, ``gs://``, ``az://`` or ``file://``).
+
+    ``storage_options`` go to the object store as they are (``{"endpoint": ..., "region": ...,
+    "access_key_id": ...}``; see ``ObstoreClient``); a ``file://`` root takes none.
+    """
+    scheme, _, path = split_url(url)
+    if scheme == "file":
+        if storage_options:
+            raise ConfigError(f"{url}: a file:// root takes no storage options, got {sorted(storage_options)}; "
+                              f"remove them")
+        return FileClient(path)
+    return ObstoreClient(url, storage_options)
+
+
+def check_key(key: str, root_url: str) -> str:
+    """``key`` if it is a relative ``/``-separated key without empty, ``.`` or ``..`` segments; else one line."""
+    if not isinstance(key, str) or not key:
+        raise ShardstoreError(f"empty or non-string object key {key!r} under {root_url}; give a relative key "
+                              f"such as 'shard_000001/images.npy'")
+    parts = key.split("/")
+    if key.startswith("/") or "\x00" in key or "\\" in key or any(p in ("", ".", "..") for p in parts):
+        raise ShardstoreError(f"object key {key!r} under {root_url} is not a plain relative key (absolute, "
+                              f"'..', '.', '//', a backslash or NUL); give a key such as 'shard_000001/images.npy'")
+    return key
+
+
+def _check_range(start: int, end: int) -> None:
+    if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end):
+        raise ValueError(f"byte range [{start!r}, {end!r}) is not 0 <= start <= end")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# file://
+
+
+def file_etag(st: os.stat_result) -> str:
+    """What identifies this version of a local file: inode, size and modification time (hex, ``-``-joined)."""
+    return f"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"
+
+
+class FileClient:
+    """Objects as files under a local directory (``file:///abs/dir``): for tests, NFS and shared file systems.
+
+    An object's ETag is ``file_etag`` of its ``stat``: replacing it (a rename over it, or an in-place write that
+    moves its mtime) changes the ETag. ``put`` writes a hidden temporary in the same directory
+    (``.<name>.tmp-<pid>-<hex>``), fsyncs and renames it over the key, so readers see the old object or the
+    new one; ``list`` shows every file, temporaries included (callers filter).
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        root = os.path.abspath(os.fspath(root))
+        self.root = root
+        self.url = "file://" + root.rstrip("/") if root != "/" else "file:///"
+
+    def __repr__(self) -> str:
+        return f"FileClient({self.root!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FileClient) and other.root == self.root
+
+    def __hash__(self) -> int:
+        return hash(self.root)
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, *check_key(key, self.url).split("/"))
+
+    def _object_url(self, key: str) -> str:
+        return f"{self.url.rstrip('/')}/{key}"
+
+    def _error(self, key: str, error: OSError, doing: str) -> RemoteError:
+        where = self._object_url(key)
+        if isinstance(error, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+            return ObjectNotFound(f"{where}: no such object; check the URL and the key")
+        reason = error.strerror or str(error)
+        if error.errno in _TRANSIENT_ERRNOS:
+            return TransientRemoteError(f"{where}: {doing} failed: {reason}")
+        return RemoteError(f"{where}: {doing} failed: {reason}; check the file's permissions and its file system")
+
+    def _open(self, key: str) -> tuple[int, os.stat_result]:
+        path = self._path(key)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as error:
+            raise self._error(key, error, "open") from error
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise ObjectNotFound(f"{self._object_url(key)}: not a file, so no object; check the key")
+        return fd, st
+
+    def head(self, key: str) -> ObjectInfo:
+        """Size, ETag and mtime of ``key``; ``ObjectNotFound`` if it does not exist (or is a directory)."""
+        try:
+            st = os.stat(self._path(key))
+        except OSError as error:
+            raise self._error(key, error, "stat") from error
+        if not stat.S_ISREG(st.st_mode):
+            raise ObjectNotFound(f"{self._object_url(key)}: not a file, so no object; check the key")
+        return ObjectInfo(key, st.st_size, file_etag(st), None, st.st_mtime_ns)
+
+    def _read(self, key: str, fd: int, start: int, end: int) -> bytes:
+        want = end - start
+        parts: list[bytes] = []
+        done = 0
+        try:
+            while done < want:  # one pread nearly always; a pipe-like file system may give less
+                chunk = os.pread(fd, want - done, start + done)
+                if not chunk:
+                    raise TransientRemoteError(f"{self._object_url(key)}: read {done:,} of {want:,} bytes from "
+                                               f"offset {start:,} (the file was truncated while being read)")
+                parts.append(chunk)
+                done += len(chunk)
+        except OSError as error:
+            raise self._error(key, error, "read") from error
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def get_range(self, key: str, start: int, end: int, *, if_match: str | None = None) -> bytes:
+        """Bytes ``[start, end)`` of ``key``.
+
+        With ``if_match``, ``ObjectChanged`` if the file's ETag differs before the read or after it (an
+        in-place write during the read); a file replaced by a rename is read whole from the version opened.
+        A range past the end of the file is a ``RemoteError``; a read that comes back short, a
+        ``TransientRemoteError``.
+        """
+        _check_range(start, end)
+        fd, st = self._open(key)
+        try:
+            if if_match is not None and file_etag(st) != if_match:
+                raise ObjectChanged(f"{self._object_url(key)}: the object changed (ETag {file_etag(st)}, "
+                                    f"expected {if_match}); list the objects again to read the new version")
+            if end > st.st_size:
+                raise RemoteError(f"{self._object_url(key)}: bytes [{start:,}, {end:,}) asked of an object of "
+                                  f"{st.st_size:,} bytes; the object is shorter than its listing said")
+            data = self._read(key, fd, start, end)
+            if if_match is not None:
+                after = file_etag(os.fstat(fd))
+                if after != if_match:
+                    raise ObjectChanged(f"{self._object_url(key)}: the object changed while it was read (ETag "
+                                        f"{after}, expected {if_match}); list the objects again to read the new "
+                                        f"version")
+            return data
+        finally:
+            os.close(fd)
+
+    def get(self, key: str) -> bytes:
+        """The whole file; ``TransientRemoteError`` if it shrank while being read."""
+        fd, st = self._open(key)
+        try:
+            return self._read(key, fd, 0, st.st_size)
+        finally:
+            os.close(fd)
+
+    def put(self, key: str, data: bytes) -> None:
+        """Replace ``key`` with ``data`` atomically (temporary, fsync, rename, fsync of the directory)."""
+        path = self._path(key)
+        directory, name = os.path.split(path)
+        tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            try:
+                view = memoryview(data).cast("B")
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as error:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            if error.errno == errno.ENOSPC:
+                raise RemoteError(f"{self._object_url(key)}: no space left writing {len(data):,} bytes; free "
+                                  f"space on that file system — the old object (if any) is unchanged") from error
+            raise self._error(key, error, "write") from error
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; nothing if it is already gone. Emptied directories stay (they are not objects)."""
+        try:
+            os.unlink(self._path(key))
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            raise self._error(key, error, "delete") from error
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every file whose key starts with ``prefix``, in key order, temporaries included.
+
+        Symbolic links are followed (a linked directory once: a loop is not walked twice); a file that
+        disappears while the tree is walked is left out.
+        """
+        top = prefix.rpartition("/")[0]
+        start = os.path.join(self.root, *top.split("/")) if top else self.root
+        found: list[ObjectInfo] = []
+        seen: set[tuple[int, int]] = set()
+        self._walk(start, top, prefix, found, seen)
+        found.sort(key=lambda info: info.key)
+        return iter(found)
+
+    def _walk(self, directory: str, key_dir: str, prefix: str, found: list[ObjectInfo],
+              seen: set[tuple[int, int]]) -> None:
+        try:
+            st = os.stat(directory)
+            if (st.st_dev, st.st_ino) in seen:
+                return
+            seen.add((st.st_dev, st.st_ino))
+            entries = list(os.scandir(directory))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError as error:
+            raise RemoteError(f"{self.url}: cannot list {directory}: {error.strerror}; check its permissions") from error
+        for entry in entries:
+            key = f"{key_dir}/{entry.name}" if key_dir else entry.name
+            if not (key.startswith(prefix) or prefix.startswith(key + "/")):
+                continue
+            try:
+                st = entry.stat()
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                self._walk(entry.path, key, prefix, found, seen)
+            elif stat.S_ISREG(st.st_mode) and key.startswith(prefix):
+                found.append(ObjectInfo(key, st.st_size, file_etag(st), None, st.st_mtime_ns))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# s3:// gs:// az://
+
+_STATUS = re.compile(r"status code: (\d{3})")
+_XML_CODE = re.compile(r"<Code>([^<]*)</Code>")
+_XML_MESSAGE = re.compile(r"<Message>([^<]*)</Message>")
+# object_store's HttpErrorKind names of a failure on the way (not an answer from the store): worth retrying.
+_TRANSIENT_KIND = re.compile(r"kind: (Connect|Timeout|Request|Interrupted|Decode|Body)\b")
+_TRANSIENT_TEXT = re.compile(r"error sending request|timed out|connection (reset|closed|refused|aborted)|"
+                             r"error decoding response body|unexpected EOF|end of file before message|"
+                             r"Requested \d+\.\.\d+, got \d+\.\.\d+",  # a 206 shorter than asked (not at the end)
+                             re.IGNORECASE)
+_ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT")
+_REMOTE_EXTRA = "pip install 'shardstore[remote]'"
+
+
+def _summary(error: BaseException) -> str:
+    """One line from an obstore error: the HTTP status, the store's code and message, or the first line."""
+    text = str(error)
+    status = _STATUS.search(text)
+    code, message = _XML_CODE.search(text), _XML_MESSAGE.search(text)
+    if status:
+        parts = [f"HTTP {status.group(1)}"] + [m.group(1) for m in (code, message) if m]
+        return " ".join(parts[:2]) + (f": {parts[2]}" if len(parts) > 2 else "")
+    first = text.split("\n\nDebug source", 1)[0].strip().splitlines()
+    line = first[0] if first else type(error).__name__
+    kind = _TRANSIENT_KIND.search(text)
+    return f"{line} ({kind.group(1).lower()})" if kind else line
+
+
+def classify_error(error: BaseException, object_url: str, doing: str) -> RemoteError:
+    """The ``RemoteError`` subclass an obstore (or OS) error from ``doing`` on ``object_url`` stands for."""
+    import obstore.exceptions as obs_errors
+
+    where = f"{doing} {object_url}"
+    summary = _summary(error)
+    text = str(error)
+    status_match = _STATUS.search(text)
+    status = int(status_match.group(1)) if status_match else None
+    if isinstance(error, FileNotFoundError) or status == 404:
+        return ObjectNotFound(f"{where}: not found ({summary}); check the URL, the bucket and the key")
+    if isinstance(error, obs_errors.PreconditionError) or status == 412:
+        return ObjectChanged(f"{where}: the object was replaced since it was listed ({summary}); list the "
+                             f"objects again to read the new version")
+    if isinstance(error, (obs_errors.PermissionDeniedError, obs_errors.UnauthenticatedError)) or status in (401, 403):
+        return RemoteError(f"{where}: access denied ({summary}); check the credentials (AWS_ACCESS_KEY_ID, a role, "
+                           f"or storage_options) and the bucket's policy")
+    if status is not None:
+        if status >= 500 or status in (408, 429):
+            return TransientRemoteError(f"{where}: {summary}")
+        return RemoteError(f"{where}: {summary}")
+    if isinstance(error, (ConnectionError, TimeoutError)) or _TRANSIENT_KIND.search(text) \
+            or _TRANSIENT_TEXT.search(text):
+        return TransientRemoteError(f"{where}: {summary}")
+    return RemoteError(f"{where}: {summary}")
+
+
+def _meta_mtime_ns(meta: Mapping[str, Any]) -> int | None:
+    modified = meta.get("last_modified")
+    if isinstance(modified, datetime):
+        return int(modified.timestamp()) * 10**9 + modified.microsecond * 1000
+    return None
+
+
+def _info(key: str, meta: Mapping[str, Any]) -> ObjectInfo:
+    return ObjectInfo(key, int(meta["size"]), meta.get("e_tag"), meta.get("version"), _meta_mtime_ns(meta))
+
+
+class ObstoreClient:
+    """S3 (and S3-compatible), Google Cloud Storage and Azure Blob Storage through ``obstore`` (Rust ``object_store``).
+
+    ``storage_options`` are obstore's store configuration, passed through (``endpoint``, ``region``,
+    ``access_key_id``, ``secret_access_key``, ``token``, ``virtual_hosted_style_request``, ...), plus:
+    ``client_options`` (a dict of obstore's HTTP client settings: ``timeout``, ``connect_timeout``, ...) and,
+    for S3, ``profile`` (read credentials of that ``~/.aws`` profile through boto3).
+
+    Endpoint: obstore itself reads ``AWS_ENDPOINT_URL`` (and ``AWS_ENDPOINT``, ``AWS_ENDPOINT_URL_S3``), as it
+    reads every ``AWS_*`` variable. For an ``http://`` endpoint (MinIO, a test server) plain HTTP is allowed,
+    and the region defaults to ``us-east-1`` when neither the options nor ``AWS_REGION`` /
+    ``AWS_DEFAULT_REGION`` give one.
+
+    Credentials: obstore's own chain — keys in the environment or the options, then web identity
+    (``AWS_WEB_IDENTITY_TOKEN_FILE`` + ``AWS_ROLE_ARN``, as on EKS), ECS/EKS container credentials and EC2
+    instance credentials (similarly for GCS and Azure). Credentials of the last three expire; obstore caches
+    them and fetches new ones before they expire, by itself, so a weeks-long job needs nothing from us. Keys
+    given as plain environment variables are static and are never refreshed. obstore does not read
+    ``~/.aws/config`` profiles (SSO, ``credential_process``): give ``profile`` for those.
+
+    Retries: obstore's own are off (``max_retries=0``): each call is one request, and its failure is mapped
+    to ``ObjectNotFound`` (404), ``ObjectChanged`` (412 on If-Match), ``TransientRemoteError`` (5xx, 503
+    SlowDown, 408/429, timeouts, connection errors, short bodies) or ``RemoteError`` (anything else), so that
+    ``retry.call_with_retries`` is the only retry loop.
+
+    The store object is thread-safe; the client pickles as its URL and options and reopens when unpickled.
+    Do not carry a live client into a ``fork()``-ed child: the Rust runtime's threads do not survive a fork.
+    """
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        scheme, bucket, prefix = split_url(url)
+        if scheme == "file":
+            raise ShardstoreError(f"{url}: use FileClient (or open_client) for a file:// root")
+        self.url = f"{scheme}://{bucket}" + (f"/{prefix}" if prefix else "")
+        self.scheme = scheme
+        self.storage_options: dict[str, Any] = dict(storage_options or {})
+        self._store = self._open_store()
+
+    def __repr__(self) -> str:
+        return f"ObstoreClient({self.url!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"url": self.url, "storage_options": self.storage_options}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["url"], state["storage_options"])  # type: ignore[misc]
+
+    def _open_store(self) -> Any:
+        try:
+            import obstore.store
+            from obstore.exceptions import BaseError as ObstoreBaseError
+        except ImportError as error:
+            raise ShardstoreError(f"{self.url} needs the optional remote dependencies: {_REMOTE_EXTRA}") from error
+        config = dict(self.storage_options)
+        client_options = dict(config.pop("client_options", None) or {})
+        kwargs: dict[str, Any] = {}
+        if self.scheme == "s3":
+            endpoint = config.get("endpoint") or config.get("aws_endpoint") or next(
+                (os.environ[name] for name in _ENDPOINT_ENV if os.environ.get(name)), None)
+            if endpoint:
+                if str(endpoint).startswith("http://"):
+                    client_options.setdefault("allow_http", True)
+                if not any(k in config for k in ("region", "aws_region", "default_region")) \
+                        and not (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")):
+                    config["region"] = "us-east-1"
+            profile = config.pop("profile", None)
+            if profile is not None:
+                kwargs["credential_provider"] = self._profile_credentials(profile)
+        try:
+            return obstore.store.from_url(self.url, config=config or None, client_options=client_options or None,
+                                          retry_config={"max_retries": 0}, **kwargs)
+        except ObstoreBaseError as error:
+            raise ConfigError(f"{self.url}: the storage options are not valid: {_summary(error)}; see obstore's "
+                              f"store configuration for {self.scheme}://") from error
+
+    def _profile_credentials(self, profile: str) -> Any:
+        try:
+            import boto3
+            from obstore.auth.boto3 import Boto3CredentialProvider
+        except ImportError as error:
+            raise ShardstoreError(f"{self.url}: the 'profile' storage option needs boto3: "
+                                  f"{_REMOTE_EXTRA}") from error
+        try:
+            return Boto3CredentialProvider(boto3.Session(profile_name=profile))
+        except Exception as error:  # botocore's ProfileNotFound, missing credentials (ValueError)
+            raise ConfigError(f"{self.url}: cannot read credentials of AWS profile {profile!r}: {error}; check "
+                              f"~/.aws/config") from error
+
+    def _object_url(self, key: str) -> str:
+        return f"{self.url}/{key}"
+
+    def _fail(self, error: BaseException, key: str, doing: str) -> RemoteError:
+        return classify_error(error, self._object_url(key), doing)
+
+    def head(self, key: str) -> ObjectInfo:
+        """Size, ETag, version and mtime of ``key``; ``ObjectNotFound`` if it does not exist."""
+        import obstore
+
+        check_key(key, self.url)
+        try:
+            meta = obstore.head(self._store, key)
+        except Exception as error:
+            raise self._fail(error, key, "HEAD") from error
+        return _info(key, meta)
+
+    def get_range(self, key: str, start: int, end: int, *, if_match: str | None = None) -> bytes:
+        """Bytes ``[start, end)`` of ``key`` in one ranged GET (HTTP 206); ``if_match`` is sent as If-Match.
+
+        An empty range returns ``b""`` without a request. A body shorter than asked is a
+        ``TransientRemoteError``; a range past the end of the object, a ``RemoteError``.
+        """
+        import obstore
+
+        check_key(key, self.url)
+        _check_range(start, end)
+        if start == end:
+            return b""
+        options: dict[str, Any] = {"range": (start, end)}
+        if if_match is not None:
+            options["if_match"] = if_match
+        doing = f"GET [{start:,}, {end:,})"
+        try:
+            result = obstore.get(self._store, key, options=options)
+            data = bytes(result.bytes())
+            size = int(result.meta["size"])
+        except Exception as error:
+            raise self._fail(error, key, doing) from error
+        if len(data) != end - start:
+            if size < end:
+                raise RemoteError(f"{doing} {self._object_url(key)}: the object has only {size:,} bytes; it is "
+                                  f"shorter than its listing said (list the objects again)")
+            raise TransientRemoteError(f"{doing} {self._object_url(key)}: the body has {len(data):,} bytes, "
+                                       f"{end - start:,} were asked (truncated)")
+        return data
+
+    def get(self, key: str) -> bytes:
+        """The whole object; a body shorter than its size is a ``TransientRemoteError``."""
+        import obstore
+
+        check_key(key, self.url)
+        try:
+            result = obstore.get(self._store, key)
+            data = bytes(result.bytes())
+            size = int(result.meta["size"])
+        except Exception as error:
+            raise self._fail(error, key, "GET") from error
+        if len(data) != size:
+            raise TransientRemoteError(f"GET {self._object_url(key)}: the body has {len(data):,} bytes of "
+                                       f"{size:,} (truncated)")
+        return data
+
+    def put(self, key: str, data: bytes) -> None:
+        """One PUT of the whole object (never multipart: readers see the old object or the new one)."""
+        import obstore
+
+        check_key(key, self.url)
+        try:
+            obstore.put(self._store, key, data, use_multipart=False)
+        except Exception as error:
+            raise self._fail(error, key, "PUT") from error
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; no error if it is already gone."""
+        import obstore
+
+        check_key(key, self.url)
+        try:
+            obstore.delete(self._store, key)
+        except Exception as error:
+            failure = self._fail(error, key, "DELETE")
+            if not isinstance(failure, ObjectNotFound):
+                raise failure from error
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object whose key starts with ``prefix``, in key order (the order the stores list in)."""
+        import obstore
+
+        # obstore's prefix is a whole path (``a/b`` lists ``a/b/...``, not ``a/bc``): list the directory part
+        # of ``prefix`` and keep the keys that start with all of it.
+        top = prefix.rpartition("/")[0]
+        try:
+            for chunk in obstore.list(self._store, prefix=top or None, chunk_size=1000):
+                for meta in chunk:
+                    key = meta["path"]
+                    if key.startswith(prefix):
+                        yield _info(key, meta)
+        except Exception as error:
+            raise classify_error(error, f"{self.url}/{prefix}", "LIST") from error
