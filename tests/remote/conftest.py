@@ -1,0 +1,49 @@
+"""Fixtures for the remote tests: one moto S3 server per session, a fault proxy and a fresh bucket per test."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.remote.s3server import CREDENTIALS, FaultProxy, S3Server
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """moto's S3 server on 127.0.0.1, with the test credentials in the environment for the session."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in CREDENTIALS.items():
+            mp.setenv(name, value)
+        with S3Server() as server:
+            yield server
+
+
+@pytest.fixture
+def s3_proxy(s3_server: S3Server) -> Iterator[FaultProxy]:
+    """A FaultProxy in front of the server, new for each test: no faults, counters at zero, seed 0."""
+    with FaultProxy(s3_server.endpoint, seed=0) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def bucket(s3_server: S3Server) -> str:
+    """A bucket no other test has used (moto keeps every bucket for the whole session)."""
+    return s3_server.create_bucket(f"test-{uuid.uuid4().hex[:16]}")
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch, s3_proxy: FaultProxy) -> dict[str, str]:
+    """The standard AWS variables pointed at the proxy, so boto3 and obstore built from the environment reach it.
+
+    ``AWS_ALLOW_HTTP`` is obstore's switch for a plain-HTTP endpoint (boto3 ignores it). Variables that
+    would take precedence over these (a profile, a session token, an S3-only endpoint) are removed.
+    """
+    env = {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_proxy.endpoint, "AWS_REGION": CREDENTIALS["AWS_DEFAULT_REGION"],
+           "AWS_ALLOW_HTTP": "true", "AWS_EC2_METADATA_DISABLED": "true"}
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
