@@ -243,3 +243,29 @@ def test_close_ends_idle_keep_alive_connections(s3_server, bucket):
     conn.request("GET", f"/{bucket}")
     with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
         conn.getresponse()
+
+
+def test_latency_is_added_before_each_response(s3_server, s3_proxy, bucket):
+    """A lower bound only: two requests at 0.2 s each cannot finish in under 0.4 s."""
+    put(s3_server, bucket, KEY, 100)
+    client = s3_server.boto3_client(s3_proxy.endpoint)
+    client.head_object(Bucket=bucket, Key=KEY)  # the connection is open before the clock starts
+    s3_proxy.latency_s = 0.2
+    start = time.monotonic()
+    client.head_object(Bucket=bucket, Key=KEY)
+    client.get_object(Bucket=bucket, Key=KEY)["Body"].read()
+    assert time.monotonic() - start >= 0.4
+
+
+def test_a_failing_hook_is_answered_500(s3_server, s3_proxy, bucket, capsys):
+    from botocore.exceptions import ClientError
+
+    put(s3_server, bucket, KEY, 100)
+
+    def broken(method, key, headers):
+        raise RuntimeError("hook broke")
+
+    s3_proxy.on_request = broken
+    with pytest.raises(ClientError, match="ProxyHookFailed"):
+        s3_server.boto3_client(s3_proxy.endpoint, max_attempts=1).get_object(Bucket=bucket, Key=KEY)
+    assert "hook broke" in capsys.readouterr().err
