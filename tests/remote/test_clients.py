@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -148,6 +150,7 @@ def test_file_round_trip(fc):
     assert fc.get_range("shard_000001/images.npy", 2, 5) == b"234"
     assert fc.get_range("shard_000001/images.npy", 0, 10) == b"0123456789"
     assert fc.get_range("shard_000001/images.npy", 4, 4) == b""
+    assert fc.get_range_view("shard_000001/images.npy", 1, 3) == memoryview(b"12")
     assert [i.key for i in fc.list()] == ["shard_000001/images.npy"]
     fc.delete("shard_000001/images.npy")
     fc.delete("shard_000001/images.npy")   # already gone: no error
@@ -282,6 +285,14 @@ def test_file_list_follows_a_directory_link_loop_once(fc):
     assert [i.key for i in fc.list()] == ["d/x"]
 
 
+@pytest.mark.parametrize("prefix", ["../", "../x", "a/../../", "/..//", "a//b"])
+def test_file_list_refuses_a_prefix_that_leaves_the_root(fc, prefix):
+    (Path(fc.root).parent / "outside").write_bytes(b"secret")
+    fc.put("a/b", b"x")
+    with pytest.raises(ShardstoreError, match="not a plain relative key"):
+        list(fc.list(prefix))
+
+
 def test_file_client_pickles_and_takes_no_options(fc, tmp_path):
     fc.put("k", b"v")
     again = pickle.loads(pickle.dumps(fc))
@@ -332,6 +343,8 @@ def test_s3_head_get_range_and_if_match(s3):
     assert s3.get_range("shard_000001/images.npy", 1, 2**20 + 1) == data[1:2**20 + 1]
     assert s3.get_range("shard_000001/images.npy", len(data) - 5, len(data), if_match=info.etag) == data[-5:]
     assert s3.get_range("shard_000001/images.npy", 7, 7) == b""
+    view = s3.get_range_view("shard_000001/images.npy", 5, 2**20, if_match=info.etag)
+    assert isinstance(view, memoryview) and view.readonly and view == data[5:2**20]
     assert s3.get("shard_000001/images.npy") == data
     with pytest.raises(ObjectChanged, match=r"^GET \[0, 10\) s3://shardstore-test/.*/shard_000001/images.npy: "
                                             r"the object was replaced .*HTTP 412"):
@@ -396,6 +409,53 @@ def test_s3_client_pickles_and_is_thread_safe(s3):
     for t in threads:
         t.join()
     assert b"".join(results[i] for i in range(16)) == data
+
+
+def _child_reads(client: ObstoreClient, fresh_url: str | None) -> str:
+    """In a forked child: what reading through ``client`` (or a client opened there) gives, within 20 s."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        try:
+            reader = client if fresh_url is None else open_client(fresh_url)
+            answer = f"ok {reader.get_range('k', 0, 3)!r}"
+        except BaseException as error:  # noqa: BLE001 - the answer is what the child saw
+            answer = f"{type(error).__name__}: {error}"
+        os.write(write_fd, answer.encode())
+        os._exit(0)
+    os.close(write_fd)
+    try:
+        deadline = time.monotonic() + 20
+        while not os.waitpid(pid, os.WNOHANG)[0]:
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return "hangs"
+            time.sleep(0.01)
+        return os.read(read_fd, 4096).decode()
+    finally:
+        os.close(read_fd)
+
+
+def test_s3_in_a_child_forked_after_requests_fails_at_once_instead_of_hanging(s3, monkeypatch):
+    s3.put("k", b"abcdef")                                          # the parent has now sent requests
+    for fresh in (None, s3.url):
+        answer = _child_reads(s3, fresh)
+        assert answer.startswith("ShardstoreError: s3://shardstore-test/") and \
+            "cannot run in a process fork()-ed after its parent sent some" in answer and \
+            "multiprocessing_context='spawn'" in answer, answer
+    assert s3.get_range("k", 0, 3) == b"abc"                        # the parent is unaffected
+
+
+def test_s3_in_a_child_forked_before_any_request_works(s3):
+    s3.put("k", b"abcdef")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from test_clients import _child_reads; "
+            "from shardstore.remote.clients import open_client; "
+            "print(_child_reads(open_client(sys.argv[2]), None))")
+    done = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), s3.url],
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "ok b'abc'", done.stdout + done.stderr
 
 
 def test_s3_endpoint_from_storage_options(s3_endpoint, monkeypatch):
