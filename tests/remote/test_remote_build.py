@@ -505,3 +505,15 @@ def test_a_mirror_written_when_its_machine_went_down_is_fetched_again(tmp_path) 
     (tmp_path / "mirror/state.json").write_text('{"boot": "another boot", "clean": false}')
     report = build_remote_manifest(f"file://{local}", mirror_dir=tmp_path / "mirror", full=True)
     assert report.headers_fetched == 6 and report.problems == []
+
+
+def test_full_reads_every_header_from_the_mirror_not_the_bucket(tmp_path, s3_server, bucket, aws_env,
+                                                                recorder) -> None:
+    local = write_native(tmp_path / "cache", range(3))
+    s3_server.upload_tree(local, bucket)
+    _build(f"s3://{bucket}", tmp_path)
+    recorder.clear()
+    report = _build(f"s3://{bucket}", tmp_path, full=True)
+    assert recorder.ranged_gets() == [] and report.headers_read >= 9
+    assert recorder.of("PUT")[-1] == f"{bucket}/manifest.json"
+    _same_table(_download(s3_server, bucket, "", tmp_path / "down"), build_manifest(local, write=False).manifest)
