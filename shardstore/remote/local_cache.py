@@ -160,8 +160,13 @@ class _Counters:
 # -- sizes -------------------------------------------------------------------------------------------
 
 
-def disk_usage(directory: str | os.PathLike[str]) -> int:
-    """Bytes allocated to ``directory`` and everything under it, as ``du -s -B1`` counts them (hard links once)."""
+def disk_usage(directory: str | os.PathLike[str], *, empty: Collection[str] = ()) -> int:
+    """Bytes allocated to ``directory`` and everything under it, as ``du -s -B1`` counts them (hard links once).
+
+    Directories in ``empty`` hold only empty files (0 blocks): their own blocks count, their entries are not
+    visited. The cache's ``locks/`` is one: a lock file is never written nor unlinked, so that directory
+    names every shard the node ever fetched, and stat-ing them all would make every scan slower.
+    """
     total, seen, stack = 0, set(), [os.fspath(directory)]
     try:
         total = os.lstat(stack[0]).st_blocks * 512
@@ -183,7 +188,7 @@ def disk_usage(directory: str | os.PathLike[str]) -> int:
                         continue
                     seen.add((st.st_dev, st.st_ino))
                 total += st.st_blocks * 512
-                if stat.S_ISDIR(st.st_mode):
+                if stat.S_ISDIR(st.st_mode) and entry.path not in empty:
                     stack.append(entry.path)
     return total
 
@@ -731,7 +736,7 @@ class LocalCache:
         while True:
             tries += 1
             with self._space_locked(deadline):
-                usage = disk_usage(self._root)
+                usage = disk_usage(self._root, empty=(self._locks,))
                 short = usage + need - self.limit
                 if short > 0:
                     freed = self._evict(short, name)

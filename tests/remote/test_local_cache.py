@@ -43,6 +43,9 @@ class FakeStore:
         self.delay_s = delay_s
         self.faults: list[Callable[[str, int, int], int | None]] = []
 
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "faults": []}  # a copy in another process injects no faults
+
     def _file(self, key: str) -> Path:
         return self.root / "objects" / key
 
@@ -312,6 +315,30 @@ def test_object_replaced_twice_is_refused(store: FakeStore, cache_dir: Path) -> 
     assert not (cache_dir / key).exists() and leftovers(cache_dir) == []
 
 
+@pytest.mark.parametrize("limit", [None, 1])
+def test_requests_go_through_the_node_gate(store: FakeStore, cache_dir: Path, tmp_path: Path,
+                                           limit: int | None) -> None:
+    from shardstore.remote.gate import NodeGate
+
+    shard = make_shard(store, 1, (8 * 16_384,))
+    lock, active, peak = threading.Lock(), [0], [0]
+
+    def count(key: str, start: int, end: int) -> None:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.02)
+        with lock:
+            active[0] -= 1
+
+    store.faults.append(count)
+    gate = None if limit is None else NodeGate(tmp_path / "gate", limit)
+    cache = open_cache(cache_dir, store, parallel_parts=4, gate=gate)
+    cache.ensure(shard)
+    assert peak[0] == (4 if limit is None else 1)
+    assert pickle.loads(pickle.dumps(cache)).gate.__class__ is gate.__class__
+
+
 @pytest.mark.parametrize("key", ["../evil.npy", "/etc/passwd", "a/../../b", "a//b", "./a", "a/", "",
                                  ".shardstore/locks/x.lock", "a\0b"])
 def test_hostile_keys_are_refused(key: str) -> None:
@@ -367,6 +394,18 @@ def test_a_file_of_the_cache_with_the_wrong_size_is_fetched_again(store: FakeSto
     assert cache.stats.files_downloaded == 3
 
 
+def test_half_evicted_shard_is_fetched_again_and_stays_evictable(store: FakeStore, cache_dir: Path) -> None:
+    shard = make_shard(store, 1)
+    cache = open_cache(cache_dir, store)
+    cache.ensure(shard)
+    (cache_dir / shard.files[0].key).unlink()  # an eviction killed after its first file: the receipt stays
+    cache.ensure(shard)
+    assert [len(store.gets(f.key)) for f in shard.files] == [8, 1]  # the missing file again, not the other
+    assert cache._drop(shard.name) > 0
+    assert not (cache_dir / "shard_000001").exists()
+    assert os.listdir(cache_dir / BOOKKEEPING / "fetched") == []
+
+
 def test_partly_present_shard_fetches_only_what_is_missing(store: FakeStore, cache_dir: Path) -> None:
     shard = make_shard(store, 1)
     local = shard.files[1]
@@ -399,6 +438,15 @@ def test_disk_usage_counts_like_du(tmp_path: Path) -> None:
     expected = sum(os.lstat(p).st_blocks * 512 for p in [tmp_path / "d", tmp_path / "d" / "e",
                                                          tmp_path / "d" / "a", tmp_path / "d" / "e" / "b"])
     assert disk_usage(tmp_path / "d") == expected
+
+
+def test_the_scan_skips_only_empty_lock_files(store: FakeStore, cache_dir: Path) -> None:
+    cache = open_cache(cache_dir, store)
+    for i in range(40):
+        cache.ensure(make_shard(store, i, (5_000,)))
+    locks = os.path.join(cache_dir, BOOKKEEPING, "locks")
+    assert len(os.listdir(locks)) == 40
+    assert disk_usage(cache_dir, empty=(locks,)) == disk_usage(cache_dir)
 
 
 def shard_cost(store: FakeStore, cache_dir: Path) -> int:

@@ -137,6 +137,23 @@ def _verify_final_files(cache_dir: Path, expected: dict[str, object]) -> int:
     return count
 
 
+def _download_time(cache_dir: Path, store: FakeStore, shards: list) -> float:
+    """Seconds a child takes to fetch ``shards`` from a standing start."""
+    ready = CTX.Event()
+
+    def download() -> None:
+        cache = open_cache(cache_dir, store, part_size=8192, parallel_parts=2)
+        ready.set()
+        for shard in shards:
+            cache.ensure(shard)
+
+    child = _start(download)
+    assert ready.wait(30)
+    start = time.monotonic()
+    _join_ok([child])
+    return time.monotonic() - start
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("run", range(3))
 def test_sigkill_at_random_moments(tmp_path: Path, run: int) -> None:
@@ -146,6 +163,8 @@ def test_sigkill_at_random_moments(tmp_path: Path, run: int) -> None:
     expected = {f.key: f for s in shards for f in s.files}
     rng = random.Random(20240 + run)
     takeovers: list[float] = []
+    midway = 0
+    span = _download_time(tmp_path / "calibration", store, shards)  # kills land inside a download, not after
     for kill in range(10):
         cache_dir = tmp_path / f"cache{kill}"
         ready = CTX.Event()
@@ -167,11 +186,11 @@ def test_sigkill_at_random_moments(tmp_path: Path, run: int) -> None:
         downloader = _start(download)
         waiter = _start(wait_and_take_over) if with_waiter else None
         assert ready.wait(30)
-        time.sleep(rng.uniform(0.0, 0.3))
+        time.sleep(rng.uniform(0.0, span))
         os.kill(downloader.pid, signal.SIGKILL)
         killed_at = time.monotonic()
         downloader.join()
-        _verify_final_files(cache_dir, expected)
+        midway += _verify_final_files(cache_dir, expected) < len(expected)
         if waiter is not None:
             _join_ok([waiter])
             late = [t for pid, op, *_, t in store.log() if pid == waiter.pid and op == "GET" and t > killed_at]
@@ -188,7 +207,8 @@ def test_sigkill_at_random_moments(tmp_path: Path, run: int) -> None:
         assert leftovers(cache_dir) == []  # the dead download's temporaries went with the shard's next fetch
         assert sorted(os.listdir(cache_dir / BOOKKEEPING / "fetched")) == [s.name for s in shards]
         assert LocalCache(cache_dir, 1 << 30, store).clean() == 0
-    print(f"run {run}: takeovers after the kill in {[round(t, 3) for t in takeovers]} s")
+    print(f"run {run}: {midway} of 10 kills mid-download (download {span:.3f} s); "
+          f"takeovers after the kill in {[round(t, 3) for t in takeovers]} s")
     assert all(t < 10 for t in takeovers)  # a dead holder's lock is noticed at the next poll, not at a timeout
 
 
