@@ -519,9 +519,19 @@ class LocalCache:
         fd = self._open_lock(shard.name, deadline, create=True)
         assert fd is not None
         try:
-            waited = self._wait_lock(fd, fcntl.LOCK_EX, deadline,
-                                     f"another process of this node to finish downloading shard {shard.name}")
-            self._counters.add(wait_s=waited)
+            # Another thread or process may bring the shard meanwhile, and pin it as soon as it is there
+            # (a shared lock this exclusive one would wait on for ever): present files end the wait.
+            start = time.monotonic()
+            while not _try_flock(fd, fcntl.LOCK_EX):
+                if self._present(shard, paths):
+                    self._counters.add(wait_s=time.monotonic() - start)
+                    return
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise RemoteError(f"timed out after {time.monotonic() - start:.1f} s waiting for another "
+                                      f"process of this node to finish downloading shard {shard.name}; raise the "
+                                      "timeout, or find the process of this node that holds it")
+                time.sleep(POLL_S)
+            self._counters.add(wait_s=time.monotonic() - start)
             missing = self._missing(shard, paths)
             if missing:
                 t0 = time.monotonic()
