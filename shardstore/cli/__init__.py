@@ -137,7 +137,8 @@ def _root(root: str) -> Path:
 @app.command("build-manifest", short_help="Discover and validate shards; write ROOT/manifest.json.")
 def build_manifest_cmd(
     root: Annotated[str, typer.Argument(metavar="ROOT", help="Cache directory (native shard_<id>/ dirs or flat "
-                                                             "<field>_<id>.npy files).")],
+                                                             "<field>_<id>.npy files), or an object-store URL "
+                                                             "(s3://, gs://, az://, file://).")],
     checksum: Annotated[bool, typer.Option("--checksum", help="Also hash every new file (SHA-256), for "
                                                               "`shardstore verify`.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any shard is left out or a checksummed file changed.")] = False,
@@ -149,10 +150,23 @@ def build_manifest_cmd(
     Needs: a directory of shards, written by `shardstore write` or by hand with np.save
     (ROOT/shard_<id>/<field>.npy or ROOT/<field>_<id>.npy). Run it again whenever shards are added:
     unchanged shards are not read again. Bad shards are left out and listed, never fatal.
+    A cache in object storage (e.g. after `aws s3 sync`) is read with ranged GETs of the .npy
+    headers only, and its manifest is written back to the bucket (the table first, the header last).
     """
+    if "://" in root:  # a cache in object storage: headers read with ranged GETs, the manifest written back
+        from shardstore.manifest.remote_build import build_remote_manifest
+
+        report = build_remote_manifest(root, full=full, checksum=checksum)
+        _report_build(root, report, checksum, strict, where=report.manifest_url)
+        return
     path = _root(root)
     with _progress("checksums", None, bytes_=True) as advance:
         report = build_manifest(path, checksum=checksum, incremental=not full, progress=advance if checksum else None)
+    _report_build(path, report, checksum, strict, where=str(report.path))
+
+
+def _report_build(path: Path | str, report: Any, checksum: bool, strict: bool, *, where: str) -> None:
+    """What a build left out, changed and wrote; exit 1 under ``--strict`` when anything was left out or changed."""
     for problem in report.problems:
         err.print(f"left out: {problem}", markup=False)
     for name, count in report.ignored_fields.items():
@@ -164,7 +178,7 @@ def build_manifest_cmd(
     if not report.manifest.num_shards:
         raise ShardstoreError(f"no usable shards in {path} (every shard was left out, see above); fix them and rebuild")
     print_summary(path, report.manifest)
-    what = f"unchanged: {report.path}" if report.unchanged else f"wrote {report.path}"
+    what = f"unchanged: {where}" if report.unchanged else f"wrote {where}"
     out.print(
         f"{what} (headers read: {report.headers_read:,}, unchanged files reused: {report.files_reused:,}"
         + (f", checksummed: {report.files_checksummed:,}" if checksum else "") + ")",
@@ -175,11 +189,20 @@ def build_manifest_cmd(
 
 
 @app.command(short_help="Print a cache's manifest summary (reads no shard).")
-def info(root: Annotated[str, typer.Argument(metavar="ROOT", help="Cache directory holding manifest.json.")]) -> None:
+def info(root: Annotated[str, typer.Argument(metavar="ROOT", help="Cache directory holding manifest.json, or an "
+                                                             "object-store URL (s3://, gs://, az://, file://).")]) -> None:
     """Print the manifest summary of a cache: shards, samples, bytes, fields, groups.
 
     Needs: ROOT/manifest.json (run `shardstore build-manifest ROOT` first). Reads no shard.
     """
+    if "://" in root:  # a cache in object storage: its header and table, fetched; no shard
+        from shardstore.store.remote import read_remote_manifest
+
+        manifest = read_remote_manifest(root)
+        print_summary(root, manifest)  # type: ignore[arg-type]
+        for problem in manifest.left_out:
+            out.print(f"left out: {problem}", markup=False)
+        return
     path = _root(root)
     manifest = load_manifest(path)
     print_summary(path, manifest)

@@ -16,7 +16,18 @@ class DataConfig:
     """Where the cache is and how epochs are drawn from it (keys keep the original project's names)."""
 
     cache_root: str
-    """Directory of the cache (holding manifest.json)."""
+    """Directory of the cache (holding manifest.json), or an object-store URL: ``s3://bucket/prefix``, ``gs://``,
+    ``az://``, ``file://`` (read through ``local_cache``)."""
+    local_cache: str | None = None
+    """For a ``cache_root`` in object storage: the node-local directory the shards an epoch needs are copied into."""
+    cache_limit: Any = None
+    """For a ``cache_root`` in object storage: the most ``local_cache`` may hold, in bytes or with a unit
+    (``50GB``, ``512MiB``)."""
+    storage_options: dict[str, Any] | None = None
+    """For a ``cache_root`` in object storage: options for its client (e.g. ``endpoint``, ``region``); credentials
+    come from the usual environment and profiles."""
+    prefetch_shards: int = 8
+    """For a ``cache_root`` in object storage: how many shards are fetched ahead of the readers."""
     cache_shard_size: int | None = None
     """Samples per shard the cache was written with, checked against the manifest; null = as the manifest says."""
     shards_per_epoch: int | None = 15
@@ -78,7 +89,8 @@ def data_config_from_dict(values: dict[str, Any], source: str = "data_config.yam
     problems.raise_any()
     assert checked is not None
     values = checked
-    for key in ("cache_shard_size", "shards_per_epoch", "active_shards", "loader_threads", "prefetch_batches"):
+    for key in ("cache_shard_size", "shards_per_epoch", "active_shards", "loader_threads", "prefetch_batches",
+                "prefetch_shards"):
         if values.get(key) is not None and values[key] < 1:
             problems.add(f"{source}: `{key}` must be at least 1, got {values[key]}")
     if values.get("missing_targets", "error") not in ("error", "skip"):
@@ -90,8 +102,33 @@ def data_config_from_dict(values: dict[str, Any], source: str = "data_config.yam
             problems.add(f"{source}: `{key}` must be non-negative, got {values[key]}")
     for problem in _field_problems(values):
         problems.add(f"{source}: {problem}")
+    for problem in _remote_problems(values):
+        problems.add(f"{source}: {problem}")
     problems.raise_any()
     return DataConfig(**values)
+
+
+def _remote_problems(values: dict[str, Any]) -> list[str]:
+    """What is wrong with the object-storage settings (each a line without the source)."""
+    from shardstore.remote.url import REMOTE_SCHEMES, is_remote, parse_size
+
+    root = str(values.get("cache_root", ""))
+    out = []
+    if is_remote(root):
+        if values.get("local_cache") is None:
+            out.append(f"`cache_root` is {root}, in object storage: set `local_cache` to a node-local directory the "
+                       "shards an epoch needs are copied into")
+        if values.get("cache_limit") is None:
+            out.append("`cache_limit` is missing: set the most `local_cache` may hold (e.g. 50GB)")
+    elif "://" in root:
+        out.append(f"`cache_root` {root!r} is a URL of a kind this project cannot read; use a local directory or "
+                   f"one of {', '.join(s + '://' for s in REMOTE_SCHEMES)}")
+    if values.get("cache_limit") is not None:
+        try:
+            values["cache_limit"] = parse_size(values["cache_limit"])
+        except Exception as exc:  # ConfigError or ShardstoreError: one line naming the forms
+            out.append(f"`cache_limit`: {exc}")
+    return out
 
 
 def _field_problems(values: dict[str, Any]) -> list[str]:
@@ -113,6 +150,11 @@ def load_data_config(path: str | os.PathLike[str]) -> DataConfig:
     """Read ``data_config.yaml`` (safe YAML, no aliases); a relative ``cache_root`` is taken from the file's folder."""
     path = Path(path)
     config = data_config_from_dict(load_yaml(path, option="--data-config"), str(path))
+    if config.local_cache is not None:
+        local = Path(config.local_cache).expanduser()
+        config = replace(config, local_cache=str(local if local.is_absolute() else path.parent / local))
+    if "://" in config.cache_root:
+        return config
     root = Path(config.cache_root).expanduser()
     if not root.is_absolute():
         root = path.parent / root

@@ -67,6 +67,8 @@ def load_run_config(data_path: str | os.PathLike[str], train_path: str | os.Path
     assert data is not None and train is not None and model is not None
     folders = {name: path.absolute().parent for name, path in paths.items()}
     data = replace(data, cache_root=_resolve(data.cache_root, folders["data"]))
+    if data.local_cache is not None:
+        data = replace(data, local_cache=_resolve(data.local_cache, folders["data"]))
     if train.eval.cache_root is not None:
         train = replace(train, eval=replace(train.eval, cache_root=_resolve(train.eval.cache_root, folders["train"])))
     model = replace(model, teacher=_resolve_checkpoint(model.teacher, folders["model"]),
@@ -75,7 +77,7 @@ def load_run_config(data_path: str | os.PathLike[str], train_path: str | os.Path
 
 
 #: Keys holding paths, by section.
-PATH_KEYS = {("data", "cache_root"), ("train", "eval", "cache_root"), ("model", "teacher", "checkpoint"),
+PATH_KEYS = {("data", "cache_root"), ("data", "local_cache"), ("train", "eval", "cache_root"), ("model", "teacher", "checkpoint"),
              ("model", "student", "checkpoint")}
 
 
@@ -138,6 +140,8 @@ def _source(path: Path, name: str, overrides: list[str]) -> str:
 
 
 def _resolve(value: str, folder: Path) -> str:
+    if "://" in value:  # an object-store URL is not a path
+        return value
     path = Path(value).expanduser()
     return str(path if path.is_absolute() else folder / path)
 

@@ -19,6 +19,12 @@ from shardstore.sampling.state import SamplerState
 from shardstore.sampling.world import World
 
 
+def open_data_store(config: DataConfig) -> ShardStore:
+    """The store ``data_config.yaml`` names: a local cache, or one in object storage read through ``local_cache``."""
+    return ShardStore.open(config.cache_root, local_cache=config.local_cache, cache_limit=config.cache_limit,
+                           storage_options=config.storage_options)
+
+
 def resolve_world(rank: int | None, world_size: int | None) -> World:
     """Explicit ``rank``/``world_size``, else torch.distributed's when it is initialized, else a single rank."""
     if rank is not None or world_size is not None:
@@ -95,7 +101,7 @@ class RandomShardSubsetCachedDataset(Dataset):
         """Build from ``data_config.yaml`` (a path or a loaded ``DataConfig``); ``kwargs`` as for the constructor."""
         if not isinstance(config, DataConfig):
             config = load_data_config(config)
-        store = ShardStore.open(config.cache_root)
+        store = open_data_store(config)
         kwargs.setdefault("refresh_manifest", config.refresh_manifest)
         return cls(store, config.shards_per_epoch, config.random_subset_seed, config.shard_policy,
                    order=config.sample_order, active_shards=config.active_shards, **kwargs)
@@ -127,7 +133,45 @@ class RandomShardSubsetCachedDataset(Dataset):
             self.use_store(self.store.refreshed(exclude_ids=self.held_out_ids, generation=generation))
         self._cell[0] = epoch
         self._cell[1] = start_batch
-        return self.selected_shards
+        shards = self.selected_shards
+        if self.store.remote is not None:
+            self._fetch_ahead()
+        return shards
+
+    # -- a cache in object storage ----------------------------------------------------------
+
+    def _fetch_ahead(self) -> None:
+        """Tell the store's prefetcher this epoch's shards (in visit order) and how far off every shard's next use is."""
+        assert self._plan is not None
+        remote = self.store.remote
+        remote.plan(self.store.manifest, self._plan.shard_positions, tuple(self.store.manifest.fields))
+        remote.next_use = self._next_use
+
+    #: how many epochs ahead eviction looks for a shard's next use (beyond: never needed again)
+    NEXT_USE_HORIZON = 32
+
+    def _next_use(self, name: str) -> float:
+        """Epochs until the shard named ``name`` is next read (0: this epoch; inf: not within the horizon).
+
+        The whole schedule is a function of the seed and the epoch, so the local cache evicts the
+        shard needed farthest ahead.
+        """
+        from shardstore.store.remote import shard_id_of
+
+        key = (self.epoch, self.store_version)
+        table = getattr(self, "_next_uses", None)
+        if table is None or table[0] != key:
+            uses: dict[int, int] = {}
+            store = self.store
+            for ahead in range(self.NEXT_USE_HORIZON, -1, -1):
+                try:
+                    plan = plan_epoch(store.counts, store.offsets, self.spec, self.epoch + ahead)
+                except ValueError:
+                    continue
+                for p in plan.shard_positions.tolist():
+                    uses[int(store.shard_ids[p])] = ahead
+            table = self._next_uses = (key, uses)
+        return float(table[1].get(shard_id_of(name), float("inf")))
 
     def use_store(self, store: ShardStore) -> None:
         """Read from ``store`` from the next epoch planned on (a refreshed snapshot of the same cache)."""

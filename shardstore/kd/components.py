@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from shardstore.config.resolve import RunConfig
-from shardstore.dataset.subset import RandomShardSubsetCachedDataset
+from shardstore.dataset.subset import RandomShardSubsetCachedDataset, open_data_store
 from shardstore.errors import ConfigError
 from shardstore.kd.distributed import DistInfo
 from shardstore.kd.augment import apply_views
@@ -117,7 +117,7 @@ def build_data(cfg: RunConfig, info: DistInfo, *, held_out_ids: list[int] | None
     if cfg.train.loss.target_field and cfg.data.teacher_targets:
         raise ConfigError(f"train_config: loss.target_field ({cfg.train.loss.target_field}) and data_config: "
                           f"teacher_targets ({cfg.data.teacher_targets}) both name cached teacher outputs; keep one")
-    store = ShardStore.open(cfg.data.cache_root)
+    store = open_data_store(cfg.data)
     check_cache_shard_size(store, cfg.data.cache_shard_size)
     fmt, store = image_format(cfg.data, store)
     check_networks(cfg, fmt)

@@ -101,6 +101,8 @@ class Job:
         self.dropped = np.zeros(self.visited.size, bool)
         self.unmapped = np.zeros(self.visited.size, bool)
         store, visited = plan.store, plan.visited
+        if store.remote is not None:  # the shards of a cache in object storage are fetched ahead in visit order
+            store.remote.offer(store.manifest, visited, tuple(store.manifest.fields))
         counts = store.offsets[visited + 1] - store.offsets[visited]
         # Sources open through the plan's store (no reference back to the job: it is dropped when done).
         # With pread, fields read in long runs are read from their files (a shard the store has mapped
@@ -136,10 +138,13 @@ class Job:
         """
         if self.gather is None:
             return
+        remote = self.store is not None and self.store.remote is not None
         for j in which.tolist():
             if not self.unmapped[j]:
                 self.unmapped[j] = True
                 self.gather.release(j)
+                if remote:  # a shard of object storage stays pinned in the local cache while the store maps it
+                    self.store.release(int(self.visited[j]))
 
     def unmap_finished(self, done_batches: int) -> None:
         """Let go of the maps of shards that only batches before ``done_batches`` read."""

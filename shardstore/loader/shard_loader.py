@@ -155,8 +155,9 @@ class ShardLoader:
                                   num_threads=num_threads, device=self.device, read_ahead_shards=read_ahead_shards,
                                   drop_pages=bool(drop_pages), pread=bool(pread))
         self._finalizer = weakref.finalize(self, self._pipeline.close)
-        self.stats = WaitStats()
-        """Consumer wait times (see ``WaitStats``)."""
+        remote = store.remote
+        self.stats = WaitStats(remote_clock=(lambda: remote.stats.remote_wait_s) if remote is not None else None)
+        """Consumer wait times (see ``WaitStats``): ``remote_s`` for object storage, ``local_s`` for the rest."""
         self._steps_key: Hashable = None
         self._steps_done = 0
 

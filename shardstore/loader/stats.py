@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 
@@ -12,7 +14,11 @@ class WaitStats:
     logs ``epoch_wait_s / epoch time`` as the share of time spent waiting for data.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, remote_clock: Callable[[], float] | None = None) -> None:
+        self._remote_clock = remote_clock  # seconds the readers have spent waiting for object-store downloads
+        self._remote_seen = remote_clock() if remote_clock is not None else 0.0
+        self.remote_s = 0.0
+        """Of ``total_s``, the part spent while the readers waited for shards from object storage (0 for a local cache)."""
         self.total_s = 0.0
         """Summed over every batch this loader handed out."""
         self.batches = 0
@@ -28,7 +34,17 @@ class WaitStats:
             self._epoch = np.zeros(num_batches)
         self._epoch_batches = 0
 
+    @property
+    def local_s(self) -> float:
+        """Of ``total_s``, the part not spent waiting for object storage: the local disk, the copies, the threads."""
+        return self.total_s - self.remote_s
+
     def record(self, wait_s: float) -> None:
+        if self._remote_clock is not None:
+            # The readers' download waits since the last batch, capped by this wait: they overlapped it.
+            now = self._remote_clock()
+            self.remote_s += min(wait_s, max(0.0, now - self._remote_seen))
+            self._remote_seen = now
         self.total_s += wait_s
         self.batches += 1
         self.last_s = wait_s
@@ -49,7 +65,7 @@ class WaitStats:
     def as_dict(self) -> dict[str, float]:
         """Scalars for a trainer's log line."""
         return {"wait_s_total": self.total_s, "wait_s_epoch": self.epoch_s, "wait_s_last": self.last_s,
-                "batches": float(self.batches)}
+                "wait_s_remote": self.remote_s, "wait_s_local": self.local_s, "batches": float(self.batches)}
 
     def __repr__(self) -> str:
         return f"WaitStats(total_s={self.total_s:.4f}, batches={self.batches}, epoch_s={self.epoch_s:.4f})"

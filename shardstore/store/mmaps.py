@@ -112,6 +112,7 @@ def field_rows(store: ShardStore, position: int, field: str) -> np.ndarray | ker
     mapped = store._maps.peek(path)
     if mapped is not None:
         return mapped
+    store.fetch(position)
     rows, st = open_rows(path, spec.dtype, (int(m.counts[position]), *spec.shape), offset,
                          resolved_root=store._resolved_root, rel=rel, expected_bytes=m.file_bytes(position, field))
     if st.st_mtime_ns != int(m.columns[f"{field}.mtime_ns"][position]) and not store._touched_warned:
@@ -143,26 +144,41 @@ class MapCache:
     file descriptor.
     """
 
-    def __init__(self, max_open: int = 64) -> None:
+    def __init__(self, max_open: int = 64, on_drop: Callable[[object], None] | None = None) -> None:
         if max_open < 1:
             raise ValueError(f"max_open must be at least 1, got {max_open}")
         self.max_open = max_open
         self._maps: OrderedDict[Path, np.ndarray] = OrderedDict()
+        self._tags: dict[Path, object] = {}
+        self._on_drop = on_drop  # called with a map's tag when the cache lets go of it
         self._lock = threading.Lock()
 
-    def get(self, path: Path, make: Callable[[], np.ndarray]) -> np.ndarray:
-        """The read-only array of ``path``, from ``make()`` (which maps the file) if it is not mapped yet."""
+    def get(self, path: Path, make: Callable[[], np.ndarray], tag: object = None) -> np.ndarray:
+        """The read-only array of ``path``, from ``make()`` (which maps the file) if it is not mapped yet.
+
+        ``tag`` is handed to ``on_drop`` when this map is dropped (a remote store unpins its shard).
+        """
         with self._lock:
             arr = self._maps.get(path)
             if arr is not None:
                 self._maps.move_to_end(path)
                 return arr
         arr = make()
+        dropped = []
         with self._lock:
+            if path in self._maps and tag is not None:
+                dropped.append(tag)  # mapped twice at once: the second map's pin is let go
             self._maps[path] = arr
             self._maps.move_to_end(path)
+            if tag is not None:
+                self._tags[path] = tag
             while len(self._maps) > self.max_open:
-                self._maps.popitem(last=False)
+                old, _ = self._maps.popitem(last=False)
+                if old in self._tags:
+                    dropped.append(self._tags.pop(old))
+        if self._on_drop is not None:
+            for t in dropped:
+                self._on_drop(t)
         return arr
 
     def peek(self, path: Path) -> np.ndarray | None:
@@ -172,6 +188,14 @@ class MapCache:
             if arr is not None:
                 self._maps.move_to_end(path)
             return arr
+
+    def discard(self, path: Path) -> None:
+        """Forget the map of ``path`` if it is held (arrays handed out stay valid)."""
+        with self._lock:
+            arr = self._maps.pop(path, None)
+            tag = self._tags.pop(path, None)
+        if arr is not None and tag is not None and self._on_drop is not None:
+            self._on_drop(tag)
 
     def __len__(self) -> int:
         return len(self._maps)
@@ -187,3 +211,8 @@ class MapCache:
         """Forget every map."""
         with self._lock:
             self._maps.clear()
+            dropped = list(self._tags.values())
+            self._tags.clear()
+        if self._on_drop is not None:
+            for t in dropped:
+                self._on_drop(t)

@@ -6,7 +6,7 @@ import logging
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -15,6 +15,9 @@ from shardstore.errors import ManifestError
 from shardstore.store.manifest import FieldSpec, Manifest, ShardList
 from shardstore.store.mmaps import MapCache, map_array, shrunk_error
 from shardstore.store.snapshot import TABLE_DIR, check_columns, manifest_path, read_manifest
+
+if TYPE_CHECKING:
+    from shardstore.store.remote import RemoteShards
 
 log = logging.getLogger(__name__)
 
@@ -36,34 +39,62 @@ class ShardStore:
     reopens its snapshot's table by path: the table is never copied.
     """
 
-    def __init__(self, root: Path, manifest: Manifest, *, max_open_maps: int = 64) -> None:
+    def __init__(self, root: Path, manifest: Manifest, *, max_open_maps: int = 64,
+                 remote: RemoteShards | None = None) -> None:
         self.root = Path(root)
         self.manifest = manifest
-        self._maps = MapCache(max_open_maps)
+        #: the object store this cache's shards come from (None: a local cache); see ``shardstore.store.remote``
+        self.remote = remote
+        self._maps = MapCache(max_open_maps, on_drop=self._unpin if remote is not None else None)
         self._resolved_root = os.path.realpath(self.root)
         self._offsets: np.ndarray | None = None
         self._complete: dict[str, FieldSpec] | None = None
-        self._touched_warned = False
+        # Files a remote cache downloads carry the time they arrived, not the bucket's: no warning for them.
+        self._touched_warned = remote is not None
 
     @classmethod
-    def open(cls, root: str | os.PathLike[str], *, max_open_maps: int = 64, check: str = "open") -> ShardStore:
+    def open(cls, root: str | os.PathLike[str], *, max_open_maps: int = 64, check: str = "open",
+             local_cache: str | os.PathLike[str] | None = None, cache_limit: int | str | None = None,
+             storage_options: dict[str, Any] | None = None, prefetch_shards: int = 8) -> ShardStore:
         """Open the cache at ``root`` through its manifest.
 
         ``check="open"`` (the default) validates the manifest's header and its id and count
         columns; files are checked when first mapped. ``check="all"`` also validates every
         column and that every listed file exists, lies inside the root and has its recorded
         size (a ``ManifestError`` naming the first that does not), as ``shardstore verify`` does.
+
+        ``root`` may be an object-store URL (``s3://bucket/prefix``, ``gs://``, ``az://``,
+        ``file://``): its manifest is brought into ``local_cache`` (a node-local directory) and
+        shards are fetched there as epochs need them, keeping it under ``cache_limit`` (bytes,
+        or a string such as ``"50GB"``); ``storage_options`` go to the object-store client and
+        ``prefetch_shards`` is how far ahead of the readers shards are fetched. See
+        ``shardstore.store.remote``.
         """
         if check not in CHECKS:
             raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
+        remote = None
+        if isinstance(root, str) and "://" in root:
+            from shardstore.store.remote import open_remote
+
+            root, remote = open_remote(root, local_cache=local_cache, cache_limit=cache_limit,
+                                       storage_options=storage_options, prefetch_shards=prefetch_shards)
         root = Path(root)
         manifest = read_manifest(root, check=check)
         if manifest.num_shards == 0:
             raise ManifestError(f"{manifest_path(root)} lists no shards; write some and rebuild the manifest")
-        store = cls(root, manifest, max_open_maps=max_open_maps)
-        if check == "all":
+        if remote is not None:  # a map pins its shard in the local cache: keep a few shards' worth, not 64 maps
+            max_open_maps = min(max_open_maps, max(4, 4 * len(manifest.fields)))
+        store = cls(root, manifest, max_open_maps=max_open_maps, remote=remote)
+        if remote is not None:
+            remote.check_limit(manifest, list(store.fields))
+        elif check == "all":
             store.check_files()
         return store
+
+    @property
+    def source(self) -> str:
+        """Where the cache is: its object-store URL, or its local root."""
+        return self.remote.url if self.remote is not None else str(self.root)
 
     def check_files(self) -> None:
         """Stat every listed file now: present, inside the root, of its recorded size; else ``ManifestError``."""
@@ -99,7 +130,7 @@ class ShardStore:
 
     def __getstate__(self) -> dict[str, Any]:
         m = self.manifest
-        state = {"root": self.root, "max_open": self._maps.max_open, "fields": m.fields}
+        state = {"root": self.root, "max_open": self._maps.max_open, "fields": m.fields, "remote": self.remote}
         if m.source is not None:
             state["table"] = {"source": m.source, "columns": {n: (c.dtype.str, c.shape) for n, c in m.columns.items()},
                               "generation": m.generation, "snapshot_id": m.snapshot_id,
@@ -112,7 +143,7 @@ class ShardStore:
         manifest = state.get("manifest")
         if manifest is None:
             manifest = _reopen_table(state["fields"], state["table"])
-        self.__init__(state["root"], manifest, max_open_maps=state["max_open"])
+        self.__init__(state["root"], manifest, max_open_maps=state["max_open"], remote=state.get("remote"))
 
     # -- shape of the cache --------------------------------------------------------------
 
@@ -133,7 +164,7 @@ class ShardStore:
         return self.manifest.fields
 
     def _derived(self, manifest: Manifest) -> ShardStore:
-        return ShardStore(self.root, manifest, max_open_maps=self._maps.max_open)
+        return ShardStore(self.root, manifest, max_open_maps=self._maps.max_open, remote=self.remote)
 
     def select(self, fields: list[str] | tuple[str, ...]) -> ShardStore:
         """The same shards with only ``fields`` (a loader over it reads nothing else)."""
@@ -224,6 +255,10 @@ class ShardStore:
         ``ManifestError`` naming it. Returns ``self`` when the manifest is unchanged. Cheap
         with a format-3 manifest: a header, a mapped table and a few vectorized passes.
         """
+        if self.remote is not None and self.remote.is_owner:
+            from shardstore.store.remote import fetch_manifest
+
+            fetch_manifest(self.remote.client, self.root)
         manifest = read_manifest(self.root)
         if manifest.source is not None and manifest.source == self.manifest.source and generation in (
                 None, manifest.generation):
@@ -307,13 +342,43 @@ class ShardStore:
                            "store.subset(manifest.positions_with([...]))")
         rel = m.file_path(position, field)
         path = self.root / rel
-        return self._maps.get(path, lambda: self._map(position, field, spec, rel, path, offset))
+        return self._maps.get(path, lambda: self._map(position, field, spec, rel, path, offset),
+                              tag=int(m.ids[position]) if self.remote is not None else None)
+
+    def fetch(self, position: int) -> float:
+        """Make the shard at ``position`` local before it is read (remote caches; a no-op for local ones).
+
+        Returns the seconds waited for it. Readers that open files themselves call this first.
+        """
+        if self.remote is None:
+            return 0.0
+        return self.remote.ensure(self.manifest, position, tuple(self.manifest.fields))
+
+    def release(self, position: int) -> None:
+        """Drop this store's maps of the shard at ``position`` (a reader is done with it); arrays handed out stay valid.
+
+        For a remote cache this unpins the shard, so the local cache may evict it.
+        """
+        m = self.manifest
+        for name in m.fields:
+            if int(m.columns[f"{name}.offset"][position]):
+                self._maps.discard(self.root / m.file_path(position, name))
+
+    def _unpin(self, shard_id: int) -> None:
+        if self.remote is not None:
+            from shardstore.store.remote import shard_name
+
+            self.remote.cache.unpin(shard_name(shard_id))
 
     def _map(self, position: int, field: str, spec: FieldSpec, rel: str, path: Path, offset: int) -> np.ndarray:
         m = self.manifest
+        if self.remote is not None:
+            self.fetch(position)
         array, st = map_array(path, spec.dtype, (int(m.counts[position]), *spec.shape), offset,
                               resolved_root=self._resolved_root, rel=rel,
                               expected_bytes=m.file_bytes(position, field))
+        if self.remote is not None:
+            self.remote.pin(m, position)  # held while the map is in the cache (released when it is dropped)
         if st.st_mtime_ns != int(m.columns[f"{field}.mtime_ns"][position]) and not self._touched_warned:
             self._touched_warned = True
             log.warning("%s has a new mtime but the size the manifest records; rebuild the manifest if shard "
@@ -352,7 +417,7 @@ class ShardStore:
         return {name: self.field(position, name)[row] for name in self.fields}
 
     def __repr__(self) -> str:
-        return f"ShardStore({str(self.root)!r}, shards={self.num_shards}, samples={self.num_samples})"
+        return f"ShardStore({self.source!r}, shards={self.num_shards}, samples={self.num_samples})"
 
 
 def _reopen_table(fields: dict[str, FieldSpec], table: dict[str, Any]) -> Manifest:

@@ -138,7 +138,9 @@ def test_wait_times_are_recorded_per_batch(store: ShardStore) -> None:
         m = sum(1 for _ in loader)
         assert loader.stats.batches == n + m and loader.stats.per_batch_s.shape == (m,)
         assert loader.stats.total_s >= loader.stats.epoch_s
-        assert set(loader.stats.as_dict()) == {"wait_s_total", "wait_s_epoch", "wait_s_last", "batches"}
+        assert set(loader.stats.as_dict()) == {"wait_s_total", "wait_s_epoch", "wait_s_last", "wait_s_remote",
+                                               "wait_s_local", "batches"}
+        assert loader.stats.remote_s == 0.0 and loader.stats.local_s == loader.stats.total_s  # a local cache
 
 
 def test_plain_dataloader_gives_the_same_batches(store: ShardStore) -> None:

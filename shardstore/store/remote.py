@@ -1,0 +1,566 @@
+"""A cache in object storage, read through a node-local copy of the shards an epoch needs.
+
+``ShardStore.open("s3://bucket/prefix", local_cache=DIR, cache_limit="50GB")`` brings the manifest
+(header and table) into ``DIR`` — the local directory mirrors the bucket's layout, so the ordinary
+reader opens it — and attaches a ``RemoteShards`` to the store. Before a shard's file is mapped,
+``RemoteShards.ensure`` makes it present and complete in ``DIR`` (``shardstore.remote.local_cache``
+fetches it once per node, under a per-shard lock, and keeps ``DIR`` under ``cache_limit``).
+
+The rank's own threads download: a prefetcher walks the epoch's visit order ahead of the
+consumers (``plan``), and starts the next epoch's first shards while the current one drains
+(``plan_next``). A forked or spawned DataLoader worker never downloads: it waits for the
+prefetcher and tells it, through a small shared file, which shard it has reached, so the
+prefetcher's window moves with the workers. Shards the plan still needs, and shards a reader
+has mapped, are pinned (a shared lock on their lock file): eviction never removes them.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import mmap
+import os
+import re
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shardstore.errors import ManifestError, ShardstoreError
+from shardstore.remote.clients import open_client
+from shardstore.remote.local_cache import LocalCache, RemoteFile, ShardFiles
+from shardstore.remote.objects import ObjectClient, ObjectNotFound
+from shardstore.remote.retry import call_with_retries
+from shardstore.remote.url import is_remote, parse_size
+from shardstore.store.atomic import format_bytes, fsync_dir, write_bytes_atomic
+from shardstore.store.layout import MANIFEST_NAME
+from shardstore.store.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+TABLE_DIR = "manifest.d"
+_TABLE_NAME = re.compile(r"^[0-9a-f]{16}-[0-9a-f]{8}\Z")
+_COLUMN = re.compile(r"^(id|samples|layout|digits|since|[A-Za-z][A-Za-z0-9_]*\.(offset|mtime_ns|min|max|sha256))\Z")
+BOOKKEEPING = ".shardstore"
+#: ranks of one node that open the store within this many seconds of each other share one manifest fetch
+MANIFEST_TTL_S = 10.0
+#: how long a DataLoader worker waits for the rank's prefetcher to bring a shard before it gives up
+WORKER_WAIT_S = 600.0
+_PROGRESS_SLOTS = 512
+
+
+def shard_name(shard_id: int) -> str:
+    """The name a shard's lock, pin and receipt go by in the local cache."""
+    return f"shard_{int(shard_id):06d}"
+
+
+def shard_id_of(name: str) -> int:
+    return int(name.rsplit("_", 1)[1])
+
+
+@dataclass
+class RemoteStats:
+    """What the consumers of one process waited for, beside what the local cache downloaded."""
+
+    remote_wait_s: float = 0.0   # consumers waiting for a shard to arrive (download or another rank's)
+    shards_waited: int = 0       # shards a consumer found missing and waited for
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add_wait(self, seconds: float) -> None:
+        with self.lock:
+            self.remote_wait_s += seconds
+            self.shards_waited += 1
+
+
+# -- the manifest ------------------------------------------------------------------------------
+
+
+def _locked(path: Path):
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def fetch_manifest(client: ObjectClient, local: Path, *, ttl_s: float = MANIFEST_TTL_S, force: bool = False) -> int:
+    """Bring the bucket's manifest (header, then the table it names) into ``local``; return the requests made.
+
+    One process of the node fetches while the others wait on a lock file; those that arrive
+    within ``ttl_s`` of a fetch reuse it without a request, so a node's start-up costs a few
+    requests whatever its ranks and workers. The table is written under a temporary name and
+    renamed into place before the header is replaced (as a local build does): a reader of
+    ``local`` sees a whole snapshot, never a header without its table. The previous table is
+    kept for readers that have just read the old header.
+    """
+    meta = local / BOOKKEEPING
+    meta.mkdir(parents=True, exist_ok=True)
+    stamp = meta / "manifest.checked"
+    header_path = local / MANIFEST_NAME
+    fd = _locked(meta / "manifest.lock")
+    requests = 0
+    try:
+        if not force and header_path.exists() and stamp.exists() and time.time() - stamp.stat().st_mtime < ttl_s:
+            return 0
+        try:
+            text = call_with_retries(lambda: client.get(MANIFEST_NAME), what=f"{client.url}/{MANIFEST_NAME}")
+        except ObjectNotFound:
+            raise ManifestError(f"{client.url}/{MANIFEST_NAME} does not exist; run `shardstore build-manifest "
+                                f"{client.url}` first") from None
+        requests += 1
+        try:
+            doc = json.loads(bytes(text))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ManifestError(f"{client.url}/{MANIFEST_NAME} is not JSON ({exc}); rebuild it with "
+                                f"`shardstore build-manifest {client.url}`") from None
+        table = doc.get("table") if isinstance(doc, dict) else None
+        if isinstance(table, str):  # format 3: bring its table first
+            name = table[len(TABLE_DIR) + 1:] if table.startswith(TABLE_DIR + "/") else ""
+            columns = doc.get("columns")
+            if not _TABLE_NAME.match(name) or not isinstance(columns, dict) or not all(
+                    isinstance(c, str) and _COLUMN.match(c) for c in columns):
+                raise ManifestError(f"{client.url}/{MANIFEST_NAME} names a table or columns that are not this "
+                                    f"project's ({table!r:.60}); rebuild it with `shardstore build-manifest "
+                                    f"{client.url}`")
+            tables = local / TABLE_DIR
+            tables.mkdir(exist_ok=True)
+            if not (tables / name).is_dir():
+                requests += _fetch_table(client, tables, name, sorted(columns))
+            keep = {name, _current_table(header_path)}
+        else:
+            keep = set()
+        write_bytes_atomic(header_path, bytes(text))
+        stamp.touch()
+        os.utime(stamp)
+        tables = local / TABLE_DIR
+        if keep and tables.is_dir():
+            for entry in os.scandir(tables):
+                if _TABLE_NAME.match(entry.name) and entry.name not in keep:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+        return requests
+    finally:
+        os.close(fd)
+
+
+def _current_table(header_path: Path) -> str | None:
+    try:
+        table = json.loads(header_path.read_text()).get("table", "")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return table[len(TABLE_DIR) + 1:] if isinstance(table, str) else None
+
+
+def _fetch_table(client: ObjectClient, tables: Path, name: str, columns: Sequence[str]) -> int:
+    tmp = tables / f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        for column in columns:
+            key = f"{TABLE_DIR}/{name}/{column}.npy"
+            try:
+                data = call_with_retries(lambda key=key: client.get(key), what=f"{client.url}/{key}")
+            except ObjectNotFound:
+                raise ManifestError(f"{client.url}/{key}: a column of the bucket's manifest is missing (a build "
+                                    f"was interrupted?); run `shardstore build-manifest {client.url}` again") from None
+            with open(tmp / f"{column}.npy", "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        fsync_dir(tmp)
+        os.rename(tmp, tables / name)
+        fsync_dir(tables)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return len(columns)
+
+
+# -- shards ------------------------------------------------------------------------------------
+
+
+class RemoteShards:
+    """The remote half of a store: which files a shard needs, fetching them ahead, and waiting for them.
+
+    Lives in the rank's process; pickled into (or inherited by) a DataLoader worker it becomes a
+    waiter that never downloads. ``prefetch_shards`` is how far ahead of the consumers the
+    prefetcher fetches, in shards; ``cache_limit`` must hold that many of the largest shards.
+    """
+
+    def __init__(self, url: str, local: Path, limit: int, *, storage_options: Mapping[str, Any] | None = None,
+                 prefetch_shards: int = 8, prefetch_threads: int = 2, client: ObjectClient | None = None) -> None:
+        self.url = url
+        self.local = Path(local)
+        self.limit = int(limit)
+        self.storage_options = dict(storage_options or {})
+        self.prefetch_shards = max(1, int(prefetch_shards))
+        self.prefetch_threads = max(1, int(prefetch_threads))
+        self.client = client if client is not None else open_client(url, self.storage_options)
+        self.owner_pid = os.getpid()
+        self.stats = RemoteStats()
+        self._cache: LocalCache | None = None
+        self._cache_pid = -1
+        self._cv = threading.Condition()
+        self._plan: list[tuple[Manifest, int, tuple[str, ...]]] = []  # (manifest, position, fields) in visit order
+        self._index: dict[int, int] = {}      # shard id -> first index in the plan
+        self._next: list[tuple[Manifest, int, tuple[str, ...]]] = []
+        self._cursor = 0                      # next plan index a prefetcher takes
+        self._consumed = -1                   # highest plan index a consumer has reached
+        self._generation = 0                  # bumped by every plan
+        self._pins: dict[int, int] = {}       # shard id -> plan index pinned for (prefetch pins)
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+        self._progress: mmap.mmap | None = None
+        self._progress_path = self.local / BOOKKEEPING / "progress" / f"{self.owner_pid}-{secrets.token_hex(4)}"
+        self._progress_slot = 0
+        self.next_use: Callable[[str], float] | None = None
+        self.errors: list[BaseException] = []
+
+    # -- the local cache, per process --------------------------------------------------
+
+    @property
+    def cache(self) -> LocalCache:
+        if self._cache is None or self._cache_pid != os.getpid():
+            self._cache = LocalCache(self.local, self.limit, self.client, next_use=self._next_use,
+                                     protected=self._protected)
+            self._cache_pid = os.getpid()
+        return self._cache
+
+    @property
+    def is_owner(self) -> bool:
+        """True in the process that opened the store (a rank); False in its DataLoader workers."""
+        return os.getpid() == self.owner_pid
+
+    def _next_use(self, name: str) -> float:
+        fn = self.next_use
+        return fn(name) if fn is not None else float("inf")
+
+    def _protected(self) -> set[str]:
+        with self._cv:
+            start = max(0, self._consumed)
+            names = {shard_name(int(m.ids[p])) for m, p, _ in self._plan[start:]}
+            names.update(shard_name(int(m.ids[p])) for m, p, _ in self._next[: self.prefetch_shards])
+        return names
+
+    # -- what a shard is ---------------------------------------------------------------
+
+    @staticmethod
+    def shard_files(manifest: Manifest, position: int, fields: Sequence[str]) -> ShardFiles:
+        """The files of ``fields`` in the shard at ``position`` (those it has), as the cache fetches them."""
+        files = []
+        for name in fields:
+            if not int(manifest.columns[f"{name}.offset"][position]):
+                continue
+            files.append(RemoteFile(manifest.file_path(position, name), manifest.file_bytes(position, name),
+                                    manifest.checksum(position, name)))
+        return ShardFiles(shard_name(int(manifest.ids[position])), tuple(files))
+
+    def shard_bytes(self, manifest: Manifest, fields: Sequence[str]) -> int:
+        """Bytes of the largest shard of ``manifest`` (its ``fields``) on a local disk (whole 4 KiB blocks)."""
+        total = np.zeros(manifest.num_shards, np.int64)
+        for name in fields:
+            spec = manifest.fields[name]
+            rows = np.asarray(manifest.counts, np.int64) * int(spec.dtype.itemsize * int(np.prod(spec.shape, dtype=np.int64)))
+            offsets = np.asarray(manifest.columns[f"{name}.offset"], np.int64)
+            total += np.where(offsets > 0, -(-(offsets + rows) // 4096) * 4096, 0)  # in 4 KiB blocks, as du counts
+        return int(total.max()) if total.size else 0
+
+    def check_limit(self, manifest: Manifest, fields: Sequence[str]) -> None:
+        """``cache_limit`` must hold the read-ahead: ``prefetch_shards`` + the shards being read, at their largest."""
+        biggest = self.shard_bytes(manifest, fields)
+        table = sum(-(-(int(getattr(c, "nbytes", 0)) + 128) // 4096) * 4096 for c in manifest.columns.values())
+        need = (self.prefetch_shards + 2) * (biggest + 4096 * (len(fields) + 2)) + 2 * (table + 4096) + 65536
+        if self.limit < need:
+            raise ShardstoreError(
+                f"cache_limit {format_bytes(self.limit)} is below what one epoch's read-ahead needs in "
+                f"{self.local}: {self.prefetch_shards} shards ahead + 2 being read, up to {format_bytes(biggest)} "
+                f"each, and two copies of the manifest's table ({format_bytes(table)}) = {format_bytes(need)}; "
+                "raise cache_limit or lower prefetch_shards")
+
+    # -- consumers ---------------------------------------------------------------------
+
+    def ensure(self, manifest: Manifest, position: int, fields: Sequence[str]) -> float:
+        """Make the shard at ``position`` present locally before it is mapped; return seconds waited.
+
+        In the rank's process a missing shard is fetched here (in this thread) unless a
+        prefetcher or another rank of the node is already fetching it, in which case this waits
+        for it. In a DataLoader worker it only waits for the rank's prefetcher.
+        """
+        shard = self.shard_files(manifest, position, fields)
+        self._reached(int(manifest.ids[position]))
+        owner = self.is_owner
+        waited = self.cache.ensure(shard, may_download=owner, timeout=None if owner else WORKER_WAIT_S)
+        if waited > 0.0005:
+            self.stats.add_wait(waited)
+        return waited
+
+    def pin(self, manifest: Manifest, position: int) -> None:
+        self.cache.pin(shard_name(int(manifest.ids[position])))
+
+    def unpin(self, manifest: Manifest, position: int) -> None:
+        self.cache.unpin(shard_name(int(manifest.ids[position])))
+
+    def _reached(self, shard_id: int) -> None:
+        """A consumer has reached ``shard_id``: move the prefetch window (here, or through the progress file)."""
+        if self.is_owner:
+            with self._cv:
+                at = self._index.get(shard_id)
+                if at is None and self._next and any(int(m.ids[p]) == shard_id for m, p, _ in self._next):
+                    self._promote()
+                    at = self._index.get(shard_id)
+                if at is not None and at > self._consumed:
+                    self._consumed = at
+                    self._cv.notify_all()
+            return
+        progress = self._worker_progress()
+        if progress is not None:
+            np.frombuffer(progress, np.int64)[self._progress_slot] = shard_id + 1
+
+    def _worker_progress(self) -> mmap.mmap | None:
+        if self._progress is None or self._progress_slot == 0:
+            try:
+                fd = os.open(self._progress_path, os.O_RDWR)
+            except OSError:
+                return None
+            try:
+                self._progress = mmap.mmap(fd, _PROGRESS_SLOTS * 8)
+            finally:
+                os.close(fd)
+            self._progress_slot = 1 + os.getpid() % (_PROGRESS_SLOTS - 1)
+        return self._progress
+
+    def _poll_workers(self) -> None:
+        """Fold the shards DataLoader workers have reached into the consumer position."""
+        if self._progress is None:
+            return
+        seen = np.frombuffer(self._progress, np.int64)[1:]
+        reached = [self._index.get(int(s) - 1, -1) for s in seen[seen > 0]]
+        if reached and max(reached) > self._consumed:
+            self._consumed = max(reached)
+
+    # -- the prefetcher ------------------------------------------------------------------
+
+    def plan(self, manifest: Manifest, positions: Sequence[int] | np.ndarray, fields: Sequence[str]) -> None:
+        """The epoch's shards in visit order: fetch them ahead of the consumers from now on."""
+        if not self.is_owner:
+            return
+        self._start()
+        fields = tuple(fields)
+        with self._cv:
+            old = set(self._pins)
+            self._plan = [(manifest, int(p), fields) for p in positions]
+            self._index = {}
+            for i, (m, p, _) in enumerate(self._plan):
+                self._index.setdefault(int(m.ids[p]), i)
+            self._next = []
+            self._cursor = 0
+            self._consumed = -1
+            self._generation += 1
+            if self._progress is not None:
+                np.frombuffer(self._progress, np.int64)[1:] = 0
+            keep = set(self._index)
+            self._cv.notify_all()
+        for shard_id in old - keep:
+            self._drop_pin(shard_id)
+
+    def offer(self, manifest: Manifest, positions: Sequence[int] | np.ndarray, fields: Sequence[str]) -> None:
+        """A loader's plan: the current one when none is set, else (unless the current plan has its shards) the next."""
+        if not self.is_owner:
+            return
+        ids = {int(manifest.ids[p]) for p in positions}
+        with self._cv:
+            current = not self._plan
+            if not current and ids <= set(self._index):
+                return
+        (self.plan if current else self.plan_next)(manifest, positions, fields)
+
+    def _promote(self) -> None:
+        """The consumers reached the next plan: it becomes the current one (called holding the lock)."""
+        fetched = max(0, self._cursor - len(self._plan))
+        self._plan, self._next = self._next, []
+        self._index = {}
+        for i, (m, p, _) in enumerate(self._plan):
+            self._index.setdefault(int(m.ids[p]), i)
+        for shard_id, i in list(self._pins.items()):
+            self._pins[shard_id] = self._index.get(shard_id, 0)
+        self._cursor = max(0, min(fetched, len(self._plan)))
+        self._consumed = -1
+        self._generation += 1
+        self._cv.notify_all()
+
+    def plan_next(self, manifest: Manifest, positions: Sequence[int] | np.ndarray, fields: Sequence[str]) -> None:
+        """The next epoch's shards: fetched once the current plan is fetched, as far as the window allows."""
+        if not self.is_owner:
+            return
+        self._start()
+        with self._cv:
+            self._next = [(manifest, int(p), tuple(fields)) for p in positions]
+            self._cv.notify_all()
+
+    def _start(self) -> None:
+        if self._threads and all(t.is_alive() for t in self._threads):
+            return
+        progress_dir = self._progress_path.parent
+        progress_dir.mkdir(parents=True, exist_ok=True)
+        if self._progress is None:
+            with open(self._progress_path, "wb") as f:
+                f.truncate(_PROGRESS_SLOTS * 8)
+            fd = os.open(self._progress_path, os.O_RDWR)
+            try:
+                self._progress = mmap.mmap(fd, _PROGRESS_SLOTS * 8)
+            finally:
+                os.close(fd)
+        self._threads = [threading.Thread(target=self._run, name=f"shardstore-prefetch-{i}", daemon=True)
+                         for i in range(self.prefetch_threads)]
+        for t in self._threads:
+            t.start()
+
+    def _take(self) -> tuple[int, int, tuple[Manifest, int, tuple[str, ...]]] | None:
+        """The next shard to fetch (generation, index, item), waiting while it lies beyond the window."""
+        with self._cv:
+            while not self._closed:
+                self._poll_workers()
+                if self._cursor < len(self._plan):
+                    if self._cursor <= self._consumed + self.prefetch_shards:
+                        i = self._cursor
+                        self._cursor += 1
+                        return self._generation, i, self._plan[i]
+                else:
+                    j = self._cursor - len(self._plan)
+                    behind = len(self._plan) - 1 - self._consumed
+                    if j < len(self._next) and j + behind < self.prefetch_shards:
+                        self._cursor += 1
+                        return self._generation, -1 - j, self._next[j]
+                self._cv.wait(0.05)
+        return None
+
+    def _run(self) -> None:
+        while True:
+            task = self._take()
+            if task is None:
+                return
+            generation, index, (manifest, position, fields) = task
+            shard_id = int(manifest.ids[position])
+            try:
+                self.cache.ensure(self.shard_files(manifest, position, fields), may_download=True)
+                with self._cv:
+                    if generation != self._generation or shard_id in self._pins:
+                        continue
+                    self._pins[shard_id] = index
+                self.cache.pin(shard_name(shard_id))
+            except BaseException as exc:  # the consumer meets it when it reaches the shard
+                log.debug("prefetch of shard %d failed: %s", shard_id, exc)
+            self._release_consumed()
+
+    def _release_consumed(self) -> None:
+        """Drop the prefetch pins of shards the consumers have passed (their maps pin them while in use)."""
+        with self._cv:
+            done = [s for s, i in self._pins.items() if 0 <= i < self._consumed - 1]
+        for shard_id in done:
+            self._drop_pin(shard_id)
+
+    def _drop_pin(self, shard_id: int) -> None:
+        with self._cv:
+            if self._pins.pop(shard_id, None) is None:
+                return
+        self.cache.unpin(shard_name(shard_id))
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        for t in self._threads:
+            t.join(timeout=5)
+        for shard_id in list(self._pins):
+            self._drop_pin(shard_id)
+        if self.is_owner:
+            try:
+                os.unlink(self._progress_path)
+            except OSError:
+                pass
+
+    # -- pickling: a worker gets a waiter -------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"url": self.url, "local": self.local, "limit": self.limit, "storage_options": self.storage_options,
+                "prefetch_shards": self.prefetch_shards, "prefetch_threads": self.prefetch_threads,
+                "client": self.client, "owner_pid": self.owner_pid, "progress_path": self._progress_path}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["url"], state["local"], state["limit"], storage_options=state["storage_options"],
+                      prefetch_shards=state["prefetch_shards"], prefetch_threads=state["prefetch_threads"],
+                      client=state["client"])
+        self.owner_pid = state["owner_pid"]
+        self._progress_path = state["progress_path"]
+
+    def __repr__(self) -> str:
+        return f"RemoteShards({self.url!r}, local_cache={str(self.local)!r}, cache_limit={format_bytes(self.limit)})"
+
+
+def open_remote(url: str, *, local_cache: str | os.PathLike[str] | None, cache_limit: int | str | None,
+                storage_options: Mapping[str, Any] | None = None, prefetch_shards: int = 8,
+                client: ObjectClient | None = None) -> tuple[Path, RemoteShards]:
+    """Bring ``url``'s manifest into ``local_cache`` and return the local root and the store's remote half."""
+    if not is_remote(url):
+        raise ShardstoreError(f"{url!r} is not an object-store URL (s3://, gs://, az://, file://)")
+    if local_cache is None:
+        raise ShardstoreError(f"{url} is in object storage: pass local_cache=DIR (data_config: local_cache:), a "
+                              "node-local directory the shards an epoch needs are copied into")
+    if cache_limit is None:
+        raise ShardstoreError(f"{url}: pass cache_limit (e.g. \"50GB\"), the most the local cache {local_cache} "
+                              "may hold")
+    limit = parse_size(cache_limit)
+    local = Path(local_cache).expanduser()
+    try:
+        local.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ShardstoreError(f"local_cache {local} cannot be created ({exc.strerror or exc}); pass a writable "
+                              "node-local directory") from None
+    remote = RemoteShards(url.rstrip("/"), local, limit, storage_options=storage_options,
+                          prefetch_shards=prefetch_shards, client=client)
+    _claim(local, remote.url)
+    remote.cache.clean()
+    fetch_manifest(remote.client, local)
+    return local, remote
+
+
+def _claim(local: Path, url: str) -> None:
+    """One local cache serves one bucket prefix: refuse a directory that holds another's shards."""
+    meta = local / BOOKKEEPING
+    meta.mkdir(exist_ok=True)
+    source = meta / "source"
+    try:
+        fd = os.open(source, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        held = source.read_text().strip()
+        if held != url:
+            raise ShardstoreError(f"local_cache {local} holds shards of {held}, not {url}; give each remote cache "
+                                  "its own local_cache directory") from None
+        return
+    except OSError as exc:
+        if exc.errno in (errno.EROFS, errno.EACCES):
+            raise ShardstoreError(f"local_cache {local} is not writable; pass a writable node-local directory") from None
+        raise
+    with os.fdopen(fd, "w") as f:
+        f.write(url + "\n")
+
+
+def read_remote_manifest(url: str, *, storage_options: Mapping[str, Any] | None = None,
+                         client: ObjectClient | None = None) -> Manifest:
+    """The manifest of the cache at ``url`` (header and table fetched into a temporary directory; no shard read)."""
+    import tempfile
+
+    from shardstore.store.snapshot import read_manifest
+
+    if client is None:
+        client = open_client(url.rstrip("/"), dict(storage_options or {}))
+    with tempfile.TemporaryDirectory(prefix="shardstore-manifest-") as tmp:
+        fetch_manifest(client, Path(tmp), force=True)
+        manifest = read_manifest(tmp)
+        # Columns are memory-mapped: they stay readable after the directory is removed.
+        return manifest

@@ -1,0 +1,139 @@
+"""A cache in object storage read through a node-local cache: the same batches as from local disk, each shard
+fetched once, ``cache_limit`` respected, one-line errors for what users get wrong."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shardstore.dataset.subset import RandomShardSubsetCachedDataset
+from shardstore.errors import ConfigError, ShardstoreError
+from shardstore.loader.shard_loader import ShardLoader
+from shardstore.manifest.build import build_manifest
+from shardstore.store.reader import ShardStore
+from tests.conftest import write_native
+
+
+def _cache(tmp_path: Path, n: int = 256, shard: int = 16) -> Path:
+    root = write_native(tmp_path / "cache", n, shard)
+    build_manifest(root)
+    return root
+
+
+def _du(path: Path) -> int:
+    """What ``du`` counts: allocated blocks of every file and directory under ``path``."""
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def _batches(loader: ShardLoader, epochs: list[int]) -> list[dict[str, np.ndarray]]:
+    out = []
+    for e in epochs:
+        loader.set_epoch(e)
+        out += [{k: v.numpy().copy() for k, v in b.items()} for b in loader]
+    return out
+
+
+def _same(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]]) -> None:
+    assert len(a) == len(b) and a
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_a_file_url_reads_every_sample_the_local_store_reads(tmp_path: Path) -> None:
+    root = _cache(tmp_path)
+    local = ShardStore.open(root)
+    remote = ShardStore.open(f"file://{root}", local_cache=tmp_path / "node", cache_limit="64MB")
+    assert remote.remote is not None and remote.num_samples == local.num_samples
+    assert repr(remote).startswith("ShardStore('file://")
+    for sample_id in range(0, local.num_samples, 7):
+        got, want = remote.sample(sample_id), local.sample(sample_id)
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name])
+    # Only the shards read were brought in, under the bucket's own names.
+    assert (tmp_path / "node" / "shard_000000" / "images.npy").exists()
+
+
+def test_s3_epochs_equal_the_local_store_and_fetch_each_shard_once(tmp_path: Path, s3_server, s3_proxy, bucket,
+                                                                    aws_env) -> None:
+    root = _cache(tmp_path)
+    s3_server.upload_tree(root, bucket, "cache")
+    local = ShardStore.open(root)
+    store = ShardStore.open(f"s3://{bucket}/cache", local_cache=tmp_path / "node", cache_limit="64MB")
+    s3_proxy.reset()
+
+    def loader_of(s: ShardStore) -> ShardLoader:
+        ds = RandomShardSubsetCachedDataset(s, shards_per_epoch=4, seed=3, batch_size=8)
+        return ShardLoader(ds, batch_size=8, num_threads=2)
+
+    with loader_of(local) as a, loader_of(store) as b:
+        _same(_batches(a, [0, 1, 2]), _batches(b, [0, 1, 2]))
+    stats = s3_proxy.stats()
+    sizes = {f"{bucket}/cache/{p.relative_to(root)}": p.stat().st_size for p in root.rglob("*.npy")}
+    fetched = {k: v for k, v in stats.items() if k in sizes and v.body_bytes}
+    assert fetched, "no shard came through the proxy"
+    for key, st in fetched.items():
+        assert st.body_bytes == sizes[key], f"{key}: {st.body_bytes} bytes fetched for a {sizes[key]}-byte file"
+
+
+def test_cache_limit_below_the_read_ahead_is_one_line_at_open(tmp_path: Path) -> None:
+    root = _cache(tmp_path)
+    with pytest.raises(ShardstoreError, match=r"cache_limit .* below .* raise cache_limit") as info:
+        ShardStore.open(f"file://{root}", local_cache=tmp_path / "node", cache_limit="20KB")
+    assert "\n" not in str(info.value)
+
+
+def test_a_url_root_needs_local_cache_and_cache_limit(tmp_path: Path) -> None:
+    root = _cache(tmp_path)
+    with pytest.raises(ShardstoreError, match="local_cache"):
+        ShardStore.open(f"file://{root}")
+    with pytest.raises(ShardstoreError, match="cache_limit"):
+        ShardStore.open(f"file://{root}", local_cache=tmp_path / "node")
+
+
+def test_one_local_cache_serves_one_bucket_prefix(tmp_path: Path) -> None:
+    a = _cache(tmp_path / "a")
+    b = _cache(tmp_path / "b")
+    ShardStore.open(f"file://{a}", local_cache=tmp_path / "node", cache_limit="64MB")
+    with pytest.raises(ShardstoreError, match="holds shards of .* own local_cache"):
+        ShardStore.open(f"file://{b}", local_cache=tmp_path / "node", cache_limit="64MB")
+
+
+def test_data_config_spells_the_remote_settings(tmp_path: Path) -> None:
+    from shardstore.config.data import data_config_from_dict
+
+    cfg = data_config_from_dict({"cache_root": "s3://bucket/cache", "local_cache": "/scratch/c",
+                                 "cache_limit": "512MiB", "storage_options": {"region": "eu-west-1"}})
+    assert cfg.cache_limit == 512 << 20 and cfg.storage_options == {"region": "eu-west-1"}
+    with pytest.raises(ConfigError, match="local_cache"):
+        data_config_from_dict({"cache_root": "s3://bucket/cache", "cache_limit": 10**9})
+    with pytest.raises(ConfigError, match="cache_limit"):
+        data_config_from_dict({"cache_root": "s3://bucket/cache", "local_cache": "/x", "cache_limit": "lots"})
+    with pytest.raises(ConfigError, match="URL of a kind"):
+        data_config_from_dict({"cache_root": "http://example.com/cache"})
+
+
+def test_the_local_cache_stays_under_its_limit_over_many_epochs(tmp_path: Path) -> None:
+    root = _cache(tmp_path, n=64 * 16, shard=16)  # 64 shards
+    store = ShardStore.open(f"file://{root}", local_cache=tmp_path / "node", cache_limit="600KB",
+                            prefetch_shards=2)
+    ds = RandomShardSubsetCachedDataset(store, shards_per_epoch=4, seed=1, batch_size=8)
+    peak = 0
+    with ShardLoader(ds, batch_size=8, num_threads=2) as loader:
+        for e in range(12):
+            loader.set_epoch(e)
+            for _ in loader:
+                peak = max(peak, _du(tmp_path / "node"))
+    assert 0 < peak <= 600_000
+    assert store.remote.cache.stats.evictions > 0
