@@ -482,10 +482,10 @@ class ObstoreClient:
     def get_range_view(self, key: str, start: int, end: int, *, if_match: str | None = None) -> memoryview:
         """``get_range`` without the copy into ``bytes``: a read-only view of the buffer obstore received.
 
-        The copy is what a ranged GET costs most here: 8 MiB parts on 4 threads read at 1.3-1.5 GB/s for
-        0.55-0.6 CPU s/GB as views and at 0.5-0.55 GB/s for 1.7-1.9 CPU s/GB as ``bytes`` (page faults of the
-        fresh 8 MiB allocations; bench/remote_clients.py, sendfile server). Give the view to ``os.write`` or
-        ``numpy.frombuffer`` directly.
+        The copy is most of what a ranged GET costs the client: 8 MiB parts on 4 threads read 1.3-2.0x faster
+        as views than as ``bytes``, for 0.57-0.82x the CPU per GB (three runs of bench/remote_clients.py with its
+        sendfile server on a 2-core VM; the copy's time goes mostly to page faults of fresh 8 MiB
+        allocations). Give the view to ``os.write`` or ``numpy.frombuffer`` directly.
         """
         import obstore
 
