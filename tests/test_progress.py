@@ -102,3 +102,14 @@ def test_a_run_with_evaluation_says_nothing_of_it(tmp_path: Path, capsys: pytest
     assert main(["train", *[a for o in sets for a in ("--set", o)]]) == 0
     out = capsys.readouterr().out
     assert "no evaluation" not in out and not any(LINE.match(line) for line in out.splitlines())
+
+
+def test_a_cache_in_object_storage_adds_its_download_rate_and_local_cache_use() -> None:
+    clock, lines = FakeClock(), []
+    progress = PlainProgress(1.0, lines.append, clock)
+    progress.epoch_start(0, 1, 100)
+    clock.now += 2
+    progress.step(10, values() | {"remote_wait_frac": 0.012, "download_MBps": 187.4, "local_cache_GB": 3.5,
+                                  "local_cache_limit_GB": 50.0})
+    assert lines == ["epoch 1/1 step 10/100 loss 1.2340 1,234 samples/s wait 3.1% (remote 1.2%) download 187 MB/s "
+                     "local cache 3.50/50.00 GB"]

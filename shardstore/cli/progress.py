@@ -62,6 +62,10 @@ class PlainProgress:
             parts.append(f"{values['samples_per_s']:,.0f} samples/s")
         if "wait_frac" in values:
             parts.append(f"wait {100 * values['wait_frac']:.1f}%")
+        if "download_MBps" in values:  # a cache in object storage
+            parts.append(f"(remote {100 * values.get('remote_wait_frac', 0.0):.1f}%) download "
+                         f"{values['download_MBps']:,.0f} MB/s local cache {values.get('local_cache_GB', 0.0):.2f}/"
+                         f"{values.get('local_cache_limit_GB', 0.0):.2f} GB")
         eta = self._eta(step, now)
         if eta is not None:
             parts.append(f"eta {format_duration(eta)}")

@@ -244,6 +244,8 @@ class _Run(RunState):
         num = len(loader)
         started = self.epoch_started = time.perf_counter()
         window_start, window_samples, window_wait = started, 0, loader.stats.total_s
+        remote = loader.store.remote
+        window_remote = (loader.stats.remote_s, remote.cache.stats.bytes_downloaded) if remote is not None else None
         step_parts: dict[str, torch.Tensor] = {}
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
         b = first - 1
@@ -305,6 +307,13 @@ class _Run(RunState):
                 values |= {"lr": self.optimizer.param_groups[0]["lr"],
                            "samples_per_s": window_samples * self.info.world_size / max(now - window_start, 1e-9),
                            "wait_frac": wait / max(now - window_start, 1e-9)}
+                if remote is not None and window_remote is not None:  # a cache in object storage
+                    cache = remote.cache.stats
+                    span = max(now - window_start, 1e-9)
+                    values |= {"remote_wait_frac": (loader.stats.remote_s - window_remote[0]) / span,
+                               "download_MBps": (cache.bytes_downloaded - window_remote[1]) / span / 1e6,
+                               "local_cache_GB": cache.usage_bytes / 1e9, "local_cache_limit_GB": remote.limit / 1e9}
+                    window_remote = (loader.stats.remote_s, cache.bytes_downloaded)
                 window_start, window_samples, window_wait = now, 0, loader.stats.total_s
                 if self.metrics is not None:
                     self.metrics.write("step", {"global_step": self.global_step, "epoch": epoch, "step": b + 1,
