@@ -35,6 +35,7 @@ import numpy as np
 
 from shardstore.errors import ManifestError, ShardstoreError
 from shardstore.remote.clients import open_client
+from shardstore.remote.gate import NodeGate
 from shardstore.remote.local_cache import LocalCache, RemoteFile, ShardFiles
 from shardstore.remote.objects import ObjectClient, ObjectNotFound
 from shardstore.remote.retry import call_with_retries
@@ -54,6 +55,8 @@ MANIFEST_TTL_S = 10.0
 #: how long a DataLoader worker waits for the rank's prefetcher to bring a shard before it gives up
 WORKER_WAIT_S = 600.0
 _PROGRESS_SLOTS = 512
+#: requests in flight at once from all processes of a node (a cap the object store's throttling respects)
+NODE_REQUESTS = 16
 
 
 def shard_name(shard_id: int) -> str:
@@ -227,7 +230,8 @@ class RemoteShards:
     def cache(self) -> LocalCache:
         if self._cache is None or self._cache_pid != os.getpid():
             self._cache = LocalCache(self.local, self.limit, self.client, next_use=self._next_use,
-                                     protected=self._protected)
+                                     protected=self._protected,
+                                     gate=NodeGate(self.local / BOOKKEEPING / "requests", NODE_REQUESTS))
             self._cache_pid = os.getpid()
         return self._cache
 
