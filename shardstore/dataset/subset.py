@@ -143,9 +143,15 @@ class RandomShardSubsetCachedDataset(Dataset):
     def _fetch_ahead(self) -> None:
         """Tell the store's prefetcher this epoch's shards (in visit order) and how far off every shard's next use is."""
         assert self._plan is not None
-        remote = self.store.remote
-        remote.plan(self.store.manifest, self._plan.shard_positions, tuple(self.store.manifest.fields))
+        remote, store = self.store.remote, self.store
+        fields = tuple(store.manifest.fields)
+        remote.plan(store.manifest, self._plan.shard_positions, fields)
         remote.next_use = self._next_use
+        try:  # the next epoch's first shards are fetched while this one drains (a refresh may add shards to it)
+            following = plan_epoch(store.counts, store.offsets, self.spec, self.epoch + 1)
+        except ValueError:
+            return
+        remote.plan_next(store.manifest, following.shard_positions, fields)
 
     #: how many epochs ahead eviction looks for a shard's next use (beyond: never needed again)
     NEXT_USE_HORIZON = 32

@@ -137,3 +137,28 @@ def test_the_local_cache_stays_under_its_limit_over_many_epochs(tmp_path: Path) 
                 peak = max(peak, _du(tmp_path / "node"))
     assert 0 < peak <= 600_000
     assert store.remote.cache.stats.evictions > 0
+
+
+def test_eviction_order_follows_the_seeded_schedule(tmp_path: Path) -> None:
+    from shardstore.sampling.plan import plan_epoch
+    from shardstore.store.remote import shard_name
+
+    root = _cache(tmp_path, n=32 * 16, shard=16)
+    store = ShardStore.open(f"file://{root}", local_cache=tmp_path / "node", cache_limit="64MB")
+    ds = RandomShardSubsetCachedDataset(store, shards_per_epoch=4, seed=5, batch_size=8)
+    ds.set_epoch(3)
+    next_use = store.remote.next_use
+    assert next_use is not None
+    ids_of = lambda e: [int(store.shard_ids[p]) for p in plan_epoch(store.counts, store.offsets, ds.spec, e).shard_positions]  # noqa: E731
+    for sid in ids_of(3):
+        assert next_use(shard_name(sid)) == 0  # this epoch's shards come last
+    for sid in set(ids_of(4)) - set(ids_of(3)):
+        assert next_use(shard_name(sid)) == 1
+    later = {sid for e in range(3, 3 + ds.NEXT_USE_HORIZON + 1) for sid in ids_of(e)}
+    never = [sid for sid in store.shard_ids.tolist() if sid not in later]
+    for sid in never:
+        assert next_use(shard_name(sid)) == float("inf")
+    # The prefetcher was told this epoch's shards, then the next epoch's.
+    remote = store.remote
+    assert [int(m.ids[p]) for m, p, _ in remote._plan] == ids_of(3)
+    assert [int(m.ids[p]) for m, p, _ in remote._next] == ids_of(4)
