@@ -16,14 +16,16 @@ from pathlib import Path
 import pytest
 
 from shardstore.errors import ConfigError, ShardstoreError
-from shardstore.remote import clients
-from shardstore.remote.clients import FileClient, ObstoreClient, open_client
+from shardstore.remote import file_client as clients
+from shardstore.remote.clients import open_client
+from shardstore.remote.file_client import FileClient
 from shardstore.remote.objects import (
     ObjectChanged,
     ObjectNotFound,
     RemoteError,
     TransientRemoteError,
 )
+from shardstore.remote.obstore_client import ObstoreClient
 from shardstore.remote.retry import RetryPolicy, call_with_retries
 from shardstore.remote.url import is_remote, join_key, parse_size, split_url
 
