@@ -21,16 +21,11 @@ import pytest
 
 from shardstore.errors import ManifestError
 from shardstore.manifest.build import build_manifest
-from shardstore.manifest.remote_build import (
-    HEAD_BYTES,
-    SMALL_OBJECT_BYTES,
-    build_remote_manifest,
-    needed_bytes,
-    object_stamp,
-    shard_key,
-)
+from shardstore.manifest.remote_build import build_remote_manifest
+from shardstore.manifest.remote_mirror import SMALL_OBJECT_BYTES, needed_bytes, object_stamp, shard_key
 from shardstore.remote.objects import ObjectInfo
 from shardstore.store.manifest import Manifest
+from shardstore.store.npy import HEAD_BYTES
 from shardstore.store.snapshot import read_manifest
 
 ROWS = 32  # images of 32 rows are 98 KB: larger than SMALL_OBJECT_BYTES, so only their header is fetched
