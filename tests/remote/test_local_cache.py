@@ -693,6 +693,36 @@ def test_restarted_ensure_removes_dead_temporaries(store: FakeStore, cache_dir: 
     assert leftovers(cache_dir) == []
 
 
+def test_a_waiting_download_ends_when_the_shard_lands_and_is_pinned(store: FakeStore, cache_dir: Path) -> None:
+    import fcntl
+
+    shard = make_shard(store, 1)
+    cache = open_cache(cache_dir, store)
+    lock = os.open(cache_dir / BOOKKEEPING / "locks" / "shard_000001.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # another process is downloading the shard
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            cache.ensure(shard, timeout=10)
+        except BaseException as error:  # noqa: BLE001 - checked below
+            errors.append(error)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.1)  # the waiter polls the lock now
+    for f in shard.files:  # the download lands ...
+        (cache_dir / f.key).parent.mkdir(parents=True, exist_ok=True)
+        (cache_dir / f.key).write_bytes(payload(f.key, f.size))
+    fcntl.flock(lock, fcntl.LOCK_SH)  # ... and its exclusive lock becomes a reader's pin (no gap between them)
+    try:
+        waiter.join(30)
+        assert not waiter.is_alive() and errors == []  # not held off by the pin until the timeout
+        assert store.gets() == []
+    finally:
+        os.close(lock)
+
+
 def test_pickled_cache_shares_the_directory(store: FakeStore, cache_dir: Path) -> None:
     shard = make_shard(store, 1)
     cache = open_cache(cache_dir, store, next_use=lambda name: 0.0)
