@@ -67,6 +67,7 @@ T = TypeVar("T")
 
 BOOKKEEPING = ".shardstore"
 BLOCK = 4096
+MIN_PART = 1 << 20  # the smallest ranged GET a file is split into
 MIB = 1 << 20
 #: How often a process waiting for another's download tries the shard's lock: a dead holder is noticed this fast.
 POLL_S = 0.015
@@ -567,8 +568,10 @@ class LocalCache:
         jobs = [_Download(f, self.path(f.key), os.path.join(
             self._tmp, f"{_tag(shard.name)}.{f.key.rsplit('/', 1)[-1][:80]}.{pid}.{secrets.token_hex(4)}.part"))
             for f, _ in missing]
-        for job in jobs:  # sizes checked before any room is made for them
-            job.info = self._head(shard, job.file)
+        # Sizes checked before any room is made for them; a shard's files are asked about at once.
+        heads = [self._executor().submit(self._head, shard, job.file) for job in jobs] if len(jobs) > 1 else []
+        for i, job in enumerate(jobs):
+            job.info = heads[i].result() if heads else self._head(shard, job.file)
         placeholder = os.path.join(self._tmp, f"{_tag(shard.name)}.~reserve.{pid}.{secrets.token_hex(4)}.part")
         try:
             self._reserve_download(shard, jobs, placeholder, deadline)
@@ -635,8 +638,9 @@ class LocalCache:
         abort = threading.Event()
         pool = self._executor()
         futures: list[Future[None]] = [
-            pool.submit(self._get_part, job, start, min(start + self.part_size, job.file.size), abort)
-            for job in jobs for start in range(0, job.file.size, self.part_size)]
+            pool.submit(self._get_part, job, start, min(start + part, job.file.size), abort)
+            for job in jobs for part in [self._part_of(job.file.size)]
+            for start in range(0, job.file.size, part)]
         first: BaseException | None = None
         for future in futures:  # every one waited for: no part may write after the temporaries are closed
             try:
@@ -650,6 +654,11 @@ class LocalCache:
             raise first
         return [job for job in jobs if job.changed]
 
+    def _part_of(self, size: int) -> int:
+        """Part size for a file of ``size`` bytes: ``part_size``, or less so a file of a few parts keeps the
+        parallel GETs busy (never under 1 MiB: a request costs a round trip)."""
+        return max(min(MIN_PART, self.part_size), min(self.part_size, -(-size // self.parallel_parts)))
+
     def _get_part(self, job: _Download, start: int, end: int, abort: threading.Event) -> None:
         key = job.file.key
         what = f"GET {self.client.url}/{key} [{start}, {end})"
@@ -659,7 +668,9 @@ class LocalCache:
                 raise _Aborted
             with self._slot():
                 self._counters.add(requests=1)
-                data = self.client.get_range(key, start, end, if_match=job.info.etag if job.info else None)
+                # A view of the client's buffer where it offers one (no copy into bytes).
+                get = getattr(self.client, "get_range_view", self.client.get_range)
+                data = get(key, start, end, if_match=job.info.etag if job.info else None)
             self._counters.add(bytes_downloaded=len(data))
             if len(data) != end - start:
                 raise TransientRemoteError(f"{what}: {len(data):,} of {end - start:,} bytes came back (truncated)")

@@ -761,3 +761,10 @@ def test_forked_child_drops_the_parents_pins(store: FakeStore, cache_dir: Path) 
 
 def test_errors_are_shardstore_errors() -> None:
     assert issubclass(RemoteError, ShardstoreError) and issubclass(CorruptShardError, ShardstoreError)
+
+
+def test_a_file_of_a_few_parts_is_split_to_keep_the_parallel_gets_busy(store: FakeStore, cache_dir: Path) -> None:
+    cache = open_cache(cache_dir, store, part_size=8 << 20, parallel_parts=4)
+    assert cache._part_of(6_300_000) == 1_575_000  # one 8 MiB part would leave three GETs idle
+    assert cache._part_of(500_000) == 1 << 20      # never under 1 MiB a request
+    assert cache._part_of(100 << 20) == 8 << 20    # big files: part_size
