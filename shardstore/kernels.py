@@ -7,16 +7,37 @@ import os
 import threading
 import weakref
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-try:
+
+class _Extension:
+    """Stands in for ``cshard._kernels`` until a kernel is first used, then puts the module in its place.
+
+    ``import shardstore`` (and every module that only names a kernel) stays free of the compiled
+    extension; the first attribute read imports it and rebinds this module's ``_kernels``, so later
+    calls reach the extension directly. A missing extension is an ``ImportError`` saying how to build
+    it, at that first use and every one after: never a silent fallback to slower Python.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        global _kernels
+        try:
+            from cshard import _kernels as module
+        except ImportError as exc:
+            raise ImportError(
+                "shardstore's compiled extension is not built; run `pip install -e .` "
+                f"(with a C compiler, Cython and NumPy available) and check its output ({exc})"
+            ) from exc
+        _kernels = module
+        return getattr(module, name)
+
+
+if TYPE_CHECKING:
     from cshard import _kernels
-except ImportError as exc:  # pragma: no cover - exercised only on a broken install
-    raise ImportError(
-        "shardstore's compiled extension is not built; run `pip install -e .` "
-        f"(with a C compiler, Cython and NumPy available) and check its output ({exc})"
-    ) from exc
+else:
+    _kernels = _Extension()
 
 
 def _int64_vector(name: str, value: np.ndarray) -> np.ndarray:
