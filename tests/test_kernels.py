@@ -59,13 +59,16 @@ def test_non_contiguous_input_is_handled() -> None:
     assert pos.tolist() == [0, 0, 0, 1, 1] and row.tolist() == [0, 2, 4, 1, 3]
 
 
-def test_missing_extension_fails_loudly_on_import() -> None:
+def test_missing_extension_fails_loudly_at_first_use() -> None:
+    """The package imports without the extension (it loads on first use), and a kernel then fails loudly: no fallback."""
     import subprocess
     import sys
 
     code = (
         "import sys; sys.modules['cshard._kernels'] = None\n"
-        "try:\n    import shardstore\nexcept ImportError as e:\n    print(e)\nelse:\n    print('imported')"
+        "import numpy as np\nfrom shardstore.store.reader import ShardStore\nfrom shardstore import kernels\n"
+        "try:\n    kernels.locate_rows(np.zeros(1, np.int64), np.array([0, 1], np.int64))\n"
+        "except ImportError as e:\n    print(e)\nelse:\n    print('ran')"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "shardstore's compiled extension is not built; run `pip install -e .`" in out
