@@ -523,7 +523,7 @@ class FaultyS3:
                     self.close_connection = True
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)  # shutdown() waits one poll
         self.thread.start()
         self.endpoint = f"http://127.0.0.1:{self.server.server_port}"
 
