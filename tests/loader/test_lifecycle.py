@@ -65,9 +65,10 @@ def test_keyboard_interrupt_while_waiting_for_data(store: ShardStore) -> None:
     """Ctrl-C reaches a consumer blocked on a slow loader, and the threads stop."""
     ds = make(store)
     slow_plan = ds.rank_plan
+    storage_back = threading.Event()
 
     def rank_plan(epoch: int, start_batch: int = 0) -> RankPlan:
-        time.sleep(3)  # a planning thread stuck on slow storage
+        storage_back.wait(3)  # a planning thread stuck on slow storage until the test lets it go
         return slow_plan(epoch, start_batch)
 
     ds.rank_plan = rank_plan
@@ -79,6 +80,7 @@ def test_keyboard_interrupt_while_waiting_for_data(store: ShardStore) -> None:
         for _ in loader:
             pass
     assert time.monotonic() - start < 2.0  # the consumer did not wait for the plan to finish
+    storage_back.set()  # the stuck thread finishes its plan and must then stop by itself
     timer.join()
     assert no_threads_within(5)
 
