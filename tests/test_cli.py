@@ -55,6 +55,7 @@ def test_user_errors_are_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureF
     assert "Traceback" not in err + out
 
 
+@pytest.mark.slow
 def test_real_process_prints_no_traceback(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "shardstore", "build-manifest", str(tmp_path / "missing")],

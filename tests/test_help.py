@@ -36,6 +36,7 @@ def test_bare_shardstore_prints_the_help_and_exits_0(capsys: pytest.CaptureFixtu
     assert "..." not in out.split("Commands:")[1]  # no summary is cut short
 
 
+@pytest.mark.slow
 def test_bare_shardstore_in_a_process() -> None:
     proc = subprocess.run([sys.executable, "-m", "shardstore"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("Usage: shardstore") and proc.stderr == ""

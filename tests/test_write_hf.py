@@ -127,6 +127,7 @@ def test_no_shuffle_keeps_the_source_order(source: dict, tmp_path: Path) -> None
     np.testing.assert_array_equal(shards(tmp_path / "c", "labels"), source["labels"])
 
 
+@pytest.mark.slow
 def test_parquet_arrow_and_a_dataset_object_give_the_same_cache(source: dict, tmp_path: Path) -> None:
     assert write_cli(tmp_path / "saved", source["saved"]) == 0
     assert write_cli(tmp_path / "parquet", source["parquet"]) == 0

@@ -151,6 +151,7 @@ def test_every_common_mode_decodes_to_rgb(mode: str) -> None:
     assert out.shape == (3, 8, 8) and out.dtype == np.uint8
 
 
+@pytest.mark.slow
 def test_bombs_truncated_files_and_animations() -> None:
     frames = [Image.new("P", (30, 20), i) for i in range(3)]
     buf = io.BytesIO()
@@ -194,6 +195,7 @@ def test_an_empty_class_is_kept_and_named(tmp_path: Path, caplog: pytest.LogCapt
 # --- Hugging Face sources -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_hf_labels_beyond_int64_and_sources_without_rows_are_one_line(tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture) -> None:
     datasets = pytest.importorskip("datasets")

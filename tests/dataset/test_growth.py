@@ -147,6 +147,7 @@ def assert_same_batches(got: list[dict[str, torch.Tensor]], want: list[dict[str,
 
 @pytest.mark.parametrize("layout", ["native", "flat"])
 @pytest.mark.parametrize("refresh", [True, False], ids=["refresh", "no-refresh"])
+@pytest.mark.slow
 def test_shards_written_by_another_process_join_at_the_next_set_epoch(tmp_path: Path, layout: str,
                                                                       refresh: bool) -> None:
     root = make_cache(tmp_path / "cache", layout=layout)
@@ -472,6 +473,7 @@ def test_every_window_of_two_passes_of_the_permutation_schedule_covers_every_sha
             assert seen == set(range(n)), (n, k, start)
 
 
+@pytest.mark.slow
 def test_random_draws_new_shards_with_probability_k_over_n_from_the_growth_on(tmp_path: Path) -> None:
     root = make_cache(tmp_path / "cache", {i: 4 for i in range(6)})
     k, growth_epoch, epochs = 3, 40, 400

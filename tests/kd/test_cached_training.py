@@ -34,6 +34,9 @@ from shardstore.store.reader import ShardStore
 
 from .conftest import overrides, write_tiny_cache
 
+#: every test needs the module's trained teacher and its filled cache (seconds on two cores)
+pytestmark = pytest.mark.slow
+
 CONFIGS = [DEFAULT_DATA_CONFIG, DEFAULT_TRAIN_CONFIG, DEFAULT_MODEL_CONFIG]
 
 NUM_SHARDS, SHARD_SIZE = 10, 48  # shards 8 and 9 (96 samples) are held out for evaluation

@@ -97,6 +97,7 @@ def whole(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Growing]:
     return base / "run", reporter
 
 
+@pytest.mark.slow
 def test_shards_added_between_epochs_are_trained_on_from_the_next_epoch(whole: tuple[Path, Growing]) -> None:
     run_dir, reporter = whole
     want = {0: FIRST, 1: FIRST + GROWTH[0], 2: FIRST + GROWTH[0] + GROWTH[1]}
@@ -120,6 +121,7 @@ def test_without_refresh_manifest_the_run_keeps_the_shards_it_started_with(tmp_p
 
 
 @pytest.mark.parametrize("at", [(1, 3), (2, 5)], ids=["epoch-after-first-growth", "epoch-after-second-growth"])
+@pytest.mark.slow
 def test_a_run_preempted_mid_epoch_after_growth_resumes_to_the_same_weights(
         tmp_path: Path, whole: tuple[Path, Growing], at: tuple[int, int]) -> None:
     whole_run, whole_reporter = whole

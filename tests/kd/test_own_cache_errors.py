@@ -112,6 +112,7 @@ def test_the_layout_key_settles_an_ambiguous_shape(tmp_path: Path, capsys: pytes
     assert main(["train", "--data_config", str(config), *sets(tmp_path / "run")]) == 0, capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_an_evaluation_cache_is_read_like_the_training_cache(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     images, labels = pixels()
     train_cache = write_flat(tmp_path / "train", {"x": images.astype(np.float16), "y": labels})

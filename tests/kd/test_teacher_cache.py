@@ -316,6 +316,7 @@ fill_teacher_cache(load_run_config(*{configs!r}, {overrides!r}), views=2, topk=3
 """
 
 
+@pytest.mark.slow
 def test_a_killed_fill_resumes_without_touching_finished_shards(reference: Path, tmp_path: Path) -> None:
     cache = write_tiny_cache(tmp_path / "cache")
     script = KILLER.format(repo=str(REPO), threads=torch.get_num_threads(), configs=[str(c) for c in CONFIGS],
@@ -620,6 +621,7 @@ def test_shards_added_after_a_fill_are_the_only_ones_filled_next(reference: Path
 # -- 7. the command line -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cache_teacher_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     cache = write_tiny_cache(tmp_path / "cache")
     sets = [a for o in overrides(tmp_path / "run", cache) for a in ("--set", o)]

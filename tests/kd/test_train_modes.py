@@ -60,6 +60,7 @@ def test_sgd_channels_last_and_missing_fields(tiny_cache: Path, tmp_path: Path) 
         train(bad)
 
 
+@pytest.mark.slow
 def test_plot_and_cli_errors(tiny_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     sets = [a for o in overrides(tmp_path / "run", tiny_cache, train__epochs=1) for a in ("--set", o)]
     assert main(["train", *sets]) == 0

@@ -42,6 +42,7 @@ def bigger_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="needs Linux /proc")
 @pytest.mark.parametrize("drop_pages", [False, True])
+@pytest.mark.slow
 def test_memory_does_not_grow_with_epochs(bigger_root: Path, drop_pages: bool) -> None:
     store = ShardStore.open(bigger_root, max_open_maps=16)
     ds = RandomShardSubsetCachedDataset(store, 8, 5, batch_size=32, max_steps_per_epoch=40)

@@ -38,6 +38,7 @@ def unpickle_in_child(payload: bytes, results) -> None:  # noqa: ANN001  (a mult
                  "snapshot_id": store.snapshot_id, "format": store.manifest.format_version})
 
 
+@pytest.mark.slow
 def test_a_store_over_a_million_shards_is_not_copied_into_spawned_children(tmp_path: Path) -> None:
     root = tmp_path / "cache"
     write_synthetic(root, NUM_SHARDS, IMAGES, samples=2048, offset=128)  # the table only; no shard files

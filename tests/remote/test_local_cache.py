@@ -732,6 +732,7 @@ def test_pickled_cache_shares_the_directory(store: FakeStore, cache_dir: Path) -
     assert copy.ensure(shard, may_download=False, timeout=1) == 0.0
 
 
+@pytest.mark.slow
 def test_forked_child_drops_the_parents_pins(store: FakeStore, cache_dir: Path) -> None:
     import fcntl
 

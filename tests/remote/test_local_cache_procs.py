@@ -43,6 +43,7 @@ def _join_ok(processes, timeout: float = 120.0) -> None:
         assert p.exitcode == 0, f"child {p.pid} exited with {p.exitcode}"
 
 
+@pytest.mark.slow
 def test_four_processes_fetch_each_object_once(tmp_path: Path) -> None:
     store = FakeStore(tmp_path / "store", delay_s=0.002)
     shards = [make_shard(store, i, (40_000, 20_000, 3_000)) for i in range(6)]
@@ -71,6 +72,7 @@ def test_four_processes_fetch_each_object_once(tmp_path: Path) -> None:
     assert leftovers(cache_dir) == []
 
 
+@pytest.mark.slow
 def test_usage_never_exceeds_the_limit_while_three_processes_fetch(tmp_path: Path) -> None:
     store = FakeStore(tmp_path / "store", delay_s=0.002)
     sizes = (150_000, 2_000)

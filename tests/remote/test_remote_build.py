@@ -182,6 +182,7 @@ def test_native_cache_in_s3_gets_the_manifest_a_local_build_writes(tmp_path, s3_
     assert len(recorder.of("GET")) == 15  # no GET without a Range
 
 
+@pytest.mark.slow
 def test_flat_cache_in_s3_gets_the_manifest_a_local_build_writes(tmp_path, s3_server, bucket, aws_env,
                                                                  recorder) -> None:
     local = write_flat(tmp_path / "cache", range(1, 7))
@@ -205,6 +206,7 @@ def test_the_table_records_each_object_stamp_as_its_mtime(tmp_path, s3_server, b
             assert int(m.columns[f"{name}.mtime_ns"][p]) == object_stamp(listed[rel])
 
 
+@pytest.mark.slow
 def test_nothing_changed_reads_no_header(tmp_path, s3_server, bucket, aws_env, recorder) -> None:
     s3_server.upload_tree(write_native(tmp_path / "cache", range(4)), bucket)
     first = _build(f"s3://{bucket}", tmp_path)
@@ -221,6 +223,7 @@ def test_nothing_changed_reads_no_header(tmp_path, s3_server, bucket, aws_env, r
     assert third.unchanged and recorder.of("GET") == [] and third.requests == {"LIST": 1}
 
 
+@pytest.mark.slow
 def test_k_new_shards_cost_k_shards_of_header_gets(tmp_path, s3_server, bucket, aws_env, recorder) -> None:
     local = write_native(tmp_path / "cache", range(4))
     s3_server.upload_tree(local, bucket)
@@ -246,6 +249,7 @@ def _damage(root: Path) -> None:
     np.save(root / "shard_000004/labels.npy", np.zeros(ROWS - 1, np.int64))
 
 
+@pytest.mark.slow
 def test_damaged_objects_are_reported_as_a_local_build_reports_them(tmp_path, s3_server, bucket, aws_env) -> None:
     local = write_native(tmp_path / "cache", range(7))
     _damage(local)
@@ -258,6 +262,7 @@ def test_damaged_objects_are_reported_as_a_local_build_reports_them(tmp_path, s3
     _same_table(_download(s3_server, bucket, "", tmp_path / "down"), expected.manifest)
 
 
+@pytest.mark.slow
 def test_an_object_damaged_after_a_build_is_fetched_again_and_reported(tmp_path, s3_server, bucket, aws_env,
                                                                        recorder) -> None:
     local = write_native(tmp_path / "cache", range(4))
@@ -283,6 +288,7 @@ def test_a_lost_mirror_costs_requests_not_correctness(tmp_path, s3_server, bucke
     assert len(recorder.ranged_gets()) == 9 and report.unchanged
 
 
+@pytest.mark.slow
 def test_an_object_deleted_from_the_bucket_leaves_the_mirror(tmp_path, s3_server, bucket, aws_env) -> None:
     local = write_native(tmp_path / "cache", range(3))
     s3_server.upload_tree(local, bucket)
@@ -298,6 +304,7 @@ def test_an_object_deleted_from_the_bucket_leaves_the_mirror(tmp_path, s3_server
     _same_table(_download(s3_server, bucket, "", tmp_path / "down"), expected.manifest)
 
 
+@pytest.mark.slow
 def test_the_header_is_put_after_every_column_and_old_tables_go(tmp_path, s3_server, bucket, aws_env,
                                                                 recorder) -> None:
     s3_server.upload_tree(write_native(tmp_path / "cache", range(2)), bucket)
@@ -319,6 +326,7 @@ def test_the_header_is_put_after_every_column_and_old_tables_go(tmp_path, s3_ser
     assert report.requests["DELETE"] == len(report.manifest.columns)  # the first table's columns, no other object
 
 
+@pytest.mark.slow
 def test_only_column_files_of_old_tables_are_deleted(tmp_path, s3_server, bucket, aws_env) -> None:
     s3_server.upload_tree(write_native(tmp_path / "cache", range(2)), bucket)
     first = _build(f"s3://{bucket}", tmp_path).manifest.source[1]
@@ -375,6 +383,7 @@ def test_a_build_killed_before_the_header_leaves_the_old_manifest(tmp_path, s3_s
     _same_table(_download(s3_server, bucket, "", tmp_path / "down2"), build_manifest(local, write=False).manifest)
 
 
+@pytest.mark.slow
 def test_checksums_of_a_synced_local_manifest_are_kept_and_checked(tmp_path, s3_server, bucket, aws_env) -> None:
     local = write_native(tmp_path / "cache", range(3))
     build_manifest(local, checksum=True)  # manifest.json and its table go to the bucket with the shards
@@ -419,6 +428,7 @@ def test_a_file_url_builds_like_a_bucket(tmp_path) -> None:
     _same_table(read_manifest(local, check="all"), build_manifest(local, write=False).manifest)
 
 
+@pytest.mark.slow
 def test_group_declarations_come_along(tmp_path, s3_server, bucket, aws_env) -> None:
     from shardstore.store.groups import GroupSpec, write_group_spec
 
@@ -468,6 +478,7 @@ def test_an_object_replaced_while_its_header_is_read_is_read_in_its_new_version(
     assert "fields of unequal length" in str(report.problems[0])
 
 
+@pytest.mark.slow
 def test_transient_failures_of_header_gets_are_retried(tmp_path, s3_server, bucket, aws_env, s3_proxy) -> None:
     local = write_native(tmp_path / "cache", range(2))
     s3_server.upload_tree(local, bucket)
@@ -502,6 +513,7 @@ def test_a_mirror_written_when_its_machine_went_down_is_fetched_again(tmp_path) 
     assert report.headers_fetched == 6 and report.problems == []
 
 
+@pytest.mark.slow
 def test_full_reads_every_header_from_the_mirror_not_the_bucket(tmp_path, s3_server, bucket, aws_env,
                                                                 recorder) -> None:
     local = write_native(tmp_path / "cache", range(3))

@@ -20,6 +20,7 @@ def run(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+@pytest.mark.slow
 def test_a_synced_bucket_is_made_readable_and_described(tmp_path: Path, s3_server, s3_proxy, bucket, aws_env,
                                                         capsys: pytest.CaptureFixture) -> None:
     root = write_native(tmp_path / "cache", 40, 8)  # written and synced without a manifest, like `aws s3 sync`

@@ -124,6 +124,7 @@ def test_data_config_spells_the_remote_settings(tmp_path: Path) -> None:
         data_config_from_dict({"cache_root": "http://example.com/cache"})
 
 
+@pytest.mark.slow
 def test_the_local_cache_stays_under_its_limit_over_many_epochs(tmp_path: Path) -> None:
     root = _cache(tmp_path, n=64 * 16, shard=16)  # 64 shards
     store = ShardStore.open(f"file://{root}", local_cache=tmp_path / "node", cache_limit="600KB",

@@ -172,6 +172,7 @@ def _process_holders(gate: NodeGate, current, peak, lock) -> None:
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])
+@pytest.mark.slow
 def test_three_processes_never_exceed_the_node_limit(tmp_path, method):
     ctx = mp.get_context(method)
     gate = NodeGate(tmp_path / "gate", 2)
@@ -205,6 +206,7 @@ def _take_in_thread(gate: NodeGate) -> tuple[threading.Event, threading.Event, t
     return taken, release, thread
 
 
+@pytest.mark.slow
 def test_a_killed_holders_slot_is_taken_by_another_within_a_second(tmp_path):
     ctx = mp.get_context("spawn")
     gate = NodeGate(tmp_path / "gate", 1)
@@ -234,6 +236,7 @@ def _hold_and_fork(gate: NodeGate, ready, q) -> None:
         time.sleep(600)
 
 
+@pytest.mark.slow
 def test_a_killed_holders_slot_frees_even_while_its_forked_child_lives(tmp_path):
     ctx = mp.get_context("spawn")
     gate = NodeGate(tmp_path / "gate", 1)
@@ -273,6 +276,7 @@ def _slot_is_locked(path: Path) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_a_forked_child_neither_inherits_nor_frees_the_parents_slot(tmp_path):
     ctx = mp.get_context("fork")
     gate = NodeGate(tmp_path / "gate", 1)

@@ -53,6 +53,7 @@ def test_ranged_get_is_206_with_the_exact_bytes_obstore(s3_server, s3_proxy, buc
     assert s3_proxy.stats()[f"{bucket}/{KEY}"].requests == {("GET", 206): 1}
 
 
+@pytest.mark.slow
 def test_slowdown_share_is_the_seeded_share_of_requests(s3_server, s3_proxy, bucket):
     from botocore.exceptions import ClientError
 
@@ -139,6 +140,7 @@ def test_body_bytes_and_requests_are_counted_per_key(s3_server, s3_proxy, bucket
     assert s3_proxy.stats() == {} and s3_proxy.total_bytes == 0 and s3_proxy.total_requests == 0
 
 
+@pytest.mark.slow
 def test_bandwidth_cap_slows_a_download_to_the_rate(s3_server, s3_proxy, bucket):
     """4 MiB at 8 MiB/s cannot arrive in under 0.5 s; 0.4 s leaves room for clock granularity (a lower bound)."""
     data = put(s3_server, bucket, KEY, 4 << 20)
@@ -245,6 +247,7 @@ def test_close_ends_idle_keep_alive_connections(s3_server, bucket):
         conn.getresponse()
 
 
+@pytest.mark.slow
 def test_latency_is_added_before_each_response(s3_server, s3_proxy, bucket):
     """A lower bound only: two requests at 0.2 s each cannot finish in under 0.4 s."""
     put(s3_server, bucket, KEY, 100)

@@ -61,6 +61,7 @@ Z = 5.0  # |mean over seeds - expectation| <= Z standard errors; two-sided norma
 
 @pytest.mark.parametrize("policy", ["random", "permutation"])
 @pytest.mark.parametrize("sizes", ["equal", "unequal"])
+@pytest.mark.slow
 def test_policy_over_seeds_agrees_with_the_expectation(policy: str, sizes: str) -> None:
     """The mean over 200 seeds lies within 5 standard errors (sd / sqrt(200), sd from ``expected_coverage``)."""
     n, k, epochs = 60, 7, 25

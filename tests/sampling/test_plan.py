@@ -75,6 +75,7 @@ def test_seed_and_epoch_do_not_collide() -> None:
     assert not np.array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_plan_is_the_same_in_a_fresh_process_with_another_hash_seed() -> None:
     code = (
         "import hashlib, numpy as np\n"

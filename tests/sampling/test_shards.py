@@ -79,6 +79,7 @@ def test_bijection_is_close_to_uniform() -> None:
 
 @settings(max_examples=120, deadline=None)
 @given(n=st.integers(2, 60), data=st.data(), seed=st.integers(0, 2**40))
+@pytest.mark.slow
 def test_permutation_is_the_walked_schedule_and_keeps_its_contract(n: int, data: st.DataObject, seed: int) -> None:
     k = data.draw(st.integers(1, n - 1))
     cycles = 4
@@ -150,12 +151,14 @@ def balanced_prefixes(n: int, k: int, seed: int, epochs: int) -> None:
             assert uses.min() >= slots // n, e
 
 
+@pytest.mark.slow
 def test_a_million_shards_in_large_epochs_cover_every_shard_each_cycle() -> None:
     """10^6 shards, epochs of 7,919 (prime: epochs straddle cycles): 2.5 cycles."""
     n, k = 10**6, 7919
     balanced_prefixes(n, k, 42, math.ceil(2.5 * n / k))
 
 
+@pytest.mark.slow
 def test_a_million_shards_in_whole_cycles() -> None:
     n, k = 10**6, 10**4
     balanced_prefixes(n, k, 7, 2 * n // k)
@@ -207,6 +210,7 @@ def test_visit_order_is_shuffled_within_the_epoch() -> None:
     assert shuffled >= 49
 
 
+@pytest.mark.slow
 def test_first_epoch_chooses_each_shard_with_probability_k_over_n() -> None:
     """Over 1,500 seeds, epoch 0, the straddling epoch 3 and epoch 7 hold each of 10 shards about 3/10 of the time."""
     n, k, seeds = 10, 3, 1500
