@@ -83,6 +83,7 @@ def test_default_data_config_is_trains(config: Path, capsys: pytest.CaptureFixtu
     assert code == 0 and "4 of 13 shards per epoch, seed 3" in out
 
 
+@pytest.mark.slow
 def test_plot_writes_a_png(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     pytest.importorskip("matplotlib")
     png = tmp_path / "coverage.png"

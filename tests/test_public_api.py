@@ -55,6 +55,7 @@ def test_import_loads_neither_torch_nor_the_extension() -> None:
     assert json.loads(run_python(code)) == []
 
 
+@pytest.mark.slow
 def test_each_name_resolves_to_its_defining_object() -> None:
     # In a fresh interpreter, so each lazy name is resolved here for the first time.
     code = (

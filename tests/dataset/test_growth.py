@@ -240,6 +240,7 @@ SETTINGS = {
 
 @pytest.mark.parametrize("setting", SETTINGS.values(), ids=SETTINGS.keys())
 @pytest.mark.parametrize("grow_before_resume", [False, True])
+@pytest.mark.slow
 def test_a_run_stopped_mid_epoch_after_growth_resumes_bit_identically(tmp_path: Path, setting: dict[str, Any],
                                                                       grow_before_resume: bool) -> None:
     whole = uninterrupted(tmp_path / "whole", setting)

@@ -148,6 +148,7 @@ def test_a_run_preempted_mid_epoch_after_growth_resumes_to_the_same_weights(
 
 
 @pytest.mark.parametrize("refresh", [True, False], ids=["refresh", "no-refresh"])
+@pytest.mark.slow
 def test_shardstore_train_with_refresh_manifest_in_data_config_trains_on_the_grown_cache(
         tmp_path: Path, refresh: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     cache = write_tiny_cache(tmp_path / "cache", num_shards=8, shard_size=SHARD_SIZE)

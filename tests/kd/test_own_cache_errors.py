@@ -91,6 +91,7 @@ CASES = [
 
 @pytest.mark.parametrize("kind, keys, extra, message", CASES,
                          ids=[f"{c[0]}-{'-'.join(c[1]) or '-'.join(c[2]) or 'defaults'}" for c in CASES])
+@pytest.mark.slow
 def test_each_mismatch_is_one_line_before_the_first_step(tmp_path: Path, capsys: pytest.CaptureFixture, kind: str,
                                                          keys: dict, extra: dict, message: str) -> None:
     cache = write_flat(tmp_path / "cache", cache_of(kind))

@@ -37,6 +37,7 @@ CACHES = {
 
 
 @pytest.mark.parametrize("kind", list(CACHES))
+@pytest.mark.slow
 def test_fill_and_replay_on_a_float_cache_are_bit_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                         kind: str) -> None:
     encode, keys = CACHES[kind]

@@ -92,6 +92,7 @@ REFUSED = [
 
 
 @pytest.mark.parametrize(("change", "named"), REFUSED, ids=[n.split(" ")[0] for _, n in REFUSED])
+@pytest.mark.slow
 def test_a_setting_fixed_for_the_run_is_refused_naming_both_values(run: Path, tiny_cache: Path, change: dict,
                                                                    named: str) -> None:
     before = snapshot(run)
