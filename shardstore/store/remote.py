@@ -26,6 +26,7 @@ import secrets
 import shutil
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -414,52 +415,54 @@ class RemoteShards:
         if self._progress is None:
             with open(self._progress_path, "wb") as f:
                 f.truncate(_PROGRESS_SLOTS * 8)
+            weakref.finalize(self, _unlink_quietly, str(self._progress_path))
             fd = os.open(self._progress_path, os.O_RDWR)
             try:
                 self._progress = mmap.mmap(fd, _PROGRESS_SLOTS * 8)
             finally:
                 os.close(fd)
-        self._threads = [threading.Thread(target=self._run, name=f"shardstore-prefetch-{i}", daemon=True)
+        self._threads = [threading.Thread(target=_prefetch_loop, args=(weakref.ref(self),),
+                                          name=f"shardstore-prefetch-{i}", daemon=True)
                          for i in range(self.prefetch_threads)]
         for t in self._threads:
             t.start()
 
-    def _take(self) -> tuple[int, int, tuple[Manifest, int, tuple[str, ...]]] | None:
-        """The next shard to fetch (generation, index, item), waiting while it lies beyond the window."""
+    def _try_take(self) -> tuple[int, int, tuple[Manifest, int, tuple[str, ...]]] | str | None:
+        """The next shard to fetch (generation, index, item); ``"wait"`` while it lies beyond the window or
+        there is none; None once closed."""
         with self._cv:
-            while not self._closed:
-                self._poll_workers()
-                if self._cursor < len(self._plan):
-                    if self._cursor <= self._consumed + self.prefetch_shards:
-                        i = self._cursor
-                        self._cursor += 1
-                        return self._generation, i, self._plan[i]
-                else:
-                    j = self._cursor - len(self._plan)
-                    behind = len(self._plan) - 1 - self._consumed
-                    if j < len(self._next) and j + behind < self.prefetch_shards:
-                        self._cursor += 1
-                        return self._generation, -1 - j, self._next[j]
-                self._cv.wait(0.05)
-        return None
+            if self._closed:
+                return None
+            self._poll_workers()
+            if self._cursor < len(self._plan):
+                if self._cursor <= self._consumed + self.prefetch_shards:
+                    i = self._cursor
+                    self._cursor += 1
+                    return self._generation, i, self._plan[i]
+            else:
+                j = self._cursor - len(self._plan)
+                behind = len(self._plan) - 1 - self._consumed
+                if j < len(self._next) and j + behind < self.prefetch_shards:
+                    self._cursor += 1
+                    return self._generation, -1 - j, self._next[j]
+            return "wait"
 
-    def _run(self) -> None:
-        while True:
-            task = self._take()
-            if task is None:
-                return
-            generation, index, (manifest, position, fields) = task
-            shard_id = int(manifest.ids[position])
-            try:
-                self.cache.ensure(self.shard_files(manifest, position, fields), may_download=True)
-                with self._cv:
-                    if generation != self._generation or shard_id in self._pins:
-                        continue
-                    self._pins[shard_id] = index
-                self.cache.pin(shard_name(shard_id))
-            except BaseException as exc:  # the consumer meets it when it reaches the shard
-                log.debug("prefetch of shard %d failed: %s", shard_id, exc)
-            self._release_consumed()
+    def _fetch_one(self, task: tuple[int, int, tuple[Manifest, int, tuple[str, ...]]]) -> None:
+        generation, index, (manifest, position, fields) = task
+        shard_id = int(manifest.ids[position])
+        try:
+            # Fetched and pinned in one step: no other process can evict it in between.
+            self.cache.ensure(self.shard_files(manifest, position, fields), may_download=True, pin=True)
+        except BaseException as exc:  # noqa: BLE001 - the consumer meets it when it reaches the shard
+            log.debug("prefetch of shard %d failed: %s", shard_id, exc)
+            return
+        with self._cv:
+            keep = generation == self._generation and shard_id not in self._pins
+            if keep:
+                self._pins[shard_id] = index
+        if not keep:
+            self.cache.unpin(shard_name(shard_id))
+        self._release_consumed()
 
     def _release_consumed(self) -> None:
         """Drop the prefetch pins of shards the consumers have passed (their maps pin them while in use)."""
@@ -504,6 +507,31 @@ class RemoteShards:
 
     def __repr__(self) -> str:
         return f"RemoteShards({self.url!r}, local_cache={str(self.local)!r}, cache_limit={format_bytes(self.limit)})"
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _prefetch_loop(ref: weakref.ref[RemoteShards]) -> None:
+    """A prefetcher thread. It waits without holding its ``RemoteShards``, so one nobody uses any more is
+    collected, and the thread then ends."""
+    while True:
+        shards = ref()
+        if shards is None:
+            return
+        task, cv = shards._try_take(), shards._cv
+        if task is None:
+            return
+        if task != "wait":
+            shards._fetch_one(task)  # type: ignore[arg-type]
+            continue
+        del shards
+        with cv:
+            cv.wait(0.05)
 
 
 def open_remote(url: str, *, local_cache: str | os.PathLike[str] | None, cache_limit: int | str | None,

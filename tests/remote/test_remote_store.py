@@ -163,3 +163,27 @@ def test_eviction_order_follows_the_seeded_schedule(tmp_path: Path) -> None:
     remote = store.remote
     assert [int(m.ids[p]) for m, p, _ in remote._plan] == ids_of(3)
     assert [int(m.ids[p]) for m, p, _ in remote._next] == ids_of(4)
+
+
+def test_a_store_nobody_uses_any_more_stops_its_prefetch_threads(tmp_path: Path) -> None:
+    import gc
+    import threading
+    import time
+
+    root = _cache(tmp_path)
+    store = ShardStore.open(f"file://{root}", local_cache=tmp_path / "node", cache_limit="64MB")
+    ds = RandomShardSubsetCachedDataset(store, shards_per_epoch=4, seed=3, batch_size=8)
+    ds.set_epoch(0)
+    progress = store.remote._progress_path
+
+    def prefetchers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("shardstore-prefetch")]
+
+    assert prefetchers() and progress.exists()
+    del store, ds
+    deadline = time.monotonic() + 5
+    while prefetchers() and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.05)
+    assert not prefetchers(), "prefetch threads outlived their store"
+    assert not progress.exists()
