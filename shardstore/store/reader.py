@@ -372,13 +372,16 @@ class ShardStore:
 
     def _map(self, position: int, field: str, spec: FieldSpec, rel: str, path: Path, offset: int) -> np.ndarray:
         m = self.manifest
-        if self.remote is not None:
-            self.fetch(position)
-        array, st = map_array(path, spec.dtype, (int(m.counts[position]), *spec.shape), offset,
-                              resolved_root=self._resolved_root, rel=rel,
-                              expected_bytes=m.file_bytes(position, field))
-        if self.remote is not None:
-            self.remote.pin(m, position)  # held while the map is in the cache (released when it is dropped)
+        if self.remote is not None:  # fetched if need be, and pinned while the map is in the cache
+            self.remote.ensure(m, position, tuple(m.fields), pin=True)
+        try:
+            array, st = map_array(path, spec.dtype, (int(m.counts[position]), *spec.shape), offset,
+                                  resolved_root=self._resolved_root, rel=rel,
+                                  expected_bytes=m.file_bytes(position, field))
+        except BaseException:
+            if self.remote is not None:
+                self.remote.unpin(m, position)
+            raise
         if st.st_mtime_ns != int(m.columns[f"{field}.mtime_ns"][position]) and not self._touched_warned:
             self._touched_warned = True
             log.warning("%s has a new mtime but the size the manifest records; rebuild the manifest if shard "

@@ -289,7 +289,7 @@ class RemoteShards:
 
     # -- consumers ---------------------------------------------------------------------
 
-    def ensure(self, manifest: Manifest, position: int, fields: Sequence[str]) -> float:
+    def ensure(self, manifest: Manifest, position: int, fields: Sequence[str], *, pin: bool = False) -> float:
         """Make the shard at ``position`` present locally before it is mapped; return seconds waited.
 
         In the rank's process a missing shard is fetched here (in this thread) unless a
@@ -299,7 +299,7 @@ class RemoteShards:
         shard = self.shard_files(manifest, position, fields)
         self._reached(int(manifest.ids[position]))
         owner = self.is_owner
-        waited = self.cache.ensure(shard, may_download=owner, timeout=None if owner else WORKER_WAIT_S)
+        waited = self.cache.ensure(shard, may_download=owner, timeout=None if owner else WORKER_WAIT_S, pin=pin)
         if waited > 0.0005:
             self.stats.add_wait(waited)
         return waited
