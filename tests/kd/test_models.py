@@ -52,7 +52,12 @@ def test_registry_has_the_contract_names() -> None:
     assert set(MODELS) == set(EXPECTED_FEATURES)
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED_FEATURES))
+#: the registry's largest models: building them takes most of this file's time, so they run with -m slow
+LARGE = {"resnet34", "resnet50", "vit_small"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in LARGE else n
+                                  for n in sorted(EXPECTED_FEATURES)])
 def test_every_model_satisfies_the_contract(name: str) -> None:
     torch.manual_seed(0)
     model, size = small_build(name)
@@ -69,7 +74,8 @@ def test_every_model_satisfies_the_contract(name: str) -> None:
     assert logits.std() > 0  # not a constant output
 
 
-@pytest.mark.parametrize(("name", "expected"), [("resnet18", 11_689_512), ("resnet50", 25_557_032)])
+@pytest.mark.parametrize(("name", "expected"), [("resnet18", 11_689_512),
+                                                pytest.param("resnet50", 25_557_032, marks=pytest.mark.slow)])
 def test_imagenet_resnet_parameter_counts(name: str, expected: int) -> None:
     assert num_params(build_model(name, 1000, image_size=224)) == expected
 

@@ -16,6 +16,7 @@ from shardstore.loader.slots import make_slots
 from shardstore.manifest.model import FieldSpec
 
 
+@pytest.mark.slow
 def test_the_first_batch_is_handed_out_before_the_rest_of_its_chunk(store: ShardStore,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """After a fresh start, batch 0 does not wait for the other batches of the first chunk."""

@@ -61,6 +61,7 @@ def test_keyboard_interrupt_in_the_loop_body_stops_the_threads(store: ShardStore
     assert no_threads_within()
 
 
+@pytest.mark.slow
 def test_keyboard_interrupt_while_waiting_for_data(store: ShardStore) -> None:
     """Ctrl-C reaches a consumer blocked on a slow loader, and the threads stop."""
     ds = make(store)

@@ -391,6 +391,7 @@ HOSTILE: dict[str, tuple[Callable[[Path, Path], None], str]] = {
 
 
 @pytest.mark.parametrize("kind", sorted(HOSTILE))
+@pytest.mark.slow
 def test_a_hostile_table_is_one_line_naming_the_file_and_the_fix(native_cache: Path, tmp_path: Path, kind: str,
                                                                  capsys: pytest.CaptureFixture) -> None:
     build_manifest(native_cache)

@@ -97,6 +97,7 @@ def test_open_gives_one_line_naming_file_and_fix(native_cache: Path, name: str) 
 
 
 @pytest.mark.parametrize("name", _recovers_params(CASES))
+@pytest.mark.slow
 def test_build_manifest_recovers(native_cache: Path, name: str, caplog: pytest.LogCaptureFixture) -> None:
     write_case(native_cache, name)
     report = build_manifest(native_cache)
@@ -200,6 +201,7 @@ def write_header_case(root: Path, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(HEADER_CASES))
+@pytest.mark.slow
 def test_format3_header_defect_is_one_line_naming_file_and_fix(native_cache: Path, name: str,
                                                                 capsys: pytest.CaptureFixture) -> None:
     write_header_case(native_cache, name)
@@ -218,6 +220,7 @@ def test_format3_header_defect_is_one_line_naming_file_and_fix(native_cache: Pat
 
 
 @pytest.mark.parametrize("name", _recovers_params(HEADER_CASES))
+@pytest.mark.slow
 def test_format3_header_defect_is_recovered_by_a_build(native_cache: Path, name: str,
                                                        caplog: pytest.LogCaptureFixture) -> None:
     write_header_case(native_cache, name)
@@ -274,6 +277,7 @@ def write_column_case(root: Path, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(COLUMN_CASES))
+@pytest.mark.slow
 def test_format3_column_defect_is_one_line_exit_2_and_a_build_recovers(native_cache: Path, name: str,
                                                                        capsys: pytest.CaptureFixture) -> None:
     write_column_case(native_cache, name)

@@ -65,6 +65,7 @@ def test_a_file_url_reads_every_sample_the_local_store_reads(tmp_path: Path) -> 
     assert (tmp_path / "node" / "shard_000000" / "images.npy").exists()
 
 
+@pytest.mark.slow
 def test_s3_epochs_equal_the_local_store_and_fetch_each_shard_once(tmp_path: Path, s3_server, s3_proxy, bucket,
                                                                     aws_env) -> None:
     root = _cache(tmp_path)
