@@ -447,14 +447,16 @@ class LocalCache:
     # -- ensure -------------------------------------------------------------------------------------
 
     def ensure(self, shard: ShardFiles, *, may_download: bool = True, timeout: float | None = None,
-               pin: bool = False) -> float:
+               pin: bool = False, give_up: Callable[[], str | None] | None = None) -> float:
         """Make every file of ``shard`` present and complete under its final name; return the seconds it took.
 
         Present files cost one ``stat`` each. Otherwise the shard is downloaded here, or, if another process
         of the node is downloading it, this waits for that (and takes over if it dies). ``may_download=False``
-        (a DataLoader worker) only waits for someone else to bring it. ``timeout`` bounds the whole call; None
-        waits as long as it takes (room in the cache: at most ``space_timeout``). With ``pin=True`` the shard is
-        also pinned, atomically with the presence check; ``unpin`` it when done.
+        (a DataLoader worker) only waits for someone else to bring it; ``give_up()`` is then asked at every
+        poll, and a message it returns (the process that was to fetch the shard failed, or is gone) ends the
+        wait with a ``RemoteError`` saying it. ``timeout`` bounds the whole call; None waits as long as it
+        takes (room in the cache: at most ``space_timeout``). With ``pin=True`` the shard is also pinned,
+        atomically with the presence check; ``unpin`` it when done.
         """
         self._check_fork()
         start = time.monotonic()
@@ -466,7 +468,7 @@ class LocalCache:
             if may_download:
                 self._fetch(shard, paths, deadline)
             else:
-                self._wait_for_others(shard, paths, deadline, start)
+                self._wait_for_others(shard, paths, deadline, start, give_up)
             if not pin or self._pin_if_present(shard, paths):
                 return time.monotonic() - start
 
@@ -486,11 +488,15 @@ class LocalCache:
         self.unpin(shard.name)  # evicted between the check and the pin: fetch again
         return False
 
-    def _wait_for_others(self, shard: ShardFiles, paths: list[str], deadline: float | None, start: float) -> None:
+    def _wait_for_others(self, shard: ShardFiles, paths: list[str], deadline: float | None, start: float,
+                         give_up: Callable[[], str | None] | None = None) -> None:
         """Poll until the files are present; at the deadline say whether anyone was fetching them."""
         t0 = time.monotonic()
         try:
             while not self._present(shard, paths):
+                reason = give_up() if give_up is not None else None
+                if reason is not None:
+                    raise RemoteError(reason)
                 if deadline is not None and time.monotonic() >= deadline:
                     if self._lock_busy(shard.name):
                         raise RemoteError(f"shard {shard.name} is still being downloaded by another process of "

@@ -10,7 +10,9 @@ The rank's own threads download: a prefetcher walks the epoch's visit order ahea
 consumers (``plan``), and starts the next epoch's first shards while the current one drains
 (``plan_next``). A forked or spawned DataLoader worker never downloads: it waits for the
 prefetcher and tells it, through a small shared file, which shard it has reached, so the
-prefetcher's window moves with the workers. Shards the plan still needs, and shards a reader
+prefetcher's window moves with the workers. A shard the prefetcher could not fetch is written,
+with its reason, to a file beside that one, and a worker waiting for it raises that reason; a
+worker whose rank has exited stops waiting too. Shards the plan still needs, and shards a reader
 has mapped, are pinned (a shared lock on their lock file): eviction never removes them.
 """
 
@@ -27,7 +29,7 @@ import shutil
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -222,6 +224,8 @@ class RemoteShards:
         self._progress: mmap.mmap | None = None
         self._progress_path = self.local / BOOKKEEPING / "progress" / f"{self.owner_pid}-{secrets.token_hex(4)}"
         self._progress_slot = 0
+        self._failed: set[int] = set()        # shards whose last prefetch failed (the rank's side)
+        self._failures_read: tuple[int, dict[str, str]] = (0, {})  # (bytes read, shard -> reason) (a worker's)
         self.next_use: Callable[[str], float] | None = None
         self.errors: list[BaseException] = []
 
@@ -299,7 +303,8 @@ class RemoteShards:
         shard = self.shard_files(manifest, position, fields)
         self._reached(int(manifest.ids[position]))
         owner = self.is_owner
-        waited = self.cache.ensure(shard, may_download=owner, timeout=None if owner else WORKER_WAIT_S, pin=pin)
+        waited = self.cache.ensure(shard, may_download=owner, timeout=None if owner else WORKER_WAIT_S, pin=pin,
+                                   give_up=None if owner else lambda: self._give_up(shard.name))
         if waited > 0.0005:
             self.stats.add_wait(waited)
         return waited
@@ -339,6 +344,67 @@ class RemoteShards:
             self._progress_slot = 1 + os.getpid() % (_PROGRESS_SLOTS - 1)
         return self._progress
 
+    # -- a prefetch that failed, told to the workers waiting for it --------------------------
+
+    @property
+    def _failures_path(self) -> Path:
+        """``<progress>.failed``: a line ``<shard>\t<reason>`` per failed prefetch, ``<shard>\t`` when it is tried again."""
+        return self._progress_path.with_name(self._progress_path.name + ".failed")
+
+    def _note_failure(self, shard_id: int, reason: str) -> None:
+        """Append ``shard_id``'s line (one ``O_APPEND`` write, so the prefetcher's threads never interleave)."""
+        line = f"{shard_name(shard_id)}\t{reason}\n".encode()
+        try:
+            fd = os.open(self._failures_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError:
+            return  # the waiting worker times out instead
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+    def _record_failure(self, shard_id: int, error: BaseException) -> None:
+        lines = str(error).strip().splitlines()
+        self._note_failure(shard_id, f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__)
+        with self._cv:
+            self._failed.add(shard_id)
+
+    def _clear_failures(self, shard_ids: Collection[int]) -> None:
+        """These shards are to be tried again: a worker waiting for one of them waits for that attempt."""
+        with self._cv:
+            cleared = self._failed & set(shard_ids)
+            self._failed -= cleared
+        for shard_id in cleared:
+            self._note_failure(shard_id, "")
+
+    def _give_up(self, name: str) -> str | None:
+        """Why a DataLoader worker waiting for shard ``name`` should stop: the rank's prefetcher failed on it (its
+        reason, which names the object and the cause), or the rank's process is gone. None: keep waiting."""
+        try:
+            size = os.stat(self._failures_path).st_size
+        except OSError:
+            size = 0
+        if size > self._failures_read[0]:
+            with open(self._failures_path, "rb") as f:
+                text = f.read().decode("utf-8", "replace")
+            complete = text[: text.rfind("\n") + 1]  # a line being appended is read at the next poll
+            failures: dict[str, str] = {}
+            for line in complete.splitlines():
+                shard, _, reason = line.partition("\t")
+                failures[shard] = reason
+            self._failures_read = (len(complete.encode()), failures)
+        reason = self._failures_read[1].get(name)
+        if reason:
+            return f"{reason} (the rank's prefetcher could not fetch shard {name}, which this DataLoader worker reads)"
+        try:
+            os.kill(self.owner_pid, 0)
+        except ProcessLookupError:
+            return (f"shard {name} will not arrive: the rank process {self.owner_pid} that fetches this DataLoader "
+                    "worker's shards has exited")
+        except OSError:
+            pass  # alive, but not ours to signal
+        return None
+
     def _poll_workers(self) -> None:
         """Fold the shards DataLoader workers have reached into the consumer position."""
         if self._progress is None:
@@ -366,12 +432,14 @@ class RemoteShards:
             self._cursor = 0
             self._consumed = -1
             self._generation += 1
+            failed = set(self._failed)
             if self._progress is not None:
                 np.frombuffer(self._progress, np.int64)[1:] = 0
             keep = set(self._index)
             self._cv.notify_all()
         for shard_id in old - keep:
             self._drop_pin(shard_id)
+        self._clear_failures(failed & keep)
 
     def offer(self, manifest: Manifest, positions: Sequence[int] | np.ndarray, fields: Sequence[str]) -> None:
         """A loader's plan: the current one when none is set, else (unless the current plan has its shards) the next."""
@@ -416,6 +484,7 @@ class RemoteShards:
             with open(self._progress_path, "wb") as f:
                 f.truncate(_PROGRESS_SLOTS * 8)
             weakref.finalize(self, _unlink_quietly, str(self._progress_path))
+            weakref.finalize(self, _unlink_quietly, str(self._failures_path))
             fd = os.open(self._progress_path, os.O_RDWR)
             try:
                 self._progress = mmap.mmap(fd, _PROGRESS_SLOTS * 8)
@@ -450,11 +519,13 @@ class RemoteShards:
     def _fetch_one(self, task: tuple[int, int, tuple[Manifest, int, tuple[str, ...]]]) -> None:
         generation, index, (manifest, position, fields) = task
         shard_id = int(manifest.ids[position])
+        self._clear_failures((shard_id,))
         try:
             # Fetched and pinned in one step: no other process can evict it in between.
             self.cache.ensure(self.shard_files(manifest, position, fields), may_download=True, pin=True)
         except BaseException as exc:  # noqa: BLE001 - the consumer meets it when it reaches the shard
             log.debug("prefetch of shard %d failed: %s", shard_id, exc)
+            self._record_failure(shard_id, exc)  # a worker waiting for it raises it (it cannot fetch)
             return
         with self._cv:
             keep = generation == self._generation and shard_id not in self._pins
@@ -486,10 +557,11 @@ class RemoteShards:
         for shard_id in list(self._pins):
             self._drop_pin(shard_id)
         if self.is_owner:
-            try:
-                os.unlink(self._progress_path)
-            except OSError:
-                pass
+            for path in (self._progress_path, self._failures_path):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
 
     # -- pickling: a worker gets a waiter -------------------------------------------------
 
