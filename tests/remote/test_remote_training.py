@@ -22,11 +22,21 @@ import pytest
 from shardstore.dataset.subset import RandomShardSubsetCachedDataset
 from shardstore.manifest.build import build_manifest
 from shardstore.remote.local_cache import BOOKKEEPING
+from shardstore.remote.objects import RemoteError
 from shardstore.store.reader import ShardStore
 from tests.conftest import write_native
-from tests.remote.rank_worker import ROOT, RankServer, epoch_digests, make_dataset
+from tests.remote.rank_worker import (
+    ROOT,
+    RankServer,
+    batch_digest,
+    epoch_digests,
+    make_dataset,
+)
 
 WORLD = 4
+
+# Every test here runs moto's S3 server and takes from half a second to half a minute on two cores.
+pytestmark = pytest.mark.slow
 
 
 # -- helpers -------------------------------------------------------------------------------------------
@@ -153,7 +163,6 @@ def run_ranks(tmp_path: Path, configs: list[dict[str, Any]], timeout_s: float = 
 # -- 1. ranks and workers sharing one node-local cache ---------------------------------------------------
 
 
-@pytest.mark.slow
 def test_four_ranks_with_two_workers_each_fetch_every_shard_once_and_stay_under_the_limit(
         tmp_path: Path, s3_server, s3_proxy, bucket, aws_env) -> None:
     # 48 shards of 512 rows (~28 KiB each on disk); the permutation policy gives each epoch 12 of them and no
@@ -294,7 +303,6 @@ def kill_victim(server: RankServer, pids: dict[int, int], victim: int, config: d
     return midway
 
 
-@pytest.mark.slow
 def test_ranks_killed_mid_download_leave_only_whole_files_and_the_others_finish(
         tmp_path: Path, s3_server, s3_proxy, bucket, aws_env) -> None:
     """30 SIGKILLs over 3 runs, each while the killed rank had a download in progress (its temporaries exist).
@@ -473,7 +481,6 @@ def test_an_object_replaced_between_two_ranged_gets_is_fetched_again_whole(tmp_p
 def test_an_object_replaced_in_every_download_is_refused_in_one_line_naming_it(tmp_path: Path, s3_server,
                                                                                  s3_proxy, bucket, aws_env, open_remote) -> None:
     from shardstore.loader.shard_loader import ShardLoader
-    from shardstore.remote.objects import RemoteError
 
     root = write_big_shard(tmp_path / "big")
     key = "shard_000000/images.npy"
@@ -497,7 +504,6 @@ def test_an_object_replaced_in_every_download_is_refused_in_one_line_naming_it(t
 # -- 4. DataLoader workers of each start method --------------------------------------------------------
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("context", ["fork", "forkserver", "spawn"])
 def test_dataloader_workers_of_every_start_method_read_a_remote_store(tmp_path: Path, s3_server, s3_proxy, bucket,
                                                                       aws_env, open_remote, context: str) -> None:
@@ -518,7 +524,6 @@ def test_dataloader_workers_of_every_start_method_read_a_remote_store(tmp_path: 
 # -- 5. a manifest of a million shards --------------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_a_million_shard_manifest_costs_one_request_a_column_once_per_node(tmp_path: Path, s3_server, s3_proxy,
                                                                             bucket, aws_env, open_remote) -> None:
     from shardstore.store.manifest import FieldSpec, Manifest, empty_columns
@@ -579,7 +584,6 @@ def test_a_shard_whose_every_get_fails_is_one_line_at_the_batch_that_needs_it(tm
                                                                                 bucket, aws_env, open_remote, monkeypatch) -> None:
     from shardstore.loader.shard_loader import ShardLoader
     from shardstore.remote import retry
-    from shardstore.remote.objects import RemoteError
 
     # The default number of attempts, without the backoff's seconds of sleep.
     policy = retry.RetryPolicy(attempts=retry.RetryPolicy().attempts, base_s=0.001, cap_s=0.002)
@@ -609,3 +613,56 @@ def test_a_shard_whose_every_get_fails_is_one_line_at_the_batch_that_needs_it(tm
     assert f"s3://{bucket}/cache/{key}" in message
     assert f"failed after {policy.attempts} attempts" in message
     assert "last cause" in message and "SlowDown" in message
+
+
+def test_a_shard_the_prefetcher_cannot_fetch_fails_the_dataloader_worker_waiting_for_it(
+        tmp_path: Path, s3_server, s3_proxy, bucket, aws_env, open_remote, monkeypatch) -> None:
+    from torch.utils.data import DataLoader
+
+    import shardstore.store.remote as remote_module
+    from shardstore.remote import retry
+
+    policy = retry.RetryPolicy(attempts=retry.RetryPolicy().attempts, base_s=0.001, cap_s=0.002)
+    monkeypatch.setattr(retry, "DEFAULT_POLICY", policy)
+    monkeypatch.setattr(remote_module, "WORKER_WAIT_S", 60.0)  # a worker told nothing fails here, not in 10 min
+    root = write_cache(tmp_path / "cache", num_shards=12, rows=256)
+    s3_server.upload_tree(root, bucket, "cache")
+    store = open_remote(f"s3://{bucket}/cache", local_cache=tmp_path / "node", cache_limit="8MB", prefetch_shards=2)
+    config = rank_config(rank=0, world_size=1, shards_per_epoch=6, batch_size=16, epochs=[0])
+    ds = make_dataset(store, config)
+    broken = ds.set_epoch(0)[3]
+    key = f"shard_{broken:06d}/labels.npy"
+    s3_proxy.fail_next(503, 10_000, lambda method, k, headers: method == "GET" and k == f"{bucket}/cache/{key}")
+    local = make_dataset(ShardStore.open(root), config)
+    local.set_epoch(0)
+    ids = local.indices()
+    first_bad = int(np.flatnonzero(np.asarray(local.store.shard_ids)[local.store.locate(ids)[0]] == broken)[0]) // 16
+    want = list(DataLoader(local, batch_size=16))[:first_bad]
+    got = []
+    with pytest.raises(Exception) as info:
+        for batch in DataLoader(ds, batch_size=16, num_workers=1, multiprocessing_context="fork"):
+            got.append(batch)
+    assert len(got) == first_bad and all(batch_digest(a) == batch_digest(b) for a, b in zip(got, want))
+    message = str(info.value)
+    assert f"could not fetch shard shard_{broken:06d}" in message
+    assert f"GET s3://{bucket}/cache/{key}" in message and f"failed after {policy.attempts} attempts" in message
+    assert "SlowDown" in message
+
+
+def test_a_worker_whose_rank_has_exited_stops_waiting(tmp_path: Path, s3_server, bucket, aws_env) -> None:
+    import pickle
+
+    root = write_cache(tmp_path / "cache", num_shards=4, rows=64)
+    s3_server.upload_tree(root, bucket, "cache")
+    node, pickled = tmp_path / "node", tmp_path / "store.pickle"
+    # A rank opens the store, hands it to a worker (pickled) and exits before fetching anything.
+    code = ("import pickle, sys; from shardstore.store.reader import ShardStore; "
+            "s = ShardStore.open(sys.argv[1], local_cache=sys.argv[2], cache_limit='8MB', prefetch_shards=1); "
+            "open(sys.argv[3], 'wb').write(pickle.dumps(s))")
+    subprocess.run([sys.executable, "-c", code, f"s3://{bucket}/cache", str(node), str(pickled)], cwd=ROOT,
+                   check=True, timeout=60)
+    store = pickle.loads(pickled.read_bytes())
+    assert not store.remote.is_owner
+    with pytest.raises(RemoteError, match=r"shard shard_000000 will not arrive: the rank process \d+ that fetches "
+                                          "this DataLoader worker's shards has exited"):
+        store.field(0, "images")
