@@ -10,6 +10,24 @@ from hypothesis import settings
 
 from shardstore import ShardWriter
 
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Leave out the tests marked ``slow`` unless the command line has ``-m``: ``python -m pytest`` stays quick,
+    ``python -m pytest -m slow`` runs the rest (CI runs both), ``-m ""`` runs everything.
+
+    Only tests under ``tests/``: the benchmarks' own ``slow`` marks keep their meaning in ``pytest bench``.
+    """
+    if config.option.markexpr or any(arg.startswith("-m") for arg in config.invocation_params.args):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow") and TESTS in item.path.parents]
+    if slow:
+        skipped = set(slow)
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if item not in skipped]
+
+
 settings.register_profile("ci", deadline=None, max_examples=60, derandomize=True)
 settings.register_profile("dev", deadline=None, max_examples=100)
 settings.load_profile("ci")
