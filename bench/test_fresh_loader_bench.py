@@ -41,10 +41,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fresh_probe import CHUNK, epoch_files, run_probe, write_cache
-from loader_cases import BATCH_SIZE, SEED, ShardLoaderCase, describe_epoch
 from pytest_benchmark.fixture import BenchmarkFixture
 
+from fresh_probe import CHUNK, epoch_files, run_probe, write_cache
+from loader_cases import BATCH_SIZE, SEED, ShardLoaderCase, describe_epoch
 from shardstore import ShardStore
 from shardstore.dataset.subset import RandomShardSubsetCachedDataset
 from shardstore.kernels import resident_fraction

@@ -41,7 +41,18 @@ import torch
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from loader_cases import (
-    BATCH_SIZE, CASES, CHUNK, EPOCH, SEED, Case, Epoch, cached_bytes, consume, describe_epoch, make_case, make_cold,
+    BATCH_SIZE,
+    CASES,
+    CHUNK,
+    EPOCH,
+    SEED,
+    Case,
+    Epoch,
+    cached_bytes,
+    consume,
+    describe_epoch,
+    make_case,
+    make_cold,
     pre_read,
 )
 from shardstore import ShardStore

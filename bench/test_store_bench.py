@@ -26,6 +26,9 @@ from typing import Any
 import numpy as np
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
+
+from shardstore.store.manifest import DIGEST_BYTES, Manifest
+from shardstore.store.snapshot import expected_columns, manifest_path, write_manifest
 from synthetic_store import (
     FIELDS,
     SyntheticStore,
@@ -35,9 +38,6 @@ from synthetic_store import (
     write_format2,
     write_store,
 )
-
-from shardstore.store.manifest import DIGEST_BYTES, Manifest
-from shardstore.store.snapshot import expected_columns, manifest_path, write_manifest
 
 
 def _env_int(name: str, default: int) -> int:

@@ -133,7 +133,12 @@ def run_kd_demo(base: str | os.PathLike[str], *, seeds: tuple[int, ...] = (0, 1,
 
     import torch
 
-    from shardstore.config.resolve import DEFAULT_DATA_CONFIG, DEFAULT_MODEL_CONFIG, DEFAULT_TRAIN_CONFIG, load_run_config
+    from shardstore.config.resolve import (
+        DEFAULT_DATA_CONFIG,
+        DEFAULT_MODEL_CONFIG,
+        DEFAULT_TRAIN_CONFIG,
+        load_run_config,
+    )
     from shardstore.kd.components import build_student, build_teacher
     from shardstore.kd.evaluate import evaluate
     from shardstore.kd.teacher_cache import fill_teacher_cache

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Annotated, Any
 
 import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import (
-    BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
 )
 from rich.table import Table
 from rich.text import Text
@@ -21,12 +28,12 @@ from rich.text import Text
 from shardstore import __version__
 from shardstore.errors import ManifestError, ShardstoreError
 from shardstore.manifest.build import build_manifest
-from shardstore.store.manifest import Manifest
-from shardstore.store.reader import load_manifest
-from shardstore.store.snapshot import manifest_path
 from shardstore.manifest.verify import verify_checksums
 from shardstore.store.atomic import disk_full_error, is_disk_full
 from shardstore.store.groups import read_group_specs
+from shardstore.store.manifest import Manifest
+from shardstore.store.reader import load_manifest
+from shardstore.store.snapshot import manifest_path
 
 app = typer.Typer(
     name="shardstore",
@@ -267,10 +274,10 @@ def _fail(message: str | ShardstoreError) -> int:
     return 2
 
 
-from shardstore.cli import train as _train_commands  # noqa: E402,F401  (registers train, plot and demo)
-from shardstore.cli import teacher as _teacher_commands  # noqa: E402,F401  (registers cache-teacher)
-from shardstore.cli import write as _write_commands  # noqa: E402,F401  (registers write)
 from shardstore.cli import coverage as _coverage_commands  # noqa: E402,F401  (registers coverage)
+from shardstore.cli import teacher as _teacher_commands  # noqa: E402,F401  (registers cache-teacher)
+from shardstore.cli import train as _train_commands  # noqa: E402,F401  (registers train, plot and demo)
+from shardstore.cli import write as _write_commands  # noqa: E402,F401  (registers write)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,9 +49,9 @@ def coverage(
     """
     from shardstore.config.data import load_data_config
     from shardstore.config.resolve import DEFAULT_DATA_CONFIG
-    from shardstore.store.reader import ShardStore
     from shardstore.sampling.coverage import coverage as draw_coverage
     from shardstore.sampling.plan import EpochSpec
+    from shardstore.store.reader import ShardStore
 
     policies = _policies(policy)
     if isinstance(epochs, bool) or epochs < 1:

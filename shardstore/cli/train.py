@@ -90,7 +90,10 @@ def load_configs(data_config: str | None, train_config: str | None, model_config
                  overrides: list[str] | None) -> RunConfig:
     """The three configs (defaults from configs/) with ``--set`` overrides applied."""
     from shardstore.config.resolve import (
-        DEFAULT_DATA_CONFIG, DEFAULT_MODEL_CONFIG, DEFAULT_TRAIN_CONFIG, load_run_config,
+        DEFAULT_DATA_CONFIG,
+        DEFAULT_MODEL_CONFIG,
+        DEFAULT_TRAIN_CONFIG,
+        load_run_config,
     )
 
     return load_run_config(data_config or DEFAULT_DATA_CONFIG, train_config or DEFAULT_TRAIN_CONFIG,

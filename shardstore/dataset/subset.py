@@ -12,11 +12,11 @@ from torch.utils.data import Dataset
 from shardstore.config.data import DataConfig, load_data_config
 from shardstore.dataset.cached import CachedTensorDataset
 from shardstore.errors import ConfigError, ShardstoreError
-from shardstore.store.reader import ShardStore
 from shardstore.sampling.plan import EpochPlan, EpochSpec, RankPlan, plan_epoch, rank_plan, steps_per_epoch
 from shardstore.sampling.shards import PERMUTATION_SCHEDULE
 from shardstore.sampling.state import SamplerState
 from shardstore.sampling.world import World
+from shardstore.store.reader import ShardStore
 
 
 def open_data_store(config: DataConfig) -> ShardStore:

@@ -12,17 +12,23 @@ from torch import Tensor, nn
 from shardstore.config.resolve import RunConfig
 from shardstore.dataset.subset import RandomShardSubsetCachedDataset, open_data_store
 from shardstore.errors import ConfigError
-from shardstore.kd.distributed import DistInfo
 from shardstore.kd.augment import apply_views
+from shardstore.kd.distributed import DistInfo
 from shardstore.kd.images import (
-    SETTING_KEYS, ImageFormat, check_channels, check_labels, check_values, image_format, network_inputs,
+    SETTING_KEYS,
+    ImageFormat,
+    check_channels,
+    check_labels,
+    check_values,
+    image_format,
+    network_inputs,
 )
 from shardstore.kd.losses import DistillationLoss
-from shardstore.kd.target_spec import TargetSpec, read_target_spec
 from shardstore.kd.models.io import InputAdapter, freeze, load_checkpoint_into, load_torchscript
 from shardstore.kd.models.registry import build_model
-from shardstore.store.reader import ShardStore
+from shardstore.kd.target_spec import TargetSpec, read_target_spec
 from shardstore.manifest.shard_size import check_cache_shard_size
+from shardstore.store.reader import ShardStore
 
 log = logging.getLogger(__name__)
 

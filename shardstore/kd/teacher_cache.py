@@ -49,12 +49,18 @@ from shardstore.kd.target_spec import SAME_SETTINGS, TargetSpec, read_target_spe
 from shardstore.kd.targets import SparseLogits, encode_topk, teacher_log_probs
 from shardstore.manifest.build import build_manifest
 from shardstore.manifest.checksum import file_checksum
-from shardstore.store.reader import ShardStore
 from shardstore.store.groups import (
-    add_shard_fields, check_group_name, group_file, read_group_specs, remove_group,
-    remove_stale_declaration_temporaries, remove_stale_temporaries, write_group_spec,
+    add_shard_fields,
+    check_group_name,
+    group_file,
+    read_group_specs,
+    remove_group,
+    remove_stale_declaration_temporaries,
+    remove_stale_temporaries,
+    write_group_spec,
 )
 from shardstore.store.layout import is_within
+from shardstore.store.reader import ShardStore
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from shardstore.store.manifest import CHECKSUM_ALGORITHM
 from shardstore.store.layout import OutsideRootError, open_within
+from shardstore.store.manifest import CHECKSUM_ALGORITHM
 
 CHUNK_BYTES = 8 << 20  # matches the disk's read-ahead; large enough that hashing dominates
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardstore.manifest.checksum import fd_checksum
-from shardstore.store.manifest import FieldSpec, FileEntry, Manifest, Problem, ShardEntry
 from shardstore.store.layout import OUTSIDE_ROOT_FIX, OutsideRootError, open_within
+from shardstore.store.manifest import FieldSpec, FileEntry, Manifest, Problem, ShardEntry
 from shardstore.store.npy import read_head_fd, read_header_bytes
 
 

@@ -34,7 +34,12 @@ import numpy as np
 
 from shardstore.errors import ConfigError, DiskFullError, ManifestError
 from shardstore.store.atomic import (
-    disk_full_error, fsync_dir, is_disk_full, remove_stale_temporaries, temporary_sibling, write_bytes_atomic,
+    disk_full_error,
+    fsync_dir,
+    is_disk_full,
+    remove_stale_temporaries,
+    temporary_sibling,
+    write_bytes_atomic,
 )
 from shardstore.store.layout import FIELD_NAME, FLAT_FILE, MANIFEST_NAME, NATIVE_DIR
 from shardstore.store.writer import write_npy

@@ -15,9 +15,24 @@ from typing import Any
 import numpy as np
 
 from shardstore.errors import ManifestError
-from shardstore.store.layout import FIELD_NAME, FLAT_FILE, MANIFEST_NAME, MAX_SHARD_ID, NATIVE_DIR, NATIVE_FILE, parse_shard_id
+from shardstore.store.layout import (
+    FIELD_NAME,
+    FLAT_FILE,
+    MANIFEST_NAME,
+    MAX_SHARD_ID,
+    NATIVE_DIR,
+    NATIVE_FILE,
+    parse_shard_id,
+)
 from shardstore.store.manifest import (
-    CHECKSUM_ALGORITHM, FORMAT_NAME, FORMAT_VERSION, FieldSpec, FileEntry, Manifest, Problem, ShardEntry,
+    CHECKSUM_ALGORITHM,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    FieldSpec,
+    FileEntry,
+    Manifest,
+    Problem,
+    ShardEntry,
 )
 
 CHECKSUM = re.compile(rf"^{CHECKSUM_ALGORITHM}:[0-9a-f]{{64}}$")

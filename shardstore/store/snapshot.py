@@ -27,11 +27,27 @@ from shardstore.errors import ManifestError
 from shardstore.store.atomic import disk_full_error, fsync_dir, is_disk_full, pid_alive, write_bytes_atomic
 from shardstore.store.layout import MANIFEST_NAME, OutsideRootError, check_within
 from shardstore.store.manifest import (
-    BASE_COLUMNS, CHECKSUM_ALGORITHM, DIGEST_BYTES, FIELD_COLUMNS, FORMAT_NAME, FORMAT_VERSION, LAYOUTS,
-    RANGE_COLUMNS, FieldSpec, Manifest, label_like,
+    BASE_COLUMNS,
+    CHECKSUM_ALGORITHM,
+    DIGEST_BYTES,
+    FIELD_COLUMNS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    LAYOUTS,
+    RANGE_COLUMNS,
+    FieldSpec,
+    Manifest,
+    label_like,
 )
 from shardstore.store.manifest_json import (
-    LEGACY_VERSION, checked, fields_json, left_out_json, load_document, parse_header, parse_legacy, rebuild_fix,
+    LEGACY_VERSION,
+    checked,
+    fields_json,
+    left_out_json,
+    load_document,
+    parse_header,
+    parse_legacy,
+    rebuild_fix,
 )
 
 TABLE_DIR = "manifest.d"

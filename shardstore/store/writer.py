@@ -15,9 +15,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from shardstore.errors import WriterError
-from shardstore.store.atomic import format_bytes, disk_full_error, fsync_dir, is_disk_full, pid_alive
-from shardstore.store.npy import read_header_at
-from shardstore.store.shard_fields import describe_field, group_fields, read_shard_fields
+from shardstore.store.atomic import disk_full_error, format_bytes, fsync_dir, is_disk_full, pid_alive
 from shardstore.store.layout import (
     NATIVE_DIR,
     NATIVE_FILE,
@@ -26,6 +24,8 @@ from shardstore.store.layout import (
     field_file_name,
     shard_dir_name,
 )
+from shardstore.store.npy import read_header_at
+from shardstore.store.shard_fields import describe_field, group_fields, read_shard_fields
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,14 @@ from shardstore.store.reader import load_manifest
 from tests.conftest import sample_arrays
 
 from .harness import (
-    assert_one_line_error, assert_visible_npy_load, cli, file_digests, run_sets, temporaries, tiny_cache, warm,
+    assert_one_line_error,
+    assert_visible_npy_load,
+    cli,
+    file_digests,
+    run_sets,
+    temporaries,
+    tiny_cache,
+    warm,
 )
 
 pytestmark = pytest.mark.slow

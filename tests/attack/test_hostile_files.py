@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shardstore import ShardstoreError, ShardStore
+from shardstore import ShardStore, ShardstoreError
 from shardstore.store.manifest import Manifest
 from shardstore.store.reader import load_manifest
 from tests.conftest import sample_arrays, write_native

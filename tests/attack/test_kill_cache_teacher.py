@@ -14,8 +14,17 @@ from shardstore.store.groups import GroupSpec
 from shardstore.store.reader import load_manifest
 
 from .harness import (
-    assert_visible_npy_load, cli, cli_start, file_digests, kill_delay, kill_fractions, plant_stale, run_sets,
-    temporaries, tiny_cache, warm,
+    assert_visible_npy_load,
+    cli,
+    cli_start,
+    file_digests,
+    kill_delay,
+    kill_fractions,
+    plant_stale,
+    run_sets,
+    temporaries,
+    tiny_cache,
+    warm,
 )
 
 SEED = 14

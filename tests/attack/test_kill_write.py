@@ -14,7 +14,15 @@ import pytest
 from shardstore.store.reader import load_manifest
 
 from .harness import (
-    assert_visible_npy_load, cli, cli_start, file_digests, kill_delay, kill_fractions, plant_stale, temporaries, warm,
+    assert_visible_npy_load,
+    cli,
+    cli_start,
+    file_digests,
+    kill_delay,
+    kill_fractions,
+    plant_stale,
+    temporaries,
+    warm,
 )
 
 SEED = 12

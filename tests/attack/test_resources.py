@@ -48,10 +48,10 @@ def whole_epoch_under_a_low_fd_limit(root: str) -> int:
 
 def truncate_while_mapped(root: str) -> int:
     """Child: cut a shard file down to its header after the loader's first batch from it; report what happened."""
+    import numpy as np
+
     from shardstore import CorruptShardError, ShardStore
     from shardstore.loader import ShardLoader
-
-    import numpy as np
 
     store = ShardStore.open(root)
     victim = store.path(0, "images")

@@ -152,7 +152,12 @@ def test_lock_file_holding_garbage_is_taken_over(tmp_path: Path) -> None:
 
 @pytest.fixture
 def run_cfg(cache: Path, tmp_path: Path):
-    from shardstore.config.resolve import DEFAULT_DATA_CONFIG, DEFAULT_MODEL_CONFIG, DEFAULT_TRAIN_CONFIG, load_run_config
+    from shardstore.config.resolve import (
+        DEFAULT_DATA_CONFIG,
+        DEFAULT_MODEL_CONFIG,
+        DEFAULT_TRAIN_CONFIG,
+        load_run_config,
+    )
     from tests.kd.conftest import overrides
 
     return load_run_config(DEFAULT_DATA_CONFIG, DEFAULT_TRAIN_CONFIG, DEFAULT_MODEL_CONFIG,

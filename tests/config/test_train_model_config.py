@@ -15,8 +15,16 @@ import yaml
 from shardstore.config.data import DataConfig
 from shardstore.config.model import InputConfig, ModelConfig, StudentConfig, TeacherConfig
 from shardstore.config.overrides import apply_overrides
-from shardstore.config.resolve import (DEFAULT_CONFIG_DIR, DEFAULT_DATA_CONFIG, DEFAULT_MODEL_CONFIG, DEFAULT_TRAIN_CONFIG,
-                                       RunConfig, load_run_config, run_config_from_yaml, run_config_to_yaml)
+from shardstore.config.resolve import (
+    DEFAULT_CONFIG_DIR,
+    DEFAULT_DATA_CONFIG,
+    DEFAULT_MODEL_CONFIG,
+    DEFAULT_TRAIN_CONFIG,
+    RunConfig,
+    load_run_config,
+    run_config_from_yaml,
+    run_config_to_yaml,
+)
 from shardstore.config.schema import from_mapping, load_yaml, to_dict
 from shardstore.config.train import AugmentConfig, EvalConfig, LossConfig, TrainConfig
 from shardstore.errors import ConfigError

@@ -40,7 +40,12 @@ def test_two_cpu_ranks_train_in_lockstep_from_cached_targets(tiny_cache: Path, t
     """Each rank picks its samples' stored views from its own stream; DDP keeps the weights identical."""
     import shutil
 
-    from shardstore.config.resolve import DEFAULT_DATA_CONFIG, DEFAULT_MODEL_CONFIG, DEFAULT_TRAIN_CONFIG, load_run_config
+    from shardstore.config.resolve import (
+        DEFAULT_DATA_CONFIG,
+        DEFAULT_MODEL_CONFIG,
+        DEFAULT_TRAIN_CONFIG,
+        load_run_config,
+    )
     from shardstore.kd.teacher_cache import fill_teacher_cache
 
     cache = tmp_path / "cache"
@@ -67,7 +72,12 @@ def test_two_ranks_fill_the_teacher_cache_like_one_process(tiny_cache: Path, tmp
 
     import numpy as np
 
-    from shardstore.config.resolve import DEFAULT_DATA_CONFIG, DEFAULT_MODEL_CONFIG, DEFAULT_TRAIN_CONFIG, load_run_config
+    from shardstore.config.resolve import (
+        DEFAULT_DATA_CONFIG,
+        DEFAULT_MODEL_CONFIG,
+        DEFAULT_TRAIN_CONFIG,
+        load_run_config,
+    )
     from shardstore.kd.teacher_cache import fill_teacher_cache
     from shardstore.store.reader import ShardStore
 

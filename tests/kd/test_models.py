@@ -14,8 +14,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shardstore.errors import ConfigError
-from shardstore.kd.models import MODELS, InputAdapter, build_model, freeze, load_checkpoint_into, load_torchscript
-from shardstore.kd.models import resnet, vit
+from shardstore.kd.models import (
+    MODELS,
+    InputAdapter,
+    build_model,
+    freeze,
+    load_checkpoint_into,
+    load_torchscript,
+    resnet,
+    vit,
+)
 from shardstore.kd.models import io as model_io
 from shardstore.kd.models.resnet import BasicBlock, Bottleneck
 

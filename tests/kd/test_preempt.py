@@ -251,7 +251,8 @@ def test_recovery_checkpoints_follow_the_minutes_interval(tiny_cache: Path, tmp_
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signalled_cli_run_saves_exits_75_and_the_printed_command_resumes_it_bit_identical(
         tmp_path: Path, sig: signal.Signals) -> None:
-    from tests.attack.harness import cli, cli_start, run_sets, tiny_cache as attack_cache, warm
+    from tests.attack.harness import cli, cli_start, run_sets, warm
+    from tests.attack.harness import tiny_cache as attack_cache
 
     cache = attack_cache(tmp_path / "cache")
     extra = {"train__epochs": 3, "train__checkpoint__every_steps": 0, "train__log__every_steps": 1}

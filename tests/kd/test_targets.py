@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from shardstore.errors import ConfigError
-from shardstore.kd.losses import kd_kl
-from shardstore.kd.losses import kd_kl_from_log_probs
+from shardstore.kd.losses import kd_kl, kd_kl_from_log_probs
 from shardstore.kd.targets import encode_topk, index_dtype, teacher_log_probs
 
 

@@ -30,8 +30,8 @@ from shardstore.kd.targets import SparseLogits, encode_topk, teacher_log_probs
 from shardstore.kd.teacher_cache import check_teacher_cache, fill_teacher_cache
 from shardstore.kd.trainer import train
 from shardstore.manifest.build import build_manifest
-from shardstore.store.reader import ShardStore
 from shardstore.store.groups import read_group_specs
+from shardstore.store.reader import ShardStore
 
 from .conftest import overrides, write_tiny_cache
 

@@ -20,8 +20,8 @@ from shardstore.errors import ConfigError, DiskFullError
 from shardstore.kd import trainer as trainer_module
 from shardstore.kd.checkpoint import load_checkpoint
 from shardstore.kd.components import Trainable
-from shardstore.kd.metrics import read_metrics
 from shardstore.kd.divergence import NonFiniteLossError
+from shardstore.kd.metrics import read_metrics
 from shardstore.kd.trainer import train
 
 from .conftest import overrides, write_tiny_cache

@@ -26,13 +26,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shardstore import CorruptShardError, ManifestError, ShardstoreError, ShardStore, ShardWriter, build_manifest
+from shardstore import CorruptShardError, ManifestError, ShardStore, ShardstoreError, ShardWriter, build_manifest
 from shardstore.cli import main
 from shardstore.store.manifest import Manifest
 from shardstore.store.reader import load_manifest
 from tests.conftest import sample_arrays, write_flat, write_native
 from tests.manifest.synthetic import (
-    column, header, replace_column, table_dir, table_dirs, write_header,
+    column,
+    header,
+    replace_column,
+    table_dir,
+    table_dirs,
+    write_header,
 )
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from shardstore import ManifestError, ShardStore, build_manifest
-from shardstore.store.manifest import Manifest
 from shardstore.store.groups import GroupSpec, add_shard_fields, remove_stale_temporaries, write_group_spec
+from shardstore.store.manifest import Manifest
 from tests.conftest import write_flat, write_native
 
 GROUP = GroupSpec("teacher", {"teacher_logits": (np.dtype(np.float16), (5,)),

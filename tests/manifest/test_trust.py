@@ -14,8 +14,7 @@ import pytest
 from shardstore import ManifestError, ShardStore, build_manifest, verify_checksums
 from shardstore.cli import main
 from shardstore.manifest.checksum import file_checksum
-from shardstore.store.manifest import FileEntry, Manifest, ShardEntry
-from shardstore.store.manifest import FieldSpec
+from shardstore.store.manifest import FieldSpec, FileEntry, Manifest, ShardEntry
 from shardstore.store.reader import load_manifest
 from shardstore.store.snapshot import write_manifest
 from tests.conftest import sample_arrays

@@ -13,8 +13,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shardstore.sampling.order import ORDER_POLICIES
-from shardstore.sampling.plan import (EpochPlan, EpochSpec, RankPlan, plan_epoch, rank_indices, rank_plan,
-                                     steps_per_epoch, whole_store_plan)
+from shardstore.sampling.plan import (
+    EpochPlan,
+    EpochSpec,
+    RankPlan,
+    plan_epoch,
+    rank_indices,
+    rank_plan,
+    steps_per_epoch,
+    whole_store_plan,
+)
 from shardstore.sampling.shards import SHARD_POLICIES
 from shardstore.sampling.world import World
 

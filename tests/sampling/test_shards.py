@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 
 from shardstore.sampling import shards
 from shardstore.sampling.seeds import VISIT_ORDER, rng_for
-from shardstore.sampling.shards import PERMUTATION_SCHEDULE, SHARD_POLICIES, bijection, permutation_shards, random_shards
+from shardstore.sampling.shards import (
+    PERMUTATION_SCHEDULE,
+    SHARD_POLICIES,
+    bijection,
+    permutation_shards,
+    random_shards,
+)
 
 
 def walked_stream(n: int, k: int, seed: int, cycles: int) -> np.ndarray:

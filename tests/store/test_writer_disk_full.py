@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from shardstore import ShardWriter
-from shardstore.store import writer as writer_module
 from shardstore.cli import main
 from shardstore.errors import DiskFullError
+from shardstore.store import writer as writer_module
 from tests.conftest import sample_arrays
 
 
