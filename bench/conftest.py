@@ -41,7 +41,8 @@ def _env_int(name: str, default: int) -> int:
     return value
 
 
-def _write(root: Path, shard_size: int, num_samples: int, batch: Callable[[int, int], dict[str, np.ndarray]]) -> BenchCache:
+def _write(root: Path, shard_size: int, num_samples: int,
+           batch: Callable[[int, int], dict[str, np.ndarray]]) -> BenchCache:
     with ShardWriter(root, shard_size=shard_size, fsync=False) as writer:
         for start in range(0, num_samples, BATCH):
             writer.add_batch(batch(start, min(BATCH, num_samples - start)))

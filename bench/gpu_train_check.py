@@ -92,7 +92,8 @@ def cached_pass(sets: list[str], root: Path, views: int, batch: int) -> list[tup
     train(cached_cfg)
     last = [r for r in read_metrics(root / "run_cached") if r["kind"] == "epoch"][-1]
     return [
-        ("cache-teacher", f"{fill.images_per_s:,.0f} images/s x {views} views ({fill.spec.bytes_per_sample():,} B/image)"),
+        ("cache-teacher", f"{fill.images_per_s:,.0f} images/s x {views} views "
+                          f"({fill.spec.bytes_per_sample():,} B/image)"),
         ("check, 256 stored views", f"top-1 match {100 * (check.top1_match or 0):.1f}%, worst KL {check.worst_kl:.2g} "
                                     f"nats, passed {check.passed}"),
         ("images/s from cached targets (last epoch)", f"{last['samples_per_s']:,.0f} (data wait "

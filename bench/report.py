@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     commit = data.get("commit_info", {})
     first = next(r for r in results if r.kind == "loader") if any(r.kind == "loader" for r in results) else results[0]
     print(f"ShardLoader benchmark, {data.get('datetime', '?')}, {cpu.get('brand_raw', machine.get('machine', '?'))} "
-          f"x{cpu.get('count', '?')}, commit {str(commit.get('id', '?'))[:10]}{' (dirty)' if commit.get('dirty') else ''}; "
+          f"x{cpu.get('count', '?')}, commit {str(commit.get('id', '?'))[:10]}"
+          f"{' (dirty)' if commit.get('dirty') else ''}; "
           f"one epoch = {first.samples:,.0f} samples, {first.bytes / 1e6:,.0f} MB")
     print()
     print("\n".join(table(results)))

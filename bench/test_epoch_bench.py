@@ -115,6 +115,7 @@ def test_epoch_map_compiled_vs_reference(benchmark: BenchmarkFixture, rate: Rate
     if benchmark.stats is None:
         return
     compiled = benchmark.stats.stats.median * 1e6
-    ref = median_us(lambda: reference.expand_epoch(starts, visit_counts, source), repeats=5 if source is not None else 50)
+    ref = median_us(lambda: reference.expand_epoch(starts, visit_counts, source),
+                    repeats=5 if source is not None else 50)
     benchmark.extra_info.update(samples=int(got.size), median_us=round(compiled, 1), reference_us=round(ref, 1),
                                 speedup=round(ref / compiled, 1))

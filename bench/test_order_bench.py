@@ -53,8 +53,10 @@ def read_epoch(store: ShardStore, ids: np.ndarray) -> tuple[int, float]:
     return ids.size, float(np.mean(distinct))
 
 
-@pytest.mark.parametrize(("order", "active"), [("sequential", 1), ("interleave", 2), ("interleave", 4), ("interleave", 8)])
-def test_order_mixing_and_throughput(benchmark: BenchmarkFixture, sorted_store: ShardStore, order: str, active: int) -> None:
+@pytest.mark.parametrize(("order", "active"),
+                         [("sequential", 1), ("interleave", 2), ("interleave", 4), ("interleave", 8)])
+def test_order_mixing_and_throughput(benchmark: BenchmarkFixture, sorted_store: ShardStore, order: str,
+                                     active: int) -> None:
     counts = np.diff(sorted_store.offsets)
     spec = EpochSpec(min(15, SHARDS), 42, "random", order, active)
     ids = rank_indices(plan_epoch(counts, sorted_store.offsets, spec, 0), World(), BATCH, None)

@@ -314,8 +314,8 @@ def run_epoch(loader: Any, epoch: int, *, period_s: float = 0.0, full: bool = Fa
     cpu = thread_cpu()
     cpu.subtract(cpu0)
     waits = loader.stats.per_batch_s
-    return Result(seconds, loader.stats.epoch_s, float(waits[0]), loader.stats.remote_s - remote0, np.concatenate(labels), sampled,
-                  sums, {k: round(v, 2) for k, v in cpu.items()})
+    return Result(seconds, loader.stats.epoch_s, float(waits[0]), loader.stats.remote_s - remote0,
+                  np.concatenate(labels), sampled, sums, {k: round(v, 2) for k, v in cpu.items()})
 
 
 def check_same(got: Result, want: Result) -> None:

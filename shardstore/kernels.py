@@ -254,7 +254,7 @@ class BatchBuffers:
                 self.sizes[k, f] = arr.nbytes
 
     def columns(self, fields: FieldSpecs) -> np.ndarray:
-        """Column of each of ``fields`` in ``addresses``; ``ValueError`` naming ``buffers`` if one is missing or differs."""
+        """Column of each of ``fields`` in ``addresses``; ValueError naming ``buffers`` if one is missing or differs."""
         out = np.empty(len(fields), np.int64)
         for f, (name, spec) in enumerate(fields.items()):
             mine = self.fields.get(name)
@@ -451,7 +451,8 @@ def gather_rows(sources: list[np.ndarray], source_index: np.ndarray, rows: np.nd
         if not isinstance(src, np.ndarray) or src.ndim < 1:
             raise TypeError(f"sources[{k}] must be a numpy.ndarray with a row axis")
         if src.dtype != out.dtype or src.shape[1:] != out.shape[1:]:
-            raise TypeError(f"sources[{k}] is {src.dtype} rows of {src.shape[1:]}, out is {out.dtype} rows of {out.shape[1:]}")
+            raise TypeError(f"sources[{k}] is {src.dtype} rows of {src.shape[1:]}, "
+                            f"out is {out.dtype} rows of {out.shape[1:]}")
     if rows.size == 0:
         return
     spec = {"x": (out.dtype, out.shape[1:])}

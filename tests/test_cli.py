@@ -62,7 +62,8 @@ def test_real_process_prints_no_traceback(tmp_path: Path) -> None:
         capture_output=True, text=True, check=False,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"shardstore: error: {tmp_path / 'missing'} does not exist; pass the cache directory"]
+    assert proc.stderr.strip().splitlines() == [
+        f"shardstore: error: {tmp_path / 'missing'} does not exist; pass the cache directory"]
 
 
 def test_write_from_npy_then_info_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -118,7 +119,8 @@ def test_a_changed_checksummed_file_is_reported_by_build_and_verify(native_cache
     code, _, err = run(["build-manifest", str(native_cache), "--strict"], capsys)
     assert code == 1
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("changed: shard_000001/labels.npy: ") and "--full --checksum" in lines[0]
+    assert len(lines) == 1
+    assert lines[0].startswith("changed: shard_000001/labels.npy: ") and "--full --checksum" in lines[0]
     assert run(["build-manifest", str(native_cache)], capsys)[0] == 0
     assert run(["verify", str(native_cache)], capsys)[0] == 1  # the checksum survived both rebuilds
 

@@ -62,7 +62,8 @@ def test_gather_rows_matches_reference(counts, dtype, shape, n, data) -> None:
 )
 def test_batch_gather_fills_every_field_of_consecutive_batches(counts, batch_size, num_batches, data) -> None:
     rng = np.random.default_rng(sum(counts))
-    fields = {"img": (np.dtype(np.uint8), (3, 4, 4)), "label": (np.dtype(np.int64), ()), "emb": (np.dtype(np.float16), (5,))}
+    fields = {"img": (np.dtype(np.uint8), (3, 4, 4)), "label": (np.dtype(np.int64), ()),
+              "emb": (np.dtype(np.float16), (5,))}
     sources = {name: _sources(rng, counts, dtype, shape) for name, (dtype, shape) in fields.items()}
     opened: list[tuple[str, int]] = []
 
@@ -131,7 +132,8 @@ def test_resident_fraction_sees_evicted_pages(tmp_path) -> None:
     assert kernels.resident_fraction(path) < 0.1
 
 
-FIELDS = {"img": (np.dtype(np.uint8), (3, 4, 4)), "label": (np.dtype(np.int64), ()), "emb": (np.dtype(np.float16), (5,))}
+FIELDS = {"img": (np.dtype(np.uint8), (3, 4, 4)), "label": (np.dtype(np.int64), ()),
+          "emb": (np.dtype(np.float16), (5,))}
 
 
 def _gather_over(counts: list[int], rng: np.random.Generator) -> tuple[kernels.BatchGather, dict]:
@@ -166,7 +168,8 @@ def test_buffers_that_lack_a_field_or_hold_it_otherwise_are_refused() -> None:
         gather.gather(*ids, buffers)
     other = {**FIELDS, "emb": (np.dtype(np.float16), (6,))}
     buffers = kernels.BatchBuffers([{n: np.zeros((2, *s), d) for n, (d, s) in other.items()}], other, 2)
-    with pytest.raises(ValueError, match=r"buffers hold field 'emb' as \(6,\) float16, the gather copies \(5,\) float16"):
+    with pytest.raises(ValueError,
+                       match=r"buffers hold field 'emb' as \(6,\) float16, the gather copies \(5,\) float16"):
         gather.gather(*ids, buffers)
     with pytest.raises(TypeError, match="buffers must be a BatchBuffers"):
         gather.gather(*ids, [{}])

@@ -60,7 +60,7 @@ def test_non_contiguous_input_is_handled() -> None:
 
 
 def test_missing_extension_fails_loudly_at_first_use() -> None:
-    """The package imports without the extension (it loads on first use), and a kernel then fails loudly: no fallback."""
+    """The package imports without the extension (it loads on first use); a kernel then fails loudly: no fallback."""
     import subprocess
     import sys
 

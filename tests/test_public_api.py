@@ -1,4 +1,4 @@
-"""The package root's public names: frozen, importable without torch or the compiled extension, each the right object."""
+"""The package root's public names: frozen, importable without torch or the compiled extension, each the right one."""
 
 from __future__ import annotations
 

@@ -145,7 +145,8 @@ def test_a_split_is_chosen_by_name(source: dict, tmp_path: Path, capsys: pytest.
     assert shards(tmp_path / "c", "labels").tolist() == source["labels"][::4].tolist()
     loaded = datasets.load_from_disk(str(source["dict"]))  # a DatasetDict object, from Python
     assert hf_image_source(loaded, split="test").num_rows == len(source["labels"][::4])
-    with pytest.raises(ShardstoreError, match="^the dataset has type IterableDataset; an image source needs a map-style"):
+    with pytest.raises(ShardstoreError,
+                       match="^the dataset has type IterableDataset; an image source needs a map-style"):
         hf_image_source(loaded["train"].to_iterable_dataset())
     assert one_line(["write", tmp_path / "d", "--from-hf", source["dict"], "--split", "val"], capsys) == (
         f"{source['dict']} has no split 'val'; its splits are train, test")

@@ -148,7 +148,8 @@ def build_manifest_cmd(
                                                              "(s3://, gs://, az://, file://).")],
     checksum: Annotated[bool, typer.Option("--checksum", help="Also hash every new file (SHA-256), for "
                                                               "`shardstore verify`.")] = False,
-    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any shard is left out or a checksummed file changed.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any shard is left out or a checksummed file "
+                                                          "changed.")] = False,
     full: Annotated[bool, typer.Option("--full", help="Start over, without the old manifest's entries and checksums "
                                                       "(add --checksum to record new ones).")] = False,
 ) -> None:
@@ -197,7 +198,7 @@ def _report_build(path: Path | str, report: Any, checksum: bool, strict: bool, *
 
 @app.command(short_help="Print a cache's manifest summary (reads no shard).")
 def info(root: Annotated[str, typer.Argument(metavar="ROOT", help="Cache directory holding manifest.json, or an "
-                                                             "object-store URL (s3://, gs://, az://, file://).")]) -> None:
+                                             "object-store URL (s3://, gs://, az://, file://).")]) -> None:
     """Print the manifest summary of a cache: shards, samples, bytes, fields, groups.
 
     Needs: ROOT/manifest.json (run `shardstore build-manifest ROOT` first). Reads no shard.
@@ -236,7 +237,8 @@ def verify(root: Annotated[str, typer.Argument(metavar="ROOT", help="Cache direc
     manifest = load_manifest(path, check="all")
     total = sum(int(manifest.file_sizes(f)[manifest.checksummed(f)].sum()) for f in manifest.fields)
     if total == 0 and manifest.num_shards:
-        raise ManifestError(f"{manifest_path(path)} has no checksums; run `shardstore build-manifest --checksum {path}`")
+        raise ManifestError(f"{manifest_path(path)} has no checksums; "
+                            f"run `shardstore build-manifest --checksum {path}`")
     with _progress("verifying", total, bytes_=True) as advance:
         report = verify_checksums(path, manifest, progress=advance)
     for problem in report.mismatches:
@@ -263,7 +265,8 @@ def _options(
                                           help="Print the version and exit.")] = False,
 ) -> None:
     """Options before the command apply to every command: `shardstore -v train ...`."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
 
 
 def _fail(message: str | ShardstoreError) -> int:

@@ -18,12 +18,14 @@ def cache_teacher(
     train_config: TrainConfigOption = None,
     model_config: ModelConfigOption = None,
     overrides: SetOption = None,
-    name: Annotated[str, typer.Option(help="Name of the targets (their fields are NAME_views, NAME_topk_index, ...).")] = "teacher",
+    name: Annotated[str, typer.Option(help="Name of the targets (their fields are NAME_views, NAME_topk_index, "
+                                      "...).")] = "teacher",
     views: Annotated[int, typer.Option("--views", help="Augmented views per sample (K).")] = 4,
     topk: Annotated[int, typer.Option("--topk", help="Classes kept per view (sparse logits).")] = 10,
     dense: Annotated[bool, typer.Option("--dense", help="Store all logits in float16 instead of the top-k.")] = False,
     logits: Annotated[bool, typer.Option("--logits/--no-logits", help="Store logits at all.")] = True,
-    embeddings: Annotated[bool, typer.Option("--embeddings", help="Also store the teacher's pooled embedding.")] = False,
+    embeddings: Annotated[bool, typer.Option("--embeddings",
+                                             help="Also store the teacher's pooled embedding.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the targets stored under NAME first and "
                                             "fill every shard again (new teacher or settings).")] = False,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the views (default: train.seed).")] = None,
@@ -41,8 +43,8 @@ def cache_teacher(
     teacher.checkpoint; the same three configs as `shardstore train`.
 
     Only shards without the targets are filled, each whole or not at all: run it again after
-    a crash, or when new shards arrive. Under torchrun each GPU fills its share of the shards. Train from the targets with
-    `--set data.teacher_targets=NAME` (no teacher is loaded then).
+    a crash, or when new shards arrive. Under torchrun each GPU fills its share of the shards. Train from the targets
+    with `--set data.teacher_targets=NAME` (no teacher is loaded then).
     """
     from shardstore.kd.teacher_cache import check_teacher_cache, fill_teacher_cache
     from shardstore.store.groups import check_group_name

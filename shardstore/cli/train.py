@@ -82,7 +82,8 @@ TrainConfigOption = Annotated[Optional[str], typer.Option("--train-config", "--t
                                                           help="train_config_kd.yaml (default: configs/).")]
 ModelConfigOption = Annotated[Optional[str], typer.Option("--model-config", "--model_config", metavar="FILE",
                                                           help="model_config_kd.yaml (default: configs/).")]
-SetOption = Annotated[Optional[list[str]], typer.Option("--set", metavar="SECTION.KEY=VALUE", help="Override a key, e.g. train.lr=3e-4 "
+SetOption = Annotated[Optional[list[str]], typer.Option("--set", metavar="SECTION.KEY=VALUE",
+                                                        help="Override a key, e.g. train.lr=3e-4 "
                                                         "or data.shards_per_epoch=8 (repeatable).")]
 
 
@@ -111,11 +112,12 @@ def train(
     auto_resume: Annotated[bool, typer.Option("--auto-resume", help="Continue from the latest checkpoint if "
                                               "train.run_dir has one, else start: for batch jobs that are requeued.")
                            ] = False,
-    resume_from: Annotated[Optional[str], typer.Option("--resume-from", metavar="CHECKPOINT", help="Continue from this checkpoint file "
-                                                       "(e.g. RUN_DIR/checkpoints/epoch_0003.pt) instead of the latest; "
-                                                       "the run still writes to train.run_dir.")] = None,
-    device: Annotated[Optional[str], typer.Option(metavar="DEVICE", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when CUDA is "
-                                                  "available, else cpu).")] = None,
+    resume_from: Annotated[Optional[str], typer.Option("--resume-from", metavar="CHECKPOINT",
+                                                       help="Continue from this checkpoint file "
+                                                       "(e.g. RUN_DIR/checkpoints/epoch_0003.pt) instead of the "
+                                                       "latest; the run still writes to train.run_dir.")] = None,
+    device: Annotated[Optional[str], typer.Option(metavar="DEVICE", help="cpu, cuda or cuda:N (default: "
+                                                  "cuda:LOCAL_RANK when CUDA is available, else cpu).")] = None,
 ) -> None:
     """Distill a student from a teacher over random shard epochs (also under torchrun for several GPUs).
 
@@ -139,7 +141,8 @@ def train(
         out.print(run_config_to_yaml(cfg), markup=False)
     how = resume_from or resume or ("auto" if auto_resume else False)
     try:
-        result = run_training(cfg, resume=how, reporter=RichReporter(main_rank, cfg.train.log.progress_every_s), device=device)
+        reporter = RichReporter(main_rank, cfg.train.log.progress_every_s)
+        result = run_training(cfg, resume=how, reporter=reporter, device=device)
     except TrainingPreempted as stop:
         if main_rank:
             flag = "--resume" if stop.checkpoint is not None else None  # nothing saved: the same command starts anew

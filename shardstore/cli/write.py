@@ -23,22 +23,38 @@ def _parse_npy_specs(specs: list[str]) -> dict[str, str]:
 @app.command(short_help="Fill a cache from .npy files, an image folder or a HF dataset.")
 def write(
     root: Annotated[str, typer.Argument(metavar="ROOT", help="Cache directory to fill (created if needed).")],
-    from_npy: Annotated[Optional[list[str]], typer.Option("--from-npy", help="FIELD=PATH of a .npy holding the whole dataset; repeat per field (rows keep their order).")] = None,
-    from_folder: Annotated[Optional[str], typer.Option("--from-folder", help="Image folder with one subfolder per class.")] = None,
-    from_hf: Annotated[Optional[str], typer.Option("--from-hf", help="Hugging Face dataset: a save_to_disk folder, Parquet/Arrow files (a file, glob or folder) or a hub name; needs the hf extra.")] = None,
-    split: Annotated[Optional[str], typer.Option("--split", help="--from-hf: split of a DatasetDict or hub dataset (default: train, or the only one).")] = None,
-    config: Annotated[Optional[str], typer.Option("--config", help="--from-hf: configuration (subset) of a hub dataset.")] = None,
-    image_column: Annotated[Optional[str], typer.Option("--image-column", help="--from-hf: image column (default: the only Image feature, else image or img).")] = None,
-    label_column: Annotated[Optional[str], typer.Option("--label-column", help="--from-hf: label column (default: the only ClassLabel, else label or labels).")] = None,
-    image_size: Annotated[int, typer.Option("--image-size", help="Square side the images are resized and center-cropped to.")] = 64,
-    shuffle_seed: Annotated[Optional[int], typer.Option("--shuffle-seed", help="Seed of the row order for images (default 0): shards hold a mix of classes.")] = None,
-    no_shuffle: Annotated[bool, typer.Option("--no-shuffle", help="Write images in source order (class by class for a folder).")] = False,
-    workers: Annotated[Optional[int], typer.Option("--workers", help="Image decoding processes (default: one per core, at most 4); the cache is the same with any number.")] = None,
+    from_npy: Annotated[Optional[list[str]], typer.Option("--from-npy", help="FIELD=PATH of a .npy holding the "
+                                                          "whole dataset; repeat per field (rows keep their order).")
+                        ] = None,
+    from_folder: Annotated[Optional[str], typer.Option("--from-folder",
+                                                       help="Image folder with one subfolder per class.")] = None,
+    from_hf: Annotated[Optional[str], typer.Option("--from-hf", help="Hugging Face dataset: a save_to_disk folder, "
+                                                   "Parquet/Arrow files (a file, glob or folder) or a hub name; needs "
+                                                   "the hf extra.")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help="--from-hf: split of a DatasetDict or hub dataset "
+                                                 "(default: train, or the only one).")] = None,
+    config: Annotated[Optional[str], typer.Option("--config",
+                                                  help="--from-hf: configuration (subset) of a hub dataset.")] = None,
+    image_column: Annotated[Optional[str], typer.Option("--image-column", help="--from-hf: image column (default: the "
+                                                        "only Image feature, else image or img).")] = None,
+    label_column: Annotated[Optional[str], typer.Option("--label-column", help="--from-hf: label column (default: the "
+                                                        "only ClassLabel, else label or labels).")] = None,
+    image_size: Annotated[int, typer.Option("--image-size",
+                                            help="Square side the images are resized and center-cropped to.")] = 64,
+    shuffle_seed: Annotated[Optional[int], typer.Option("--shuffle-seed", help="Seed of the row order for images "
+                                                        "(default 0): shards hold a mix of classes.")] = None,
+    no_shuffle: Annotated[bool, typer.Option("--no-shuffle", help="Write images in source order (class by class for "
+                                             "a folder).")] = False,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Image decoding processes (default: one per "
+                                                   "core, at most 4); the cache is the same with any number.")] = None,
     shard_size: Annotated[int, typer.Option("--shard-size", help="Samples per shard (cache_shard_size).")] = 2048,
     start_shard: Annotated[int, typer.Option("--start-shard", help="First shard id this job writes.")] = 0,
-    num_shards: Annotated[Optional[int], typer.Option("--num-shards", help="Shards this job writes (default: to the end).")] = None,
-    on_error: Annotated[str, typer.Option("--on-error", help="Unreadable image: 'skip' (count it) or 'stop'.")] = "skip",
-    build: Annotated[bool, typer.Option("--build-manifest/--no-build-manifest", help="Build the manifest afterwards (leave it to the last of several parallel jobs).")] = True,
+    num_shards: Annotated[Optional[int], typer.Option("--num-shards",
+                                                      help="Shards this job writes (default: to the end).")] = None,
+    on_error: Annotated[str, typer.Option("--on-error",
+                                          help="Unreadable image: 'skip' (count it) or 'stop'.")] = "skip",
+    build: Annotated[bool, typer.Option("--build-manifest/--no-build-manifest", help="Build the manifest afterwards "
+                                        "(leave it to the last of several parallel jobs).")] = True,
 ) -> None:
     """Fill a cache from whole-dataset .npy files, an image folder or a Hugging Face dataset.
 

@@ -51,7 +51,7 @@ class DataConfig:
     drop_finished_pages: bool = False
     """Drop a shard's pages from the page cache once the epoch is done with it (a cache larger than RAM)."""
     teacher_targets: str | None = None
-    """Train from the teacher targets cached under this name (``shardstore cache-teacher --name``); no teacher is loaded."""
+    """Train from the teacher targets cached under this name (``cache-teacher --name``); no teacher is loaded."""
     missing_targets: str = "error"
     """Shards without those targets: ``error`` (stop and say which) or ``skip`` (train on the others)."""
     image_field: str = "images"

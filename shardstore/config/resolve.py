@@ -77,8 +77,8 @@ def load_run_config(data_path: str | os.PathLike[str], train_path: str | os.Path
 
 
 #: Keys holding paths, by section.
-PATH_KEYS = {("data", "cache_root"), ("data", "local_cache"), ("train", "eval", "cache_root"), ("model", "teacher", "checkpoint"),
-             ("model", "student", "checkpoint")}
+PATH_KEYS = {("data", "cache_root"), ("data", "local_cache"), ("train", "eval", "cache_root"),
+             ("model", "teacher", "checkpoint"), ("model", "student", "checkpoint")}
 
 
 def _absolute_override_paths(sections: dict[str, dict[str, Any]], overrides: list[str]) -> None:
@@ -96,7 +96,7 @@ def _absolute_override_paths(sections: dict[str, dict[str, Any]], overrides: lis
 
 
 def run_config_to_yaml(cfg: RunConfig) -> str:
-    """The configuration as YAML with sections ``data``, ``train``, ``model``; ``run_config_from_yaml`` reads it back."""
+    """The configuration as YAML with sections ``data``, ``train``, ``model``; read back by ``run_config_from_yaml``."""
     sections = {"data": to_dict(cfg.data), "train": to_dict(cfg.train), "model": to_dict(cfg.model)}
     return yaml.dump(sections, Dumper=_Dumper, sort_keys=False)
 

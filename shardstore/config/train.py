@@ -212,7 +212,7 @@ class TrainConfig:
 
 
 def catchable_signal(name: str) -> signal.Signals:
-    """The signal ``name`` (``SIGUSR1``, ``USR1`` or ``usr1``) names, if a handler can catch it; ``ValueError`` if not."""
+    """The signal ``name`` (``SIGUSR1``, ``USR1`` or ``usr1``) names if a handler can catch it, else ``ValueError``."""
     wanted = name.strip().upper()
     wanted = wanted if wanted.startswith("SIG") else f"SIG{wanted}"
     found = signal.Signals.__members__.get(wanted)

@@ -78,7 +78,8 @@ class RandomShardSubsetCachedDataset(Dataset):
             self.spec = EpochSpec(shards_per_epoch, seed, policy, order, active_shards)
             if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
                 raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-            if max_steps_per_epoch is not None and (not isinstance(max_steps_per_epoch, int) or max_steps_per_epoch < 1):
+            if max_steps_per_epoch is not None and (not isinstance(max_steps_per_epoch, int)
+                                                    or max_steps_per_epoch < 1):
                 raise ValueError(f"max_steps_per_epoch must be a positive integer or None, got {max_steps_per_epoch!r}")
             self.world = resolve_world(rank, world_size)
         except ValueError as exc:
@@ -97,7 +98,8 @@ class RandomShardSubsetCachedDataset(Dataset):
         self._cell[0] = self._cell[1] = 0
 
     @classmethod
-    def from_data_config(cls, config: DataConfig | str | os.PathLike[str], **kwargs: Any) -> RandomShardSubsetCachedDataset:
+    def from_data_config(cls, config: DataConfig | str | os.PathLike[str],
+                         **kwargs: Any) -> RandomShardSubsetCachedDataset:
         """Build from ``data_config.yaml`` (a path or a loaded ``DataConfig``); ``kwargs`` as for the constructor."""
         if not isinstance(config, DataConfig):
             config = load_data_config(config)
@@ -141,7 +143,7 @@ class RandomShardSubsetCachedDataset(Dataset):
     # -- a cache in object storage ----------------------------------------------------------
 
     def _fetch_ahead(self) -> None:
-        """Tell the store's prefetcher this epoch's shards (in visit order) and how far off every shard's next use is."""
+        """Tell the store's prefetcher this epoch's shards (in visit order) and how far off each one's next use is."""
         assert self._plan is not None
         remote, store = self.store.remote, self.store
         fields = tuple(store.manifest.fields)

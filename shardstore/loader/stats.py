@@ -18,7 +18,7 @@ class WaitStats:
         self._remote_clock = remote_clock  # seconds the readers have spent waiting for object-store downloads
         self._remote_seen = remote_clock() if remote_clock is not None else 0.0
         self.remote_s = 0.0
-        """Of ``total_s``, the part spent while the readers waited for shards from object storage (0 for a local cache)."""
+        """Of ``total_s``, the part the readers waited for shards from object storage (0 for a local cache)."""
         self.total_s = 0.0
         """Summed over every batch this loader handed out."""
         self.batches = 0

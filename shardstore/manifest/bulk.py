@@ -1,4 +1,4 @@
-"""Reading many shards at once: each file's stat and first bytes in one compiled loop, grouped by the headers they share.
+"""Reading many shards at once: each file's stat and first bytes in one compiled loop, grouped by shared header.
 
 A large cache holds few distinct headers (shards differ in their data, and the last one of a
 writer in its row count), so what a header decides -- a field's dtype and per-sample shape,
@@ -76,7 +76,7 @@ class Signature:
             self._ranges[i] += other._ranges[i]
 
     def value_ranges(self, i: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """(min, max) per shard of the ``i``-th file if it is label-like (None if not; (1, 0) for a uint64 beyond int64)."""
+        """(min, max) per shard of the ``i``-th file if label-like (None if not; (1, 0) for a uint64 beyond int64)."""
         blocks = self._ranges[i]
         if not blocks:
             return None
@@ -90,7 +90,7 @@ def digits_of(cand: Candidate) -> int:
 
 
 class _Headers(NamedTuple):
-    """The distinct headers among the files read: per file its header's index (-1: none whole), per header what it says."""
+    """The distinct headers of the files read: per file its header's index (-1: none whole), per header its content."""
 
     index: np.ndarray
     parsed: list[_Parsed | None]  # None: not a header a shard can pass with

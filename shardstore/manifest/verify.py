@@ -1,4 +1,4 @@
-"""``verify_checksums``: read every file of a manifest again, check its header and hash, report what no longer matches."""
+"""``verify_checksums``: read every file of a manifest again, check header and hash, report what no longer matches."""
 
 from __future__ import annotations
 

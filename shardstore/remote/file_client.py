@@ -230,7 +230,8 @@ class FileClient:
         except (FileNotFoundError, NotADirectoryError):
             return
         except OSError as error:
-            raise RemoteError(f"{self.url}: cannot list {directory}: {error.strerror}; check its permissions") from error
+            raise RemoteError(f"{self.url}: cannot list {directory}: {error.strerror}; "
+                              "check its permissions") from error
         for entry in entries:
             key = f"{key_dir}/{entry.name}" if key_dir else entry.name
             if not (key.startswith(prefix) or prefix.startswith(key + "/")):

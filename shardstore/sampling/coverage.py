@@ -18,7 +18,7 @@ from shardstore.sampling.shards import SHARD_POLICIES
 
 @dataclass(frozen=True)
 class Coverage:
-    """One policy over ``epochs`` epochs; array entry ``e`` is after epoch ``e`` (0-based), so after ``e + 1`` epochs."""
+    """One policy over ``epochs`` epochs; array entry ``e`` is after epoch ``e`` (0-based): after ``e + 1`` epochs."""
 
     policy: str
     positions: tuple[np.ndarray, ...]

@@ -184,7 +184,7 @@ def rank_plan(plan: EpochPlan, store: ShardStore, world: World, batch_size: int,
 
 
 def whole_store_plan(store: ShardStore, batch_size: int, drop_last: bool) -> RankPlan:
-    """Every sample of ``store`` in id order, one rank: shards front to back (a short last batch unless ``drop_last``)."""
+    """Every sample of ``store`` in id order, one rank: shards front to back (short last batch unless ``drop_last``)."""
     counts = np.asarray(store.counts)
     full, rest = divmod(int(store.offsets[-1]), batch_size)
     num_samples = full * batch_size if drop_last else full * batch_size + rest

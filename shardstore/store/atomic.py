@@ -72,7 +72,8 @@ def disk_full_error(path: str | os.PathLike[str], needed_bytes: int | None) -> D
         free = None
     # Only a figure that explains the failure: a file system's block and metadata overhead can leave a little
     # more free than the file's bytes (measured after the temporary is gone) and still fail the write.
-    free_s = f", {format_bytes(free)} free" if free is not None and (needed_bytes is None or free < needed_bytes) else ""
+    explains = free is not None and (needed_bytes is None or free < needed_bytes)
+    free_s = f", {format_bytes(free)} free" if explains else ""
     need = f" needs {format_bytes(needed_bytes)}" if needed_bytes is not None else " needs more space"
     return DiskFullError(f"no space left on device: writing {path}{need}{free_s}; free space on that "
                          "file system (or choose another directory) and run again — nothing was replaced")

@@ -29,7 +29,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -42,9 +42,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # A source image: a file path, or the encoded bytes of the file (a Hugging Face ``Image`` cell).
-ImageInput = Union[str, Path, bytes]
+ImageInput = str | Path | bytes
 # Each decoded input: the image (uint8 CHW), or the reason it could not be decoded.
-Decoded = Union[np.ndarray, str]
+Decoded = np.ndarray | str
 
 DEFAULT_CHUNK_ROWS = 32
 

@@ -109,7 +109,8 @@ class GroupSpec:
             if not isinstance(doc, dict) or doc.get("format") != GROUP_FORMAT:
                 raise ValueError("not a field-group declaration")
             if not isinstance(doc.get("version"), int) or doc["version"] > GROUP_VERSION:
-                raise ValueError(f"version {doc.get('version')!r} is newer than this shardstore reads ({GROUP_VERSION})")
+                raise ValueError(f"version {doc.get('version')!r} is newer than this shardstore reads "
+                                 f"({GROUP_VERSION})")
             name = doc["group"]
             if not isinstance(name, str) or not FIELD_NAME.fullmatch(name) or len(name) > MAX_GROUP_NAME:
                 raise ValueError(f"group name {name!r} is not allowed; use {_NAME_RULE}")

@@ -138,7 +138,8 @@ def label_like(spec: FieldSpec) -> bool:
     return spec.dtype.kind in "iu" and spec.shape in ((), (1,))
 
 
-def empty_columns(fields: dict[str, FieldSpec], num_shards: int, *, digests: Sequence[str] = ()) -> dict[str, np.ndarray]:
+def empty_columns(fields: dict[str, FieldSpec], num_shards: int, *,
+                  digests: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """Zeroed columns for ``num_shards`` rows (ranges set to 'none')."""
     cols = {name: np.zeros(num_shards, dtype) for name, dtype in BASE_COLUMNS.items()}
     cols["digits"][:] = 6
@@ -280,7 +281,8 @@ class Manifest:
 
     def file_bytes(self, position: int, field: str) -> int:
         """The size the file of ``field`` at ``position`` has: its header plus its rows."""
-        return int(self.columns[f"{field}.offset"][position]) + int(self.counts[position]) * self.fields[field].sample_bytes
+        rows_bytes = int(self.counts[position]) * self.fields[field].sample_bytes
+        return int(self.columns[f"{field}.offset"][position]) + rows_bytes
 
     def checksum(self, position: int, field: str) -> str | None:
         col = self.columns.get(f"{field}.sha256")

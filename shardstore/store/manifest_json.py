@@ -61,7 +61,8 @@ def _text(value: Any, what: str) -> str:
 def _safe_relative(path: str) -> str:
     # Plain string checks: this runs once per file of a manifest that may list tens of thousands.
     if not path or path.startswith("/") or "\\" in path or ".." in path.split("/"):
-        raise ManifestError(f"file path {path!r:.200} points outside the cache root; a manifest lists relative paths only")
+        raise ManifestError(f"file path {path!r:.200} points outside the cache root; "
+                            "a manifest lists relative paths only")
     if "\0" in path:
         raise ManifestError(f"file path {path!r:.200} holds a NUL byte")
     return path
@@ -117,7 +118,8 @@ def _parse_field(name: Any, spec: Any) -> FieldSpec:
     try:
         dtype = np.dtype(dtype_text)
     except (TypeError, ValueError, OverflowError, MemoryError):
-        raise ManifestError(f"field {name!r} has dtype {dtype_text!r}, which is not allowed (not a NumPy dtype)") from None
+        raise ManifestError(f"field {name!r} has dtype {dtype_text!r}, "
+                            "which is not allowed (not a NumPy dtype)") from None
     if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None or dtype.itemsize == 0:
         raise ManifestError(f"field {name!r} has dtype {dtype}, which is not allowed (plain numbers only, no objects)")
     shape = spec["shape"]
@@ -175,7 +177,8 @@ def parse_legacy(doc: Any) -> Manifest:
             raise ManifestError("a shard entry is not an object")
         shard_id = _int(s["id"], "shard id", 0, MAX_SHARD_ID)
         if shard_id <= last_id:  # ids strictly increase: a shard listed twice would be read twice
-            raise ManifestError(f"shard {shard_id} is listed " + ("twice" if shard_id == last_id else "out of id order"))
+            raise ManifestError(f"shard {shard_id} is listed "
+                                + ("twice" if shard_id == last_id else "out of id order"))
         last_id = shard_id
         layout = s["layout"]
         if layout not in ("native", "flat"):
@@ -186,7 +189,8 @@ def parse_legacy(doc: Any) -> Manifest:
         names = set(s["files"])
         partial = [g for g, members in groups.items() if names & members and not members <= names]
         if not required <= names or not names <= set(fields) or partial or not names:
-            raise ManifestError(f"shard {shard_id} lists fields {sorted(map(str, names))}, the manifest {sorted(fields)}"
+            raise ManifestError(f"shard {shard_id} lists fields {sorted(map(str, names))}, "
+                                f"the manifest {sorted(fields)}"
                                 + (f" (group {partial[0]!r} only in part)" if partial else ""))
         files = {name: _parse_file(f, name, shard_id, layout, fields[name], num_samples)
                  for name, f in s["files"].items()}

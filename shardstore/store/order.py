@@ -74,7 +74,8 @@ def source_order(num_rows: int, shuffle_seed: int | None) -> np.ndarray:
         return np.arange(num_rows, dtype=np.int64)
     if isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, (int, np.integer)) or not (
             0 <= shuffle_seed < MAX_SEED):
-        raise ShardstoreError(f"the shuffle seed must be a non-negative integer, got {shuffle_seed!r} (the largest is 2**64 - 1)")
+        raise ShardstoreError(f"the shuffle seed must be a non-negative integer, got {shuffle_seed!r} "
+                              "(the largest is 2**64 - 1)")
     draws = np.random.PCG64(np.random.SeedSequence(int(shuffle_seed))).random_raw(num_rows)
     return np.argsort(draws, kind="stable").astype(np.int64)
 

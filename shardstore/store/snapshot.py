@@ -52,7 +52,8 @@ from shardstore.store.manifest_json import (
 
 TABLE_DIR = "manifest.d"
 TABLE_NAME = re.compile(r"^[0-9a-f]{16}-[0-9a-f]{8}\Z")
-_COLUMN_FILE = re.compile(r"^(id|samples|layout|digits|since|[A-Za-z][A-Za-z0-9_]*\.(offset|mtime_ns|min|max|sha256))\.npy\Z")
+_COLUMN_FILE = re.compile(r"^(id|samples|layout|digits|since"
+                          r"|[A-Za-z][A-Za-z0-9_]*\.(offset|mtime_ns|min|max|sha256))\.npy\Z")
 _TEMP_TABLE = re.compile(r"^\.([0-9a-f]{16}-[0-9a-f]{8})\.tmp-(\d+)\Z")
 LAYOUT_TEMPLATES = {"native": "shard_{id}/{field}.npy", "flat": "{field}_{id}.npy"}
 _CHUNK = 1 << 16
@@ -208,7 +209,8 @@ def read_manifest(root: str | os.PathLike[str], *, check: str = "open") -> Manif
         except FileNotFoundError:
             raise ManifestError(f"{path} does not exist; run `shardstore build-manifest {root}` first") from None
         except (OSError, UnicodeDecodeError) as exc:
-            raise ManifestError(f"{path}: cannot be read ({exc}); rebuild it with `shardstore build-manifest {root}`") from None
+            raise ManifestError(f"{path}: cannot be read ({exc}); "
+                                f"rebuild it with `shardstore build-manifest {root}`") from None
         doc = load_document(text, str(path))
         version = doc.get("version") if isinstance(doc, dict) else None
         if type(version) is int and 1 <= version <= LEGACY_VERSION:

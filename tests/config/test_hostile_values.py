@@ -123,7 +123,8 @@ def test_float_keys_are_all_found() -> None:
 
 
 @pytest.mark.parametrize("key", [k for k, _ in float_keys(TrainConfig)] + [k for k, _ in float_keys(ModelConfig)])
-@pytest.mark.parametrize("value", [".nan", *(pytest.param(v, marks=pytest.mark.slow)  # every key, one spelling by default
+# every key, one spelling by default
+@pytest.mark.parametrize("value", [".nan", *(pytest.param(v, marks=pytest.mark.slow)
                                               for v in (".inf", "-.inf", "1e400"))])
 def test_every_float_key_refuses_non_finite_values_in_a_file(tmp_path: Path, key: str, value: str) -> None:
     section = "train" if key in {k for k, _ in float_keys(TrainConfig)} else "model"

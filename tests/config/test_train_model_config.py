@@ -72,7 +72,8 @@ def test_shipped_configs_load_with_the_demo_settings() -> None:
     assert cfg.data.cache_root == str(DEFAULT_CONFIG_DIR / "../shardstore-demo/cache")
 
 
-@pytest.mark.parametrize("path", [DEFAULT_DATA_CONFIG, DEFAULT_TRAIN_CONFIG, DEFAULT_MODEL_CONFIG], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [DEFAULT_DATA_CONFIG, DEFAULT_TRAIN_CONFIG, DEFAULT_MODEL_CONFIG],
+                         ids=lambda p: p.name)
 def test_shipped_files_write_every_key_with_a_comment(path: Path) -> None:
     cfg = load_run_config(DEFAULT_DATA_CONFIG, DEFAULT_TRAIN_CONFIG, DEFAULT_MODEL_CONFIG)
     section = {"data_config.yaml": cfg.data, TRAIN: cfg.train, MODEL: cfg.model}[path.name]
@@ -94,9 +95,11 @@ def test_dataclass_defaults_are_the_documented_ones() -> None:
 # --- round trips ---------------------------------------------------------------------------------------------------
 
 CHANGED_TRAIN = TrainConfig(lr=3e-4, optimizer="sgd", grad_clip=None, ema_decay=0.999,
-                            loss=LossConfig(alpha=0.9, feature_loss="cosine", feature_weight=2.0, target_field="logits"),
+                            loss=LossConfig(alpha=0.9, feature_loss="cosine", feature_weight=2.0,
+                                            target_field="logits"),
                             augment=AugmentConfig(scale=(0.2, 0.8)), eval=EvalConfig(cache_root="/ev", max_batches=3))
-CHANGED_MODEL = ModelConfig(num_classes=7, teacher=TeacherConfig(name="timm:vit_tiny", checkpoint="/t.pt", dtype="bfloat16"),
+CHANGED_MODEL = ModelConfig(num_classes=7,
+                            teacher=TeacherConfig(name="timm:vit_tiny", checkpoint="/t.pt", dtype="bfloat16"),
                             student=StudentConfig(kwargs={"width": 2, "drop": [0.1, 0.2]}, input=InputConfig(size=64)))
 
 
@@ -143,8 +146,8 @@ TRAIN_ERRORS = [
                   "max_steps_per_epoch, optimizer, lr, base_batch_size, weight_decay, momentum, warmup_steps, "
                   "min_lr_ratio, grad_clip, accumulation_steps, amp, compile, channels_last, ema_decay, threads, loss, "
                   "augment, eval, checkpoint, log, preempt_signals"),
-    ({"log": {"zzzz": 1}}, "unknown key `log.zzzz` in train_config_kd.yaml; valid keys in `log`: every_steps, tensorboard, "
-     "progress_every_s"),
+    ({"log": {"zzzz": 1}}, "unknown key `log.zzzz` in train_config_kd.yaml; valid keys in `log`: every_steps, "
+     "tensorboard, progress_every_s"),
     ({"epochs": True}, "train_config_kd.yaml: `epochs` must be int, got True"),
     ({"epochs": 2.0}, "train_config_kd.yaml: `epochs` must be int, got 2.0"),
     ({"lr": "fast"}, "train_config_kd.yaml: `lr` must be float, got 'fast'"),
@@ -176,7 +179,8 @@ TRAIN_ERRORS = [
     ({"momentum": 1}, "train_config_kd.yaml: `momentum` must be at least 0 and below 1, got 1.0; e.g. 0.9"),
     ({"min_lr_ratio": 2}, "train_config_kd.yaml: `min_lr_ratio` must be between 0 and 1 (a fraction of the peak lr), "
                           "got 2.0"),
-    ({"grad_clip": 0}, "train_config_kd.yaml: `grad_clip` must be positive, got 0.0; e.g. 1.0 (or null for no clipping)"),
+    ({"grad_clip": 0}, "train_config_kd.yaml: `grad_clip` must be positive, got 0.0; e.g. 1.0 "
+                       "(or null for no clipping)"),
     ({"ema_decay": 1}, "train_config_kd.yaml: `ema_decay` must be above 0 and below 1, got 1.0; e.g. 0.999, "
                        "or null for no EMA"),
     ({"run_dir": " "}, "train_config_kd.yaml: `run_dir` is empty; name the directory the run writes to, e.g. runs/kd"),
@@ -221,9 +225,11 @@ MODEL_ERRORS = [
                                                    "`student.input.std` 3; give one of each per input channel, e.g. "
                                                    "[0.485, 0.456, 0.406] and [0.229, 0.224, 0.225]"),
     ({"student": {"input": {"std": [0.5, 0, 0.5]}}}, "model_config_kd.yaml: `student.input.std` must be "
-                                                     "positive numbers, got [0.5, 0.0, 0.5]; e.g. [0.229, 0.224, 0.225]"),
+                                                     "positive numbers, got [0.5, 0.0, 0.5]; "
+                                                     "e.g. [0.229, 0.224, 0.225]"),
     ({"teacher": {"input": {"size": 0}}}, "model_config_kd.yaml: `teacher.input.size` must be at least 1, got 0"),
-    ({"student": {"kwargs": [1]}}, "model_config_kd.yaml: `student.kwargs` must be a mapping of keys to values, got [1]"),
+    ({"student": {"kwargs": [1]}}, "model_config_kd.yaml: `student.kwargs` must be a mapping of keys to values, "
+                                   "got [1]"),
     ({"student": {"name": "timm:"}}, "model_config_kd.yaml: `student.name` is 'timm:'; name a registered network "
                                      "(e.g. resnet18) or timm:<name>"),
     ({"teacher": {"dtype": "bfloat"}}, "model_config_kd.yaml: `teacher.dtype` must be one of float32, bfloat16, got "
@@ -276,7 +282,8 @@ def test_values_are_converted_to_the_annotated_types() -> None:
 
 
 def test_post_init_checks_apply_to_direct_construction() -> None:
-    with pytest.raises(ValueError, match=exactly("`alpha` must be between 0 and 1 (the weight of the KD term), got -0.1")):
+    with pytest.raises(ValueError,
+                       match=exactly("`alpha` must be between 0 and 1 (the weight of the KD term), got -0.1")):
         LossConfig(alpha=-0.1)
     with pytest.raises(TypeError):
         TrainConfig(10)  # keyword-only
@@ -361,7 +368,8 @@ def test_overrides_are_validated_with_the_file_they_change(tmp_path: Path) -> No
 
 def test_run_config_errors_name_the_file(tmp_path: Path) -> None:
     paths = write_configs(tmp_path, train="loss:\n  alhpa: 0.9\n")
-    with pytest.raises(ConfigError, match=exactly(f"unknown key `loss.alhpa` in {paths[1]}; did you mean `loss.alpha`?")):
+    with pytest.raises(ConfigError,
+                       match=exactly(f"unknown key `loss.alhpa` in {paths[1]}; did you mean `loss.alpha`?")):
         load_run_config(*paths)
     paths = write_configs(tmp_path, model="teacher:\n  name: resnet20\n")
     with pytest.raises(ConfigError, match=exactly(f"`num_classes` is missing in {paths[2]}; set it to the number of "
@@ -390,7 +398,8 @@ def test_relative_paths_are_taken_from_each_file_s_folder(tmp_path: Path, monkey
     assert cfg.model.teacher.checkpoint == str(tmp_path / "m" / "w/teacher.pt")
     assert cfg.model.student.checkpoint == str(tmp_path / "home" / "student.pt")
     assert cfg.train.run_dir == "runs/x"  # relative to the current directory, left as written
-    cfg = load_run_config(data, train, model, overrides=["train.eval.cache_root=/abs/ev", "model.teacher.checkpoint=null"])
+    cfg = load_run_config(data, train, model,
+                          overrides=["train.eval.cache_root=/abs/ev", "model.teacher.checkpoint=null"])
     assert (cfg.train.eval.cache_root, cfg.model.teacher.checkpoint) == ("/abs/ev", None)
 
 

@@ -188,7 +188,8 @@ def test_from_data_config(store: ShardStore, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        ("cache_root: x\nshard_per_epoch: 3\n", "unknown key `shard_per_epoch` in .*; did you mean `shards_per_epoch`?"),
+        ("cache_root: x\nshard_per_epoch: 3\n",
+         "unknown key `shard_per_epoch` in .*; did you mean `shards_per_epoch`?"),
         ("cache_root: x\nrandom_subset_seed: 1.5\n", "`random_subset_seed` must be int, got 1.5"),
         ("cache_root: x\nshards_per_epoch: 0\n", "`shards_per_epoch` must be at least 1, got 0"),
         ("shards_per_epoch: 3\n", "`cache_root` is missing"),

@@ -344,7 +344,7 @@ def test_config_errors_are_single_clear_messages(taught: Taught, tmp_path: Path)
         assert not run_dir.exists()  # nothing was trained or written
 
 
-# -- initialisation ------------------------------------------------------------------------------------------------------
+# -- initialisation ----------------------------------------------------------------------------------------------------
 
 
 def test_loading_the_teacher_does_not_change_the_students_initial_weights(monkeypatch: pytest.MonkeyPatch,

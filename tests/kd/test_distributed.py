@@ -57,7 +57,7 @@ def test_two_cpu_ranks_train_in_lockstep_from_cached_targets(tiny_cache: Path, t
     sets = [a for o in overrides(run_dir, cache, train__epochs=2, data__teacher_targets="teacher",
                                  train__loss__feature_loss="cosine", train__loss__feature_weight=0.5,
                                  model__teacher__name="no_such_model") for a in ("--set", o)]
-    proc = torchrun("train", sets)
+    torchrun("train", sets)
     ranks = [json.loads((run_dir / f"final_rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == 2 * 4
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]

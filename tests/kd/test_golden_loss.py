@@ -80,7 +80,8 @@ def first_difference(got: list[dict[str, float]], want: list[dict[str, float]]) 
 def test_the_first_steps_follow_the_golden_loss_curve(tmp_path: Path) -> None:
     got = run_curve(tmp_path)
     if os.environ.get(REGENERATE) == "1":
-        head = {"regenerate": f"{REGENERATE}=1 python -m pytest tests/kd/test_golden_loss.py", "torch": torch.__version__}
+        head = {"regenerate": f"{REGENERATE}=1 python -m pytest tests/kd/test_golden_loss.py",
+                "torch": torch.__version__}
         rows = ",\n".join(f"  {json.dumps(step)}" for step in got)  # one step per line: diffs read step by step
         GOLDEN.write_text(json.dumps(head, indent=1)[:-2] + f',\n "steps": [\n{rows}\n ]\n}}\n')
         pytest.skip(f"{GOLDEN.name} regenerated; review and commit it")

@@ -21,8 +21,8 @@ def test_topk_probabilities_and_tail_mass_are_exact_at_temperature_one() -> None
     sparse = encode_topk(z, 10)
     rebuilt = teacher_log_probs(sparse).exp()
     top = sparse.indices.long()
-    # the kept classes: exact up to float16 storage of the logits
-    torch.testing.assert_close(rebuilt.gather(-1, top), dense.gather(-1, top), rtol=3e-3, atol=1e-5)  # float16 log-probs: ~0.2% at log p ~ -5
+    # the kept classes: exact up to float16 storage of the logits (float16 log-probs: ~0.2% at log p ~ -5)
+    torch.testing.assert_close(rebuilt.gather(-1, top), dense.gather(-1, top), rtol=3e-3, atol=1e-5)
     # the tail: the true remaining mass, shared equally
     tail_true = 1 - dense.gather(-1, top).sum(-1)
     mask = torch.ones_like(dense, dtype=torch.bool).scatter_(-1, top, False)

@@ -22,7 +22,8 @@ def write_gid_cache(root: Path, counts: list[int] = COUNTS, image_shape: tuple[i
         with ShardWriter(root, cap, start_shard=shard_id, num_shards=1, fsync=False) as w:
             w.add_batch({
                 "gid": ids,
-                "image": (ids[:, None] + np.arange(int(np.prod(image_shape)))).astype(np.uint8).reshape(n, *image_shape),
+                "image": (ids[:, None] + np.arange(int(np.prod(image_shape)))).astype(np.uint8)
+                .reshape(n, *image_shape),
                 "emb": (ids[:, None] * np.array([1.0, -2.0], np.float32)).astype(np.float32),
             })
         gid += n

@@ -22,7 +22,8 @@ from .conftest import loader_threads, write_gid_cache
 
 
 def make(store: ShardStore, **kwargs) -> RandomShardSubsetCachedDataset:
-    return RandomShardSubsetCachedDataset(store, kwargs.pop("k", 6), 3, batch_size=kwargs.pop("batch_size", 4), **kwargs)
+    return RandomShardSubsetCachedDataset(store, kwargs.pop("k", 6), 3, batch_size=kwargs.pop("batch_size", 4),
+                                          **kwargs)
 
 
 def no_threads_within(seconds: float = 2.0) -> bool:

@@ -14,7 +14,8 @@ from shardstore.loader import ShardLoader
 
 
 def make(store: ShardStore, batch_size: int = 8, **kwargs) -> RandomShardSubsetCachedDataset:
-    return RandomShardSubsetCachedDataset(store, kwargs.pop("k", 5), kwargs.pop("seed", 7), batch_size=batch_size, **kwargs)
+    return RandomShardSubsetCachedDataset(store, kwargs.pop("k", 5), kwargs.pop("seed", 7), batch_size=batch_size,
+                                          **kwargs)
 
 
 def expected_batches(ds, batch_size: int) -> list[dict[str, np.ndarray]]:

@@ -122,7 +122,8 @@ def test_each_epoch_is_read_through_the_store_it_was_planned_on(tmp_path: Path, 
         wait_planned(loader)  # epoch 1 is prepared on the old store
         ds.store, ds.base = grown, CachedTensorDataset(grown)
         loader.set_epoch(1)
-        check_batches(loader, old, want_ids(old, ds, 1), 4)  # ... and read through it; epoch 2 is planned on the new one
+        # ... and read through it; epoch 2 is planned on the new one
+        check_batches(loader, old, want_ids(old, ds, 1), 4)
         loader.set_epoch(2)
         ids = want_ids(grown, ds, 2)
         assert ids.max() >= old.num_samples  # the new shards are read

@@ -232,7 +232,8 @@ def test_links_and_fifos_in_a_large_root_take_the_careful_path(tmp_path: Path, j
     np.save(outside, np.zeros((4, 2, 3), np.uint8))
     fifo, link, inside = (root / f"shard_{i:06d}" for i in (3, 5, 7))
     replace_keeping_the_journal(fifo, lambda: ((fifo / "labels.npy").unlink(), os.mkfifo(fifo / "labels.npy")))
-    replace_keeping_the_journal(link, lambda: ((link / "images.npy").unlink(), (link / "images.npy").symlink_to(outside)))
+    replace_keeping_the_journal(link, lambda: ((link / "images.npy").unlink(),
+                                               (link / "images.npy").symlink_to(outside)))
     replace_keeping_the_journal(inside, lambda: ((inside / "images.npy").rename(inside / "images.data"),
                                                  (inside / "images.npy").symlink_to("images.data")))
     report = build_manifest(root, write=False)

@@ -151,7 +151,11 @@ def test_eviction_order_follows_the_seeded_schedule(tmp_path: Path) -> None:
     ds.set_epoch(3)
     next_use = store.remote.next_use
     assert next_use is not None
-    ids_of = lambda e: [int(store.shard_ids[p]) for p in plan_epoch(store.counts, store.offsets, ds.spec, e).shard_positions]  # noqa: E731
+
+    def ids_of(epoch: int) -> list[int]:
+        positions = plan_epoch(store.counts, store.offsets, ds.spec, epoch).shard_positions
+        return [int(store.shard_ids[p]) for p in positions]
+
     for sid in ids_of(3):
         assert next_use(shard_name(sid)) == 0  # this epoch's shards come last
     for sid in set(ids_of(4)) - set(ids_of(3)):

@@ -142,7 +142,8 @@ def test_ranks_are_disjoint_equal_and_cover_all_but_the_remainder(world_size: in
     g = world_size * batch
     for r, part in enumerate(parts):
         for b in (0, steps - 1):
-            assert np.array_equal(part[b * batch : (b + 1) * batch], plan.order[b * g + r * batch : b * g + (r + 1) * batch])
+            assert np.array_equal(part[b * batch : (b + 1) * batch],
+                                  plan.order[b * g + r * batch : b * g + (r + 1) * batch])
 
 
 def test_max_steps_per_epoch_caps_batches() -> None:
