@@ -195,7 +195,8 @@ def disk_usage(directory: str | os.PathLike[str], *, empty: Collection[str] = ()
 
 
 def _allocated(size: int) -> int:
-    """Blocks ``posix_fallocate`` takes for ``size`` bytes: whole blocks, plus ext4 extent-tree blocks for large files."""
+    """Blocks ``posix_fallocate`` takes for ``size`` bytes: whole blocks, plus ext4 extent-tree blocks for large
+    files."""
     extra = BLOCK * math.ceil((size - (1 << 29)) / (340 << 27)) if size > 1 << 29 else 0
     return -(-size // BLOCK) * BLOCK + extra
 

@@ -274,7 +274,8 @@ class RemoteShards:
         total = np.zeros(manifest.num_shards, np.int64)
         for name in fields:
             spec = manifest.fields[name]
-            rows = np.asarray(manifest.counts, np.int64) * int(spec.dtype.itemsize * int(np.prod(spec.shape, dtype=np.int64)))
+            sample_bytes = int(spec.dtype.itemsize * int(np.prod(spec.shape, dtype=np.int64)))
+            rows = np.asarray(manifest.counts, np.int64) * sample_bytes
             offsets = np.asarray(manifest.columns[f"{name}.offset"], np.int64)
             total += np.where(offsets > 0, -(-(offsets + rows) // 4096) * 4096, 0)  # in 4 KiB blocks, as du counts
         return int(total.max()) if total.size else 0
@@ -348,7 +349,8 @@ class RemoteShards:
 
     @property
     def _failures_path(self) -> Path:
-        """``<progress>.failed``: a line ``<shard>\t<reason>`` per failed prefetch, ``<shard>\t`` when it is tried again."""
+        """``<progress>.failed``: a line ``<shard>\t<reason>`` per failed prefetch, ``<shard>\t`` when it is tried
+        again."""
         return self._progress_path.with_name(self._progress_path.name + ".failed")
 
     def _note_failure(self, shard_id: int, reason: str) -> None:
@@ -648,7 +650,8 @@ def _claim(local: Path, url: str) -> None:
         return
     except OSError as exc:
         if exc.errno in (errno.EROFS, errno.EACCES):
-            raise ShardstoreError(f"local_cache {local} is not writable; pass a writable node-local directory") from None
+            raise ShardstoreError(f"local_cache {local} is not writable; pass a writable node-local "
+                                  "directory") from None
         raise
     with os.fdopen(fd, "w") as f:
         f.write(url + "\n")
