@@ -32,10 +32,6 @@ from shardstore.store.reader import ShardStore
 
 log = logging.getLogger(__name__)
 
-#: the default field names (``data.image_field``, ``data.label_field``)
-IMAGE_FIELD = "images"
-LABEL_FIELD = "labels"
-
 
 @dataclass
 class Data:

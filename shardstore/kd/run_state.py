@@ -38,7 +38,6 @@ class RunState:
     ema: ModelEma | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler
     loader: ShardLoader
     active: ShardLoader
     resume_loader: ShardLoader | None
@@ -76,7 +75,7 @@ class RunState:
         return {
             "student": self.student.state_dict(), "criterion": self.criterion.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None, "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng,
+            "scheduler": self.scheduler.state_dict(), "rng": rng,
             "sampler": self.active.state_dict(), "epoch": epoch, "epoch_complete": epoch_complete,
             "global_step": self.global_step, "best": self.best, "best_epoch": self.best_epoch,
             "teacher_top1": self.teacher_top1, "split": split, "tally": tally, "total_steps": self.total_steps,
@@ -91,7 +90,6 @@ class RunState:
             self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         if "cuda" in state["rng"] and torch.cuda.is_available():

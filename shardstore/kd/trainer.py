@@ -119,7 +119,6 @@ class _Run(RunState):
         self.total_steps = total
         self.scheduler = warmup_cosine(self.optimizer, total_steps=total, warmup_steps=min(t.warmup_steps, total),
                                        min_lr_ratio=t.min_lr_ratio)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)  # bf16 needs no loss scaling
         wrapped: torch.nn.Module = self.trainable
         if info.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
