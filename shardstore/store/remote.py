@@ -284,13 +284,16 @@ class RemoteShards:
         """``cache_limit`` must hold the read-ahead: ``prefetch_shards`` + the shards being read, at their largest."""
         biggest = self.shard_bytes(manifest, fields)
         table = sum(-(-(int(getattr(c, "nbytes", 0)) + 128) // 4096) * 4096 for c in manifest.columns.values())
-        need = (self.prefetch_shards + 2) * (biggest + 4096 * (len(fields) + 2)) + 2 * (table + 4096) + 65536
+        # Every rank of the node pins its own read-ahead, and ranks drift a little apart: the node needs each one's.
+        ranks = local_ranks()
+        need = ranks * (self.prefetch_shards + 2) * (biggest + 4096 * (len(fields) + 2)) + 2 * (table + 4096) + 65536
         if self.limit < need:
+            each = f" for each of the node's {ranks} ranks (LOCAL_WORLD_SIZE)" if ranks > 1 else ""
             raise ShardstoreError(
                 f"cache_limit {format_bytes(self.limit)} is below what one epoch's read-ahead needs in "
-                f"{self.local}: {self.prefetch_shards} shards ahead + 2 being read, up to {format_bytes(biggest)} "
-                f"each, and two copies of the manifest's table ({format_bytes(table)}) = {format_bytes(need)}; "
-                "raise cache_limit or lower prefetch_shards")
+                f"{self.local}: {self.prefetch_shards} shards ahead + 2 being read{each}, up to "
+                f"{format_bytes(biggest)} each, and two copies of the manifest's table ({format_bytes(table)}) = "
+                f"{format_bytes(need)}; raise cache_limit or lower prefetch_shards")
 
     # -- consumers ---------------------------------------------------------------------
 
@@ -583,6 +586,31 @@ class RemoteShards:
         return f"RemoteShards({self.url!r}, local_cache={str(self.local)!r}, cache_limit={format_bytes(self.limit)})"
 
 
+def local_ranks() -> int:
+    """Processes of this node that read the cache: torchrun's ``LOCAL_WORLD_SIZE`` (SLURM's tasks per node), else 1."""
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        try:
+            return max(1, int(os.environ.get(name, "")))
+        except ValueError:
+            continue
+    return 1
+
+
+def _remove_dead_progress(local: Path) -> None:
+    """Progress and failure files of ranks that are gone (named ``<pid>-<nonce>``; a node's own pids)."""
+    from shardstore.store.atomic import pid_alive
+
+    directory = local / BOOKKEEPING / "progress"
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        pid = entry.name.split("-", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            _unlink_quietly(entry.path)
+
+
 def _unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
@@ -631,6 +659,7 @@ def open_remote(url: str, *, local_cache: str | os.PathLike[str] | None, cache_l
                           prefetch_shards=prefetch_shards, client=client)
     _claim(local, remote.url)
     remote.cache.clean()
+    _remove_dead_progress(local)
     fetch_manifest(remote.client, local)
     return local, remote
 

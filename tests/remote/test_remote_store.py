@@ -192,3 +192,23 @@ def test_a_store_nobody_uses_any_more_stops_its_prefetch_threads(tmp_path: Path)
         time.sleep(0.05)
     assert not prefetchers(), "prefetch threads outlived their store"
     assert not progress.exists()
+
+
+def test_the_read_ahead_check_counts_every_rank_of_the_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = _cache(tmp_path)
+    ShardStore.open(f"file://{root}", local_cache=tmp_path / "a", cache_limit="600KB")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    with pytest.raises(ShardstoreError, match="each of the node's 8 ranks"):
+        ShardStore.open(f"file://{root}", local_cache=tmp_path / "b", cache_limit="600KB")
+
+
+def test_progress_files_of_dead_ranks_are_removed_at_open(tmp_path: Path) -> None:
+    root = _cache(tmp_path)
+    progress = tmp_path / "node" / ".shardstore" / "progress"
+    progress.mkdir(parents=True)
+    dead = progress / "999999999-abcd1234"
+    alive = progress / f"{os.getpid()}-abcd1234"
+    for p in (dead, alive, dead.with_name(dead.name + ".failed")):
+        p.write_bytes(b"\0" * 8)
+    ShardStore.open(f"file://{root}", local_cache=tmp_path / "node", cache_limit="64MB")
+    assert not dead.exists() and not dead.with_name(dead.name + ".failed").exists() and alive.exists()
