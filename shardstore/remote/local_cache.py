@@ -96,6 +96,11 @@ def check_name(name: str) -> None:
                             "not starting with '.' or '-'); name shards like shard_000042")
 
 
+class NoRoom(RemoteError):
+    """Nothing is wrong with the shard, but it could not be fetched in time: the cache was full of shards in use,
+    or another process was still downloading it. A prefetcher tries again later; a reader gives up."""
+
+
 @dataclass(frozen=True)
 class RemoteFile:
     """One object of a shard: its key under the store's root, its size, and its ``"sha256:<hex>"`` if recorded."""
@@ -535,7 +540,7 @@ class LocalCache:
                     self._counters.add(wait_s=time.monotonic() - start)
                     return
                 if deadline is not None and time.monotonic() >= deadline:
-                    raise RemoteError(f"timed out after {time.monotonic() - start:.1f} s waiting for another "
+                    raise NoRoom(f"timed out after {time.monotonic() - start:.1f} s waiting for another "
                                       f"process of this node to finish downloading shard {shard.name}; raise the "
                                       "timeout, or find the process of this node that holds it")
                 time.sleep(POLL_S)
@@ -777,7 +782,7 @@ class LocalCache:
                     return result
             if time.monotonic() >= give_up:
                 self._counters.add(wait_s=time.monotonic() - start)
-                raise RemoteError(f"cache_limit {self.limit:,} bytes is too small: shard {name} needs {need:,} bytes "
+                raise NoRoom(f"cache_limit {self.limit:,} bytes is too small: shard {name} needs {need:,} bytes "
                                   f"while {usage:,} are held by shards in use (pinned, protected, downloading, or "
                                   "not downloaded by the cache); raise cache_limit")
             time.sleep(_SPACE_RETRY_S)  # others' downloads end and their pins go: try again

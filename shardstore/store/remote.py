@@ -39,7 +39,7 @@ import numpy as np
 from shardstore.errors import ManifestError, ShardstoreError
 from shardstore.remote.clients import open_client
 from shardstore.remote.gate import NodeGate
-from shardstore.remote.local_cache import LocalCache, RemoteFile, ShardFiles
+from shardstore.remote.local_cache import LocalCache, NoRoom, RemoteFile, ShardFiles
 from shardstore.remote.objects import ObjectClient, ObjectNotFound
 from shardstore.remote.retry import call_with_retries
 from shardstore.remote.url import is_remote, parse_size
@@ -58,6 +58,8 @@ MANIFEST_TTL_S = 10.0
 #: how long a DataLoader worker waits for the rank's prefetcher to bring a shard before it gives up
 WORKER_WAIT_S = 600.0
 _PROGRESS_SLOTS = 512
+#: how long a prefetch waits for room in the local cache before it lets go and tries again later
+PREFETCH_ROOM_WAIT_S = 1.0
 #: requests in flight at once from all processes of a node (a cap the object store's throttling respects)
 NODE_REQUESTS = 16
 
@@ -526,8 +528,16 @@ class RemoteShards:
         shard_id = int(manifest.ids[position])
         self._clear_failures((shard_id,))
         try:
-            # Fetched and pinned in one step: no other process can evict it in between.
-            self.cache.ensure(self.shard_files(manifest, position, fields), may_download=True, pin=True)
+            # Fetched and pinned in one step: no other process can evict it in between. A prefetch never waits
+            # long for room (it would hold the shard's lock while readers free the room it waits for).
+            self.cache.ensure(self.shard_files(manifest, position, fields), may_download=True, pin=True,
+                              timeout=PREFETCH_ROOM_WAIT_S)
+        except NoRoom:
+            with self._cv:  # no room yet: the same shard again once readers have moved on
+                if generation == self._generation:
+                    self._cursor = min(self._cursor, index if index >= 0 else len(self._plan) - 1 - index)
+                self._cv.wait(0.1)
+            return
         except BaseException as exc:  # noqa: BLE001 - the consumer meets it when it reaches the shard
             log.debug("prefetch of shard %d failed: %s", shard_id, exc)
             self._record_failure(shard_id, exc)  # a worker waiting for it raises it (it cannot fetch)
