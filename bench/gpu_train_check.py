@@ -43,7 +43,8 @@ def write_cache(root: Path, shards: int, size: int, shard_size: int) -> None:
 
 def teacher_share(cfg, device: torch.device, batch: int, size: int, steps: int = 10) -> float:
     """Teacher forward time / (teacher forward + student forward and backward), on random batches."""
-    from shardstore.kd.components import build_student, build_teacher
+    from shardstore.kd.teacher import build_teacher
+    from shardstore.kd.trainable import build_student
 
     teacher = build_teacher(cfg, device)
     student = build_student(cfg).to(device)

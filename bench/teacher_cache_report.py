@@ -23,11 +23,12 @@ import torch
 
 from shardstore.config.resolve import DEFAULT_DATA_CONFIG, DEFAULT_MODEL_CONFIG, DEFAULT_TRAIN_CONFIG, load_run_config
 from shardstore.demo import DEMO_SETTINGS, _fresh, _load_latest_student, demo_overrides, student_overrides
-from shardstore.kd.components import build_student, build_teacher
 from shardstore.kd.evaluate import evaluate
 from shardstore.kd.metrics import read_metrics
 from shardstore.kd.target_spec import TargetSpec
+from shardstore.kd.teacher import build_teacher
 from shardstore.kd.teacher_cache import fill_teacher_cache
+from shardstore.kd.trainable import build_student
 from shardstore.kd.trainer import train
 from shardstore.store.reader import ShardStore
 

@@ -139,9 +139,10 @@ def run_kd_demo(base: str | os.PathLike[str], *, seeds: tuple[int, ...] = (0, 1,
         DEFAULT_TRAIN_CONFIG,
         load_run_config,
     )
-    from shardstore.kd.components import build_student, build_teacher
     from shardstore.kd.evaluate import evaluate
+    from shardstore.kd.teacher import build_teacher
     from shardstore.kd.teacher_cache import fill_teacher_cache
+    from shardstore.kd.trainable import build_student
     from shardstore.kd.trainer import train
     from shardstore.store.reader import ShardStore
 

@@ -19,7 +19,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from shardstore.config.resolve import RunConfig
 from shardstore.errors import ConfigError
 from shardstore.kd.checkpoint import CheckpointManager, load_checkpoint
-from shardstore.kd.components import missing_shards, restrict_to_shards
+from shardstore.kd.data import missing_shards, restrict_to_shards
 from shardstore.kd.run_changes import ResumeChanges
 from shardstore.kd.schedule import warmup_cosine
 from shardstore.store.reader import ShardStore

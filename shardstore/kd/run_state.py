@@ -16,7 +16,7 @@ import torch
 from shardstore.config.resolve import RunConfig, run_config_to_yaml
 from shardstore.kd import distributed
 from shardstore.kd.checkpoint import CheckpointManager
-from shardstore.kd.components import train_dataset
+from shardstore.kd.data import train_dataset
 from shardstore.kd.ema import ModelEma
 from shardstore.kd.metrics import EpochTally
 from shardstore.kd.preempt import RecoveryTrigger, StopPoint

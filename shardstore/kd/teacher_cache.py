@@ -41,12 +41,13 @@ from torch import Tensor
 from shardstore.config.resolve import RunConfig
 from shardstore.errors import ConfigError, ManifestError, ShardstoreError
 from shardstore.kd import distributed
-from shardstore.kd.components import amp_enabled, load_teacher, render_teacher_input, teacher_forward
+from shardstore.kd.autocast import amp_enabled
 from shardstore.kd.images import SETTING_KEYS, ImageFormat, check_channels, check_values, image_format
 from shardstore.kd.losses import kl_per_sample
 from shardstore.kd.models.io import InputAdapter
 from shardstore.kd.target_spec import SAME_SETTINGS, TargetSpec, read_target_spec, shard_views
 from shardstore.kd.targets import SparseLogits, encode_topk, teacher_log_probs
+from shardstore.kd.teacher import load_teacher, render_teacher_input, teacher_forward
 from shardstore.manifest.build import build_manifest
 from shardstore.manifest.checksum import file_checksum
 from shardstore.store.groups import (

@@ -18,23 +18,15 @@ from shardstore.config.train import TrainConfig
 from shardstore.errors import ConfigError
 from shardstore.kd import distributed
 from shardstore.kd.augment import AugmentSpec, DeviceAugment, apply_views, view_generator
+from shardstore.kd.autocast import amp_enabled
 from shardstore.kd.checkpoint import CheckpointManager
-from shardstore.kd.components import (
-    Trainable,
-    amp_enabled,
-    build_criterion,
-    build_data,
-    build_optimizer,
-    build_student,
-    build_teacher,
-    render_teacher_input,
-    teacher_forward,
-)
+from shardstore.kd.data import build_data
 from shardstore.kd.divergence import diverged, finite_weights
 from shardstore.kd.ema import ModelEma
 from shardstore.kd.evaluate import evaluate
 from shardstore.kd.lock import RunDirLock
 from shardstore.kd.metrics import EpochTally, MetricsLog
+from shardstore.kd.optim import build_optimizer
 from shardstore.kd.preempt import PreemptionGuard, RecoveryTrigger, StopPoint, TrainingPreempted
 from shardstore.kd.reporter import Reporter, SilentReporter, TrainResult, weights_digest
 from shardstore.kd.resume import checkpoint_to_resume, held_out_ids
@@ -43,7 +35,9 @@ from shardstore.kd.run_dir import check_seed, prepare_run_dir
 from shardstore.kd.run_state import RunState
 from shardstore.kd.schedule import scaled_lr, warmup_cosine
 from shardstore.kd.target_spec import CachedTargets
+from shardstore.kd.teacher import build_teacher, render_teacher_input, teacher_forward
 from shardstore.kd.threads import configure_threads
+from shardstore.kd.trainable import Trainable, build_criterion, build_student
 from shardstore.loader import ShardLoader
 from shardstore.store.atomic import write_bytes_atomic
 from shardstore.store.reader import load_manifest

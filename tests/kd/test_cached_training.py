@@ -23,8 +23,10 @@ import torch
 
 from shardstore import ConfigError, build_manifest
 from shardstore.config.resolve import DEFAULT_DATA_CONFIG, DEFAULT_MODEL_CONFIG, DEFAULT_TRAIN_CONFIG, load_run_config
-from shardstore.kd import components, distributed, trainer
+from shardstore.kd import distributed, trainer
+from shardstore.kd import teacher as kd_teacher
 from shardstore.kd.checkpoint import CheckpointManager, load_checkpoint
+from shardstore.kd.data import build_data
 from shardstore.kd.evaluate import evaluate
 from shardstore.kd.metrics import read_metrics
 from shardstore.kd.target_spec import CachedTargets, read_target_spec
@@ -124,9 +126,9 @@ def cached_run(taught: Taught, tmp_path_factory: pytest.TempPathFactory) -> Cach
     base = tmp_path_factory.mktemp("cached_run")
     with pytest.MonkeyPatch.context() as mp:
         build = Calls(trainer.build_teacher)  # the trainer's own name for it
-        load = Calls(components.load_teacher)  # what build_teacher calls to load one
+        load = Calls(kd_teacher.load_teacher)  # what build_teacher calls to load one
         mp.setattr(trainer, "build_teacher", build)
-        mp.setattr(components, "load_teacher", load)
+        mp.setattr(kd_teacher, "load_teacher", load)
         result = train(cfg(base / "run", taught.cache, train__epochs=STUDENT_EPOCHS, train__loss__alpha=1.0,
                            data__teacher_targets="teacher", **no_teacher(base)))
     return CachedRun(result, build, load)
@@ -140,7 +142,7 @@ def test_cached_targets_teach_without_loading_the_teacher(taught: Taught, cached
     # The teacher of that configuration really cannot be built ...
     unbuildable = cfg(tmp_path / "x", taught.cache, **no_teacher(tmp_path))
     with pytest.raises(ConfigError, match="no_such_model"):
-        components.load_teacher(unbuildable, torch.device("cpu"))
+        kd_teacher.load_teacher(unbuildable, torch.device("cpu"))
     # ... and the run never tried: build_teacher answered None, load_teacher was never reached.
     assert cached_run.build_teacher.count == 1 and cached_run.build_teacher.returned == [None]
     assert cached_run.load_teacher.count == 0
@@ -268,10 +270,10 @@ def hybrid_run(monkeypatch: pytest.MonkeyPatch, taught: Taught, run_dir: Path, f
         decisions.append((step, live))
         return live
 
-    load, forward, pick = Calls(components.load_teacher), Calls(trainer.teacher_forward), Calls(CachedTargets.pick)
+    load, forward, pick = Calls(kd_teacher.load_teacher), Calls(trainer.teacher_forward), Calls(CachedTargets.pick)
     with monkeypatch.context() as mp:
         mp.setattr(trainer._Run, "live_step", live_step)
-        mp.setattr(components, "load_teacher", load)
+        mp.setattr(kd_teacher, "load_teacher", load)
         mp.setattr(trainer, "teacher_forward", forward)
         mp.setattr(CachedTargets, "pick", lambda self, *a, **k: pick(self, *a, **k))
         result = train(cfg(run_dir, taught.cache, train__epochs=2, train__max_steps_per_epoch=8,
@@ -370,9 +372,9 @@ def test_evaluation_against_stored_targets_replays_the_stored_view(taught: Taugh
     """The teacher evaluated as the student against its own stored targets agrees everywhere, KL ~ 0."""
     run_cfg = cfg(taught.cache.parent / "unused", taught.cache, data__teacher_targets="teacher",
                   **taught.live_teacher())
-    data = components.build_data(run_cfg, distributed.DistInfo(0, 1, 0, torch.device("cpu")))
+    data = build_data(run_cfg, distributed.DistInfo(0, 1, 0, torch.device("cpu")))
     assert data.eval_has_targets and data.eval_store is not None
-    teacher = components.load_teacher(run_cfg, torch.device("cpu"))
+    teacher = kd_teacher.load_teacher(run_cfg, torch.device("cpu"))
     cached = CachedTargets(read_target_spec(taught.cache, "teacher"), 0, temperature=2.0, tail="spread")
     m = evaluate(teacher, None, data.eval_store, image_field="images", label_field="labels", size=16,
                  batch_size=32, device=torch.device("cpu"), cached=cached)

@@ -12,8 +12,8 @@ import yaml
 
 from shardstore.cli import main
 from shardstore.config.resolve import DEFAULT_DATA_CONFIG, DEFAULT_MODEL_CONFIG, DEFAULT_TRAIN_CONFIG, load_run_config
-from shardstore.kd import components
 from shardstore.kd.metrics import read_metrics
+from shardstore.kd.trainable import build_student
 
 from .conftest import TINY
 
@@ -137,9 +137,9 @@ def test_normalised_images_skip_the_networks_mean_and_std(tmp_path: Path) -> Non
     cache = write_flat(tmp_path / "cache", {"images": (images - 0.5) / 0.25, "labels": labels})
     cfg = load_run_config(*CONFIGS, [f"data.cache_root={cache}", "data.image_normalized=true",
                                      "model.student.name=cnn_small", "model.student.input.mean=[0.1, 0.2, 0.3]"])
-    student = components.build_student(cfg)
+    student = build_student(cfg)
     assert student.mean.flatten().tolist() == [0.0, 0.0, 0.0] and student.std.flatten().tolist() == [1.0, 1.0, 1.0]
     cfg = load_run_config(*CONFIGS, [f"data.cache_root={cache}", "model.student.name=cnn_small",
                                      "model.student.input.mean=[0.5]", "model.student.input.std=[0.25]"])
-    student = components.build_student(cfg)  # one value each: a 1-channel network
+    student = build_student(cfg)  # one value each: a 1-channel network
     assert student.model(torch.zeros(2, 1, SIZE, SIZE)).shape == (2, 10)

@@ -22,8 +22,8 @@ from shardstore.config.resolve import DEFAULT_DATA_CONFIG, DEFAULT_MODEL_CONFIG,
 from shardstore.config.train import TrainConfig
 from shardstore.errors import ConfigError
 from shardstore.kd import checkpoint as checkpoint_module
-from shardstore.kd import components
 from shardstore.kd import preempt as preempt_module
+from shardstore.kd import trainable
 from shardstore.kd.checkpoint import load_checkpoint
 from shardstore.kd.metrics import read_metrics
 from shardstore.kd.preempt import EXIT_PREEMPTED, PreemptionGuard, TrainingPreempted
@@ -126,7 +126,7 @@ def test_recovery_checkpoints_default_to_every_10_minutes() -> None:
 @pytest.mark.slow
 def test_a_stop_asked_during_start_up_saves_nothing_and_says_so(tiny_cache: Path, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    real = components.build_student
+    real = trainable.build_student
 
     def build_student(*args: Any, **kwargs: Any) -> Any:
         os.kill(os.getpid(), signal.SIGTERM)  # while the models are built

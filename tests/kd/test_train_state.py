@@ -19,9 +19,9 @@ from shardstore.config.resolve import DEFAULT_DATA_CONFIG, DEFAULT_MODEL_CONFIG,
 from shardstore.errors import ConfigError, DiskFullError
 from shardstore.kd import trainer as trainer_module
 from shardstore.kd.checkpoint import load_checkpoint
-from shardstore.kd.components import Trainable
 from shardstore.kd.divergence import NonFiniteLossError
 from shardstore.kd.metrics import read_metrics
+from shardstore.kd.trainable import Trainable
 from shardstore.kd.trainer import train
 
 from .conftest import overrides, write_tiny_cache

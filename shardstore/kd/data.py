@@ -1,4 +1,4 @@
-"""Everything a distillation run is built from, made from the three configs: data, models, loss, optimizer."""
+"""The run's data, built from the configs: the training dataset, the evaluation store, the cached targets' settings."""
 
 from __future__ import annotations
 
@@ -6,13 +6,10 @@ import logging
 from dataclasses import dataclass, replace
 
 import numpy as np
-import torch
-from torch import Tensor, nn
 
 from shardstore.config.resolve import RunConfig
 from shardstore.dataset.subset import RandomShardSubsetCachedDataset, open_data_store
 from shardstore.errors import ConfigError
-from shardstore.kd.augment import apply_views
 from shardstore.kd.distributed import DistInfo
 from shardstore.kd.images import (
     SETTING_KEYS,
@@ -21,12 +18,9 @@ from shardstore.kd.images import (
     check_labels,
     check_values,
     image_format,
-    network_inputs,
 )
-from shardstore.kd.losses import DistillationLoss
-from shardstore.kd.models.io import InputAdapter, freeze, load_checkpoint_into, load_torchscript
-from shardstore.kd.models.registry import build_model
 from shardstore.kd.target_spec import TargetSpec, read_target_spec
+from shardstore.kd.teacher import teacher_needed
 from shardstore.manifest.shard_size import check_cache_shard_size
 from shardstore.store.reader import ShardStore
 
@@ -189,143 +183,3 @@ def missing_shards(store: ShardStore, shard_ids: np.ndarray) -> list[int]:
 def restrict_to_shards(store: ShardStore, shard_ids: np.ndarray) -> ShardStore:
     """``store`` with only the shards ``shard_ids`` (all of which it must have; see ``missing_shards``)."""
     return store.subset(np.flatnonzero(np.isin(store.shard_ids, np.asarray(shard_ids, dtype=np.int64))))
-
-
-def build_teacher(cfg: RunConfig, device: torch.device) -> InputAdapter | None:
-    """The frozen teacher with its own input pipeline; None when the targets come from the cache.
-
-    With cached teacher targets (``data.teacher_targets``) the teacher is loaded only for
-    hybrid teaching (``loss.live_fraction`` > 0); training on labels alone (``alpha: 0``)
-    loads it only when it has a checkpoint (evaluation then reports agreement with it).
-    """
-    return load_teacher(cfg, device) if teacher_needed(cfg) else None
-
-
-def teacher_needed(cfg: RunConfig) -> bool:
-    """Whether a run loads the live teacher (see ``build_teacher``)."""
-    if cfg.train.loss.target_field:
-        return False
-    if cfg.data.teacher_targets and cfg.train.loss.live_fraction == 0:
-        return False
-    loss = cfg.train.loss
-    # labels only, and no trained teacher to report agreement with
-    return not (loss.alpha == 0 and loss.feature_loss == "none" and not cfg.model.teacher.checkpoint)
-
-
-def load_teacher(cfg: RunConfig, device: torch.device) -> InputAdapter:
-    """The frozen teacher of the model config, on ``device`` (in ``teacher.dtype``)."""
-    t = cfg.model.teacher
-    inputs = network_inputs(t, "teacher", cfg.data)
-    if t.checkpoint_format == "torchscript":
-        if not t.checkpoint:
-            raise ConfigError("model_config: teacher.checkpoint_format is torchscript but teacher.checkpoint is "
-                              "not set; name the TorchScript file")
-        model: nn.Module = load_torchscript(t.checkpoint)
-    else:
-        # On its own random stream: whether a teacher is built must not change the student's initial weights.
-        # Without a checkpoint (tests, smoke runs) that also makes it the same random teacher wherever it is built.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.train.seed)
-            model = build_model(t.name, cfg.model.num_classes, image_size=t.input.size, **inputs["kwargs"])
-        if t.checkpoint:
-            load_checkpoint_into(model, t.checkpoint)
-        else:
-            log.warning("model_config: teacher.checkpoint is not set; the teacher is randomly initialised (seed %d)",
-                        cfg.train.seed)
-    teacher = InputAdapter(model, size=t.input.size, mean=inputs["mean"], std=inputs["std"])
-    teacher = freeze(teacher).to(device)
-    if t.dtype == "bfloat16":
-        teacher = teacher.to(torch.bfloat16)
-    return teacher
-
-
-def amp_enabled(cfg: RunConfig, device: torch.device) -> bool:
-    """Whether teacher and student run under bf16 autocast: ``train.amp`` bf16, or auto on CUDA."""
-    return cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda")
-
-
-def render_teacher_input(images: Tensor, views: Tensor, teacher: InputAdapter) -> Tensor:
-    """Images ``[B, C, H, W]`` (``ImageFormat.images``) and views ``[B, 5]`` -> the float views at the teacher's size.
-
-    Live teaching, caching and the consistency check all render the teacher's input this way.
-    """
-    return apply_views(images, views.float(), teacher.size)
-
-
-def teacher_forward(teacher: InputAdapter, x: Tensor, *, features: bool) -> tuple[Tensor, Tensor | None]:
-    """The teacher's float32 logits for the batch ``x`` and, with ``features``, its float32 pooled embedding."""
-    if features:
-        feats = teacher.forward_features(x)
-        return teacher.forward_head(feats).float(), feats.float()
-    return teacher(x).float(), None
-
-
-def build_student(cfg: RunConfig) -> InputAdapter:
-    s = cfg.model.student
-    inputs = network_inputs(s, "student", cfg.data)
-    model = build_model(s.name, cfg.model.num_classes, image_size=s.input.size, **inputs["kwargs"])
-    if s.checkpoint:
-        load_checkpoint_into(model, s.checkpoint)
-    return InputAdapter(model, size=s.input.size, mean=inputs["mean"], std=inputs["std"])
-
-
-class Trainable(nn.Module):
-    """What the optimizer updates and DDP synchronises: the student and the loss's projector.
-
-    The teacher stays outside: it is frozen, and DDP must not see it.
-    """
-
-    def __init__(self, student: InputAdapter, criterion: DistillationLoss) -> None:
-        super().__init__()
-        self.student = student
-        self.criterion = criterion
-
-    def forward(self, images: torch.Tensor, labels: torch.Tensor | None, teacher_logits: torch.Tensor | None,
-                teacher_features: torch.Tensor | None, teacher_log_probs: torch.Tensor | None = None,
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        if self.criterion.projector is not None:
-            features = self.student.forward_features(images)
-            logits = self.student.forward_head(features)
-        else:
-            features, logits = None, self.student(images)
-        loss, parts = self.criterion(logits, labels, teacher_logits=teacher_logits,
-                                     student_features=features, teacher_features=teacher_features,
-                                     teacher_log_probs=teacher_log_probs)
-        return loss, parts, logits
-
-
-def build_criterion(cfg: RunConfig, student: InputAdapter, teacher: InputAdapter | None,
-                    targets: TargetSpec | None = None) -> DistillationLoss:
-    loss = cfg.train.loss
-    uses_features = loss.feature_loss != "none"
-    teacher_dim = 0
-    if targets is not None:
-        if uses_features and not targets.embedding_dim:
-            raise ConfigError(f"train_config: loss.feature_loss needs teacher embeddings, the cached targets "
-                              f"{targets.name!r} have none; cache them with --embeddings or set feature_loss: none")
-        if loss.alpha > 0 and targets.logits == "none":
-            raise ConfigError(f"train_config: loss.alpha > 0 needs teacher logits, the cached targets "
-                              f"{targets.name!r} hold embeddings only; set alpha: 0 or cache logits too")
-        teacher_dim = targets.embedding_dim if uses_features else 0
-        if uses_features and teacher is not None and teacher.num_features != teacher_dim:
-            raise ConfigError(f"the live teacher's embedding has {teacher.num_features} values, the cached one "
-                              f"{teacher_dim}; cache the targets with this teacher")
-    elif uses_features:
-        if teacher is None:
-            raise ConfigError("train_config: loss.feature_loss needs a live teacher (its embeddings); "
-                              "unset loss.target_field or set loss.feature_loss: none")
-        teacher_dim = teacher.num_features
-    return DistillationLoss(alpha=loss.alpha, temperature=loss.temperature, feature_loss=loss.feature_loss,
-                            feature_weight=loss.feature_weight, student_dim=student.num_features,
-                            teacher_dim=teacher_dim, projector_hidden=loss.projector_hidden)
-
-
-def build_optimizer(cfg: RunConfig, module: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """AdamW or SGD; no weight decay on biases and normalisation weights (1-D parameters)."""
-    decay = [p for p in module.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.train.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.train.momentum, nesterov=True)
-    return torch.optim.AdamW(groups, lr=lr)

@@ -1,0 +1,12 @@
+"""Whether a run's networks run under bf16 autocast (training and teacher caching alike)."""
+
+from __future__ import annotations
+
+import torch
+
+from shardstore.config.resolve import RunConfig
+
+
+def amp_enabled(cfg: RunConfig, device: torch.device) -> bool:
+    """Whether teacher and student run under bf16 autocast: ``train.amp`` bf16, or auto on CUDA."""
+    return cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda")
