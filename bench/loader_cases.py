@@ -19,9 +19,9 @@ from torch.utils.data import DataLoader, RandomSampler
 from shardstore import ShardStore
 from shardstore.dataset.cached import CachedTensorDataset
 from shardstore.dataset.subset import RandomShardSubsetCachedDataset
-from shardstore.kernels import resident_fraction
 from shardstore.loader import ShardLoader
 from shardstore.loader.pager import evict
+from shardstore.pagecache import resident_fraction
 
 BATCH_SIZE = 64
 SEED = 42

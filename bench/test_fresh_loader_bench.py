@@ -47,8 +47,8 @@ from fresh_probe import CHUNK, epoch_files, run_probe, write_cache
 from loader_cases import BATCH_SIZE, SEED, ShardLoaderCase, describe_epoch
 from shardstore import ShardStore
 from shardstore.dataset.subset import RandomShardSubsetCachedDataset
-from shardstore.kernels import resident_fraction
 from shardstore.loader import ShardLoader
+from shardstore.pagecache import resident_fraction
 
 
 def _env_int(name: str, default: int) -> int:

@@ -402,7 +402,7 @@ def test_link(benchmark: BenchmarkFixture, bench: Bench) -> None:
 @pytest.mark.benchmark(group="remote epoch")
 @pytest.mark.parametrize("where", ["disk", "page-cache"])
 def test_local_epoch(benchmark: BenchmarkFixture, bench: Bench, where: str) -> None:
-    from shardstore.kernels import resident_fraction
+    from shardstore.pagecache import resident_fraction
 
     files, want = bench.files_of(0), bench.reference(0)
     loader = loader_of(ShardStore.open(bench.root))

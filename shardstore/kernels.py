@@ -495,34 +495,6 @@ def copy_from_map(arr: np.ndarray, field: str = "", source: int = 0) -> np.ndarr
     return out
 
 
-def advise_array(arr: np.ndarray, advice: int) -> bool:
-    """``madvise(advice)`` the pages under a memory-mapped array, without holding the GIL; False if refused.
-
-    ``mmap.madvise`` holds the GIL while the kernel works, and ``MADV_POPULATE_READ`` on a
-    cold file reads it in: tens of milliseconds in which no other thread could run.
-    """
-    if not isinstance(arr, np.ndarray) or not arr.flags.c_contiguous:
-        raise TypeError("advise_array needs a C-contiguous numpy.ndarray")
-    if arr.nbytes == 0:
-        return True
-    return _kernels.advise_range(arr.ctypes.data, arr.nbytes, int(advice), mmap.PAGESIZE) == 0
-
-
-def resident_fraction(path: str | os.PathLike[str]) -> float:
-    """Fraction of ``path``'s pages that are in the page cache (``mincore``); 1.0 for an empty file."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return 1.0
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            view = memoryview(mm)
-            try:
-                resident = _kernels.resident_pages(view, mmap.PAGESIZE)
-            finally:
-                view.release()
-    return resident / ((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE)
-
-
 class Heads:
     """What ``read_heads`` learned of each file: an ``errno`` (0: fine), its ``lstat``/``fstat`` and first bytes.
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shardstore import kernels, reference
+from shardstore import kernels, pagecache, reference
 from shardstore.loader.pager import evict
 
 DTYPES = [np.uint8, np.int16, np.int64, np.float16, np.float32, np.float64]
@@ -123,13 +123,13 @@ def test_resident_fraction_sees_evicted_pages(tmp_path) -> None:
     path.write_bytes(np.random.default_rng(0).bytes(4 << 20))
     with open(path, "rb") as f:
         f.read()
-    assert kernels.resident_fraction(path) > 0.9
+    assert pagecache.resident_fraction(path) > 0.9
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
     evict([path])
-    if kernels.resident_fraction(path) > 0.5:
+    if pagecache.resident_fraction(path) > 0.5:
         pytest.skip("this filesystem keeps evicted pages (tmpfs?)")
-    assert kernels.resident_fraction(path) < 0.1
+    assert pagecache.resident_fraction(path) < 0.1
 
 
 FIELDS = {"img": (np.dtype(np.uint8), (3, 4, 4)), "label": (np.dtype(np.int64), ()),

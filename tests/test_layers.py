@@ -10,7 +10,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "shardstore"
 # Rank of each module or subpackage; a module may import only from ranks <= its own.
 RANKS = {
-    "errors": 0, "kernels": 0, "reference": 0, "remote": 0,
+    "errors": 0, "kernels": 0, "pagecache": 0, "reference": 0, "remote": 0,
     "store": 1,
     "manifest": 2,
     "sampling": 3, "dataset": 3,

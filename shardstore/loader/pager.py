@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shardstore import kernels
+from shardstore import kernels, pagecache
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def _advise(arr: np.ndarray, advice: int) -> bool:
     ``MADV_POPULATE_READ``) instead of SIGBUS, and the gather that needs it names the file.
     """
     try:
-        return kernels.file_map_of(arr) is not None and kernels.advise_array(arr, advice)
+        return kernels.file_map_of(arr) is not None and pagecache.advise_array(arr, advice)
     except (OSError, ValueError, TypeError):
         return False
 

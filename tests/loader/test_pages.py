@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shardstore import ShardStore, kernels
+from shardstore import ShardStore, pagecache
 from shardstore.dataset.subset import RandomShardSubsetCachedDataset
 from shardstore.loader import ShardLoader
 from shardstore.loader.pager import evict
@@ -69,7 +69,7 @@ def test_memory_does_not_grow_with_epochs(bigger_root: Path, drop_pages: bool) -
 
 
 def _residency(paths: list[Path]) -> list[float]:
-    return [kernels.resident_fraction(p) for p in paths]
+    return [pagecache.resident_fraction(p) for p in paths]
 
 
 def _evictable(root: Path) -> bool:
@@ -77,7 +77,7 @@ def _evictable(root: Path) -> bool:
     with open(probe, "rb") as f:
         f.read()
     evict([probe])
-    return kernels.resident_fraction(probe) < 0.5
+    return pagecache.resident_fraction(probe) < 0.5
 
 
 def test_finished_shards_are_dropped_and_next_ones_read_ahead(bigger_root: Path) -> None:
