@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from shardstore.kd.augment import apply_views, center_views
+from shardstore.kd.cached_targets import CachedTargets
 from shardstore.kd.images import ImageFormat
 from shardstore.kd.losses import kl_per_sample
-from shardstore.kd.target_spec import CachedTargets
 from shardstore.loader import ShardLoader
 from shardstore.store.reader import ShardStore
 

@@ -19,6 +19,7 @@ from shardstore.errors import ConfigError
 from shardstore.kd import distributed
 from shardstore.kd.augment import AugmentSpec, DeviceAugment, apply_views, view_generator
 from shardstore.kd.autocast import amp_enabled
+from shardstore.kd.cached_targets import CachedTargets
 from shardstore.kd.checkpoint import CheckpointManager
 from shardstore.kd.data import build_data
 from shardstore.kd.divergence import diverged, finite_weights
@@ -34,7 +35,6 @@ from shardstore.kd.run_changes import check_resume
 from shardstore.kd.run_dir import check_seed, prepare_run_dir
 from shardstore.kd.run_state import RunState
 from shardstore.kd.schedule import scaled_lr, warmup_cosine
-from shardstore.kd.target_spec import CachedTargets
 from shardstore.kd.teacher import build_teacher, render_teacher_input, teacher_forward
 from shardstore.kd.threads import configure_threads
 from shardstore.kd.trainable import Trainable, build_criterion, build_student

@@ -25,11 +25,12 @@ from shardstore import ConfigError, build_manifest
 from shardstore.config.resolve import DEFAULT_DATA_CONFIG, DEFAULT_MODEL_CONFIG, DEFAULT_TRAIN_CONFIG, load_run_config
 from shardstore.kd import distributed, trainer
 from shardstore.kd import teacher as kd_teacher
+from shardstore.kd.cached_targets import CachedTargets
 from shardstore.kd.checkpoint import CheckpointManager, load_checkpoint
 from shardstore.kd.data import build_data
 from shardstore.kd.evaluate import evaluate
 from shardstore.kd.metrics import read_metrics
-from shardstore.kd.target_spec import CachedTargets, read_target_spec
+from shardstore.kd.target_spec import read_target_spec
 from shardstore.kd.teacher_cache import fill_teacher_cache
 from shardstore.kd.trainer import train
 from shardstore.store.reader import ShardStore

@@ -24,7 +24,8 @@ from shardstore.cli import main
 from shardstore.config.resolve import DEFAULT_DATA_CONFIG, DEFAULT_MODEL_CONFIG, DEFAULT_TRAIN_CONFIG, load_run_config
 from shardstore.errors import ConfigError, DiskFullError
 from shardstore.kd.augment import apply_views
-from shardstore.kd.target_spec import CachedTargets, read_target_spec, shard_views
+from shardstore.kd.cached_targets import CachedTargets
+from shardstore.kd.target_spec import read_target_spec, shard_views
 from shardstore.kd.targets import SparseLogits, encode_topk, teacher_log_probs
 from shardstore.kd.teacher import load_teacher, render_teacher_input, teacher_forward
 from shardstore.kd.teacher_cache import check_teacher_cache, fill_teacher_cache
