@@ -63,6 +63,22 @@ def no_evaluation_note(t: TrainConfig) -> str | None:
 
 
 class _Run(RunState):
+    """One training run on this rank, from start-up to its final summary; ``train`` makes one and calls ``run``.
+
+    It holds everything the loop touches: the config and this rank's ``DistInfo``, the run
+    directory with its lock and ``CheckpointManager``, the data (``Data``), the frozen teacher,
+    the student and criterion inside ``Trainable`` (wrapped by DDP and ``torch.compile`` when
+    set), the EMA copy, optimizer and lr schedule, the loaders, and the run's position (epoch,
+    ``global_step``, samples seen, best evaluation) that ``RunState`` saves and restores.
+
+    Lifecycle: ``__init__`` checks the seed, the run directory and, on resume, what may change
+    before anything is built; it then builds data and models, and only then creates the run
+    directory and removes what a killed run left half-written. ``run`` restores the resumed
+    state, trains epoch by epoch (``train_epoch``, evaluation, ``end_epoch``'s checkpoint),
+    stops at a step boundary with a recovery checkpoint when a preemption signal arrives
+    (``TrainingPreempted``), and always closes its loaders and metrics log before it returns.
+    """
+
     def __init__(self, cfg: RunConfig, info: distributed.DistInfo, reporter: Reporter,
                  resume: str | Path | bool | None, guard: PreemptionGuard, lock: RunDirLock) -> None:
         self.cfg, self.info, self.reporter, self.guard, self.lock = cfg, info, reporter, guard, lock
