@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from shardstore.cli import _progress, app, build_manifest_cmd, err, out
+from shardstore.cli import _progress, app, err, out
+from shardstore.cli.manifest import build_manifest_cmd
 from shardstore.errors import ShardstoreError
 
 

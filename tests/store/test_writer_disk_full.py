@@ -99,7 +99,7 @@ def test_cli_write_on_a_full_disk_is_one_line_exit_2(tmp_path: Path, monkeypatch
 @pytest.mark.parametrize("chained", [False, True])
 def test_cli_turns_any_remaining_disk_full_error_into_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                capsys: pytest.CaptureFixture, chained: bool) -> None:
-    import shardstore.cli as cli
+    from shardstore.cli import manifest as cli
 
     def full(*args, **kwargs):
         error = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "manifest.json"))
