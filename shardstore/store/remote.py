@@ -18,6 +18,7 @@ has mapped, are pinned (a shared lock on their lock file): eviction never remove
 
 from __future__ import annotations
 
+import atexit
 import errno
 import json
 import logging
@@ -497,6 +498,7 @@ class RemoteShards:
                 self._progress = mmap.mmap(fd, _PROGRESS_SLOTS * 8)
             finally:
                 os.close(fd)
+        _OWNERS.add(self)
         self._threads = [threading.Thread(target=_prefetch_loop, args=(weakref.ref(self),),
                                           name=f"shardstore-prefetch-{i}", daemon=True)
                          for i in range(self.prefetch_threads)]
@@ -563,20 +565,22 @@ class RemoteShards:
                 return
         self.cache.unpin(shard_name(shard_id))
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the prefetchers (a download in flight may finish within ``timeout_s``), let go of the pins, and
+        remove this process's progress files and any temporaries a download it could not finish left."""
         with self._cv:
             self._closed = True
             self._cv.notify_all()
+        deadline = time.monotonic() + timeout_s
         for t in self._threads:
-            t.join(timeout=5)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
         for shard_id in list(self._pins):
             self._drop_pin(shard_id)
         if self.is_owner:
             for path in (self._progress_path, self._failures_path):
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
+                _unlink_quietly(str(path))
+            _remove_own_temporaries(self.local)
+
 
     # -- pickling: a worker gets a waiter -------------------------------------------------
 
@@ -594,6 +598,35 @@ class RemoteShards:
 
     def __repr__(self) -> str:
         return f"RemoteShards({self.url!r}, local_cache={str(self.local)!r}, cache_limit={format_bytes(self.limit)})"
+
+
+_OWNERS: weakref.WeakSet[RemoteShards] = weakref.WeakSet()
+
+
+def _close_at_exit() -> None:
+    """At interpreter exit, before daemon threads are stopped mid-write: no new prefetch starts, and this process's
+    unfinished download temporaries go (nothing is joined: exiting never waits on the network)."""
+    for shards in list(_OWNERS):
+        if shards.is_owner:
+            with shards._cv:
+                shards._closed = True
+                shards._cv.notify_all()
+            _remove_own_temporaries(shards.local)
+
+
+atexit.register(_close_at_exit)
+
+
+def _remove_own_temporaries(local: Path) -> None:
+    """This process's download temporaries (``<shard>.<file>.<pid>.<hex>.part``): their writer is stopping."""
+    marker = f".{os.getpid()}."
+    try:
+        entries = list(os.scandir(local / BOOKKEEPING / "tmp"))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.name.endswith(".part") and marker in entry.name:
+            _unlink_quietly(entry.path)
 
 
 def local_ranks() -> int:
