@@ -24,7 +24,6 @@ import json
 import logging
 import mmap
 import os
-import re
 import secrets
 import shutil
 import threading
@@ -47,12 +46,10 @@ from shardstore.remote.url import is_remote, parse_size
 from shardstore.store.atomic import format_bytes, fsync_dir, write_bytes_atomic
 from shardstore.store.layout import MANIFEST_NAME
 from shardstore.store.manifest import Manifest
+from shardstore.store.snapshot import _COLUMN_FILE, TABLE_DIR, TABLE_NAME, _current_table, _remove_table
 
 log = logging.getLogger(__name__)
 
-TABLE_DIR = "manifest.d"
-_TABLE_NAME = re.compile(r"^[0-9a-f]{16}-[0-9a-f]{8}\Z")
-_COLUMN = re.compile(r"^(id|samples|layout|digits|since|[A-Za-z][A-Za-z0-9_]*\.(offset|mtime_ns|min|max|sha256))\Z")
 BOOKKEEPING = ".shardstore"
 #: ranks of one node that open the store within this many seconds of each other share one manifest fetch
 MANIFEST_TTL_S = 10.0
@@ -133,8 +130,8 @@ def fetch_manifest(client: ObjectClient, local: Path, *, ttl_s: float = MANIFEST
         if isinstance(table, str):  # format 3: bring its table first
             name = table[len(TABLE_DIR) + 1:] if table.startswith(TABLE_DIR + "/") else ""
             columns = doc.get("columns")
-            if not _TABLE_NAME.match(name) or not isinstance(columns, dict) or not all(
-                    isinstance(c, str) and _COLUMN.match(c) for c in columns):
+            if not TABLE_NAME.match(name) or not isinstance(columns, dict) or not all(
+                    isinstance(c, str) and _COLUMN_FILE.match(f"{c}.npy") for c in columns):
                 raise ManifestError(f"{client.url}/{MANIFEST_NAME} names a table or columns that are not this "
                                     f"project's ({table!r:.60}); rebuild it with `shardstore build-manifest "
                                     f"{client.url}`")
@@ -142,7 +139,7 @@ def fetch_manifest(client: ObjectClient, local: Path, *, ttl_s: float = MANIFEST
             tables.mkdir(exist_ok=True)
             if not (tables / name).is_dir():
                 requests += _fetch_table(client, tables, name, sorted(columns))
-            keep = {name, _current_table(header_path)}
+            keep = {name, _current_table(local)}
         else:
             keep = set()
         write_bytes_atomic(header_path, bytes(text))
@@ -151,19 +148,11 @@ def fetch_manifest(client: ObjectClient, local: Path, *, ttl_s: float = MANIFEST
         tables = local / TABLE_DIR
         if keep and tables.is_dir():
             for entry in os.scandir(tables):
-                if _TABLE_NAME.match(entry.name) and entry.name not in keep:
-                    shutil.rmtree(entry.path, ignore_errors=True)
+                if TABLE_NAME.match(entry.name) and entry.name not in keep:
+                    _remove_table(Path(entry.path))
         return requests
     finally:
         os.close(fd)
-
-
-def _current_table(header_path: Path) -> str | None:
-    try:
-        table = json.loads(header_path.read_text()).get("table", "")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return table[len(TABLE_DIR) + 1:] if isinstance(table, str) else None
 
 
 def _fetch_table(client: ObjectClient, tables: Path, name: str, columns: Sequence[str]) -> int:
