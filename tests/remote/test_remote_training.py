@@ -295,7 +295,7 @@ def kill_victim(server: RankServer, pids: dict[int, int], victim: int, config: d
 
 def test_ranks_killed_mid_download_leave_only_whole_files_and_the_others_finish(
         tmp_path: Path, s3_server, s3_proxy, bucket, aws_env) -> None:
-    """30 SIGKILLs over 3 runs, each while the killed rank had a download in progress (its temporaries exist).
+    """SIGKILLs over 3 runs until 30 of them landed while the killed rank had a download in progress.
 
     The ranks run unsynchronized and the victim restarts from epoch 0, so they drift apart: the limit holds
     what they pin at once (their read-ahead and their workers' maps at different places), about 24 of the
@@ -318,11 +318,13 @@ def test_ranks_killed_mid_download_leave_only_whole_files_and_the_others_finish(
                                    out=str(tmp_path / f"run{run}-rank{r}.json")) for r in range(WORLD)]
             with FileChecker(node, files) as checker:
                 pids = {r: server.start(c) for r, c in enumerate(configs)}
-                killed = 0
-                for _ in range(20):  # 10 kills; a victim that finished its epochs is started again instead
+                midway = 0
+                for _ in range(40):  # until 10 kills landed inside a download (whether one did is a matter of
+                    # timing on a loaded machine: a kill just after a download ended still checks the cache, and
+                    # a victim that finished its epochs is started again instead)
                     outcomes.append(kill_victim(server, pids, victim, configs[victim], node, files, rng))
-                    killed += outcomes[-1] is not None
-                    if killed == 10:
+                    midway += outcomes[-1] is True
+                    if midway == 10:
                         break
                 for pid in pids.values():  # the others went on; the victim's last start read all its epochs
                     assert server.ended_well(pid, 120)
@@ -338,7 +340,7 @@ def test_ranks_killed_mid_download_leave_only_whole_files_and_the_others_finish(
         server.close()
     kills, midway = sum(o is not None for o in outcomes), sum(o is True for o in outcomes)
     print(f"{kills} kills, {midway} with the killed rank's download in progress")
-    assert kills == 30 and midway >= 24
+    assert midway == 30 and kills >= midway
 
 
 # -- 3. faults the retries absorb: 503 SlowDown, a cut body, an object replaced mid-download --------------
