@@ -11,12 +11,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from shardstore.errors import ConfigError
+from shardstore.sampling.seeds import words_for
 
 #: columns of a view tensor
 TOP, LEFT, CROP_H, CROP_W, FLIP = range(5)
@@ -194,7 +194,7 @@ def view_generator(seed: int, step: int) -> torch.Generator:
     """
     if seed < 0 or step < 0:
         raise ValueError(f"seed and step must be non-negative, got seed={seed}, step={step}")
-    state = np.random.SeedSequence([seed, step]).generate_state(1, dtype=np.uint64)[0]
+    state = words_for(seed, step, count=1)[0]
     # manual_seed takes any integer below 2**64
     return torch.Generator(device="cpu").manual_seed(int(state))
 

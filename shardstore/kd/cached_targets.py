@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from shardstore.kd.augment import view_generator
 from shardstore.kd.target_spec import TargetSpec
 from shardstore.kd.targets import SparseLogits, teacher_log_probs
+from shardstore.sampling.seeds import PICK_STORED_VIEW, derive_seed
 
 
 @dataclass
@@ -32,7 +32,7 @@ class CachedTargets:
 
     def __init__(self, spec: TargetSpec, seed: int, *, temperature: float, tail: str) -> None:
         self.spec = spec
-        self.seed = int(np.random.SeedSequence([seed, 0x5049434B]).generate_state(1)[0])
+        self.seed = derive_seed(seed, stream=PICK_STORED_VIEW)
         self.temperature = temperature
         self.tail = tail
         self.names = spec.field_names()

@@ -17,6 +17,7 @@ from torch import Tensor
 from shardstore.errors import ConfigError
 from shardstore.kd.augment import AugmentSpec, draw_views, view_generator
 from shardstore.kd.targets import index_dtype
+from shardstore.sampling.seeds import CACHED_VIEWS, derive_seed
 from shardstore.store.groups import GroupSpec, check_group_name, group_file, read_group_specs
 
 META_FORMAT = "shardstore-teacher-targets"
@@ -115,7 +116,7 @@ def read_target_spec(root: str | Path, name: str) -> TargetSpec:
 
 
 def _views_seed(seed: int) -> int:
-    return int(np.random.SeedSequence([seed, 0x43414348]).generate_state(1)[0])
+    return derive_seed(seed, stream=CACHED_VIEWS)
 
 
 def shard_views(spec: TargetSpec, shard_id: int, num_samples: int) -> Tensor:

@@ -13,6 +13,7 @@ from shardstore.kd.augment import apply_views
 from shardstore.kd.images import network_inputs
 from shardstore.kd.models.io import InputAdapter, freeze, load_checkpoint_into, load_torchscript
 from shardstore.kd.models.registry import build_model
+from shardstore.sampling.seeds import TEACHER_INIT, derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def load_teacher(cfg: RunConfig, device: torch.device) -> InputAdapter:
         # On its own random stream: whether a teacher is built must not change the student's initial weights.
         # Without a checkpoint (tests, smoke runs) that also makes it the same random teacher wherever it is built.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.train.seed)
+            torch.manual_seed(derive_seed(cfg.train.seed, stream=TEACHER_INIT))  # never the student's weights
             model = build_model(t.name, cfg.model.num_classes, image_size=t.input.size, **inputs["kwargs"])
         if t.checkpoint:
             load_checkpoint_into(model, t.checkpoint)

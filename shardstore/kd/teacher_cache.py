@@ -50,6 +50,7 @@ from shardstore.kd.targets import SparseLogits, encode_topk, teacher_log_probs
 from shardstore.kd.teacher import load_teacher, render_teacher_input, teacher_forward
 from shardstore.manifest.build import build_manifest
 from shardstore.manifest.checksum import file_checksum
+from shardstore.sampling.seeds import CHECK_SAMPLES, rng_for
 from shardstore.store.groups import (
     add_shard_fields,
     check_group_name,
@@ -336,7 +337,7 @@ def check_teacher_cache(cfg: RunConfig, *, name: str = "teacher", samples: int =
         report.failures.append(f"no shard of {root} has the targets {name!r}; fill them with cache-teacher first")
         return report
     counts = np.asarray(store.counts[positions])
-    rng = np.random.default_rng(seed)
+    rng = rng_for(seed, CHECK_SAMPLES)
     picks = np.sort(rng.choice(int(counts.sum()), size=min(samples, int(counts.sum())), replace=False))
     which = rng.integers(0, spec.views, size=picks.size)
     starts = np.concatenate([[0], np.cumsum(counts)])

@@ -9,7 +9,6 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
@@ -39,6 +38,7 @@ from shardstore.kd.teacher import build_teacher, render_teacher_input, teacher_f
 from shardstore.kd.threads import configure_threads
 from shardstore.kd.trainable import Trainable, build_criterion, build_student
 from shardstore.loader import ShardLoader
+from shardstore.sampling.seeds import LIVE_TEACHING, STUDENT_INIT, TRAIN_VIEWS, derive_seed
 from shardstore.store.atomic import write_bytes_atomic
 from shardstore.store.reader import load_manifest
 
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 
 def _view_seed(seed: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed, rank, 0x56494557]).generate_state(1)[0])
+    return derive_seed(seed, rank, stream=TRAIN_VIEWS)
 
 
 def no_evaluation_note(t: TrainConfig) -> str | None:
@@ -94,7 +94,7 @@ class _Run(RunState):
         # Compared before anything is built or loaded: a setting that cannot change is one line, not a page of keys.
         self.changes = None if self.resume_state is None else check_resume(
             self.resume_state, cfg, run_dir=self.run_dir, source=self.resume_path, world_size=info.world_size)
-        torch.manual_seed(t.seed)  # the same initial weights on every rank
+        torch.manual_seed(derive_seed(t.seed, stream=STUDENT_INIT))  # the same initial weights on every rank
         # A resumed run evaluates on the shards it held out when it began, however the cache grew since.
         self.data = build_data(cfg, info, held_out_ids=held_out_ids(self.resume_state))
         self.teacher = build_teacher(cfg, self.device)
@@ -113,7 +113,7 @@ class _Run(RunState):
             self.cached = CachedTargets(self.data.targets, _view_seed(t.seed, info.rank),
                                         temperature=t.loss.temperature, tail=t.loss.sparse_tail)
         # Hybrid teaching: whether a step is taught live is the same on every rank (rank-free seed).
-        self.live_seed = int(np.random.SeedSequence([t.seed, 0x4C495645]).generate_state(1)[0])
+        self.live_seed = derive_seed(t.seed, stream=LIVE_TEACHING)
         self.trainable = Trainable(student, self.criterion).to(self.device)
         if t.channels_last:
             self.trainable = self.trainable.to(memory_format=torch.channels_last)
