@@ -77,7 +77,8 @@ def test_set_epoch_cost_interleaved(benchmark: BenchmarkFixture, rate: Rate, pol
 
 def run_set_epoch(benchmark: BenchmarkFixture, rate: Rate, policy: str, num_shards: int, order: str) -> None:
     counts, offsets = cache(num_shards)
-    spec = EpochSpec(PER_EPOCH, 42, policy, order, 4)
+    spec = EpochSpec(shards_per_epoch=PER_EPOCH, random_subset_seed=42, shard_policy=policy, sample_order=order,
+                     active_shards=4)
     epochs = itertools.count()
     ids = benchmark(lambda: set_epoch(counts, offsets, spec, next(epochs)))
     assert ids.size == min(PER_EPOCH, num_shards) * SHARD_SIZE

@@ -58,7 +58,8 @@ def read_epoch(store: ShardStore, ids: np.ndarray) -> tuple[int, float]:
 def test_order_mixing_and_throughput(benchmark: BenchmarkFixture, sorted_store: ShardStore, order: str,
                                      active: int) -> None:
     counts = np.diff(sorted_store.offsets)
-    spec = EpochSpec(min(15, SHARDS), 42, "random", order, active)
+    spec = EpochSpec(shards_per_epoch=min(15, SHARDS), random_subset_seed=42,
+                     shard_policy="random", sample_order=order, active_shards=active)
     ids = rank_indices(plan_epoch(counts, sorted_store.offsets, spec, 0), World(), BATCH, None)
     read_epoch(sorted_store, ids)  # warm the page cache and the maps
     start = time.perf_counter()

@@ -87,7 +87,7 @@ def median_ms(fn, epochs: itertools.count, rounds: int) -> float:
 @pytest.mark.parametrize("shards_per_epoch", [15, None], ids=["15_shards", "whole_cache"])
 def test_epoch_preparation(benchmark: BenchmarkFixture, plan_store: ShardStore, shards_per_epoch: int | None,
                            order: str) -> None:
-    ds = RandomShardSubsetCachedDataset(plan_store, shards_per_epoch, 42, order=order, batch_size=BATCH)
+    ds = RandomShardSubsetCachedDataset(plan_store, shards_per_epoch, 42, sample_order=order, batch_size=BATCH)
     # The same work both ways: the job reads exactly the samples (and shards, in order) the ids name.
     job = prepare(ds, 7)
     visited, source_index, rows = prepare_from_ids(ds, 7)

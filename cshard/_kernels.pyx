@@ -16,7 +16,7 @@ cnp.import_array()
 
 
 def locate_rows(const int64_t[::1] sample_ids, const int64_t[::1] offsets,
-                int64_t[::1] shard_index, int64_t[::1] row):
+                int64_t[::1] shard_position, int64_t[::1] row):
     """Map global sample ids to (shard position, row) with ``offsets`` = cumulative starts.
 
     ``offsets`` has one entry per shard plus the total; it is non-decreasing.
@@ -32,7 +32,7 @@ def locate_rows(const int64_t[::1] sample_ids, const int64_t[::1] offsets,
         for i in range(n):
             s = sample_ids[i]
             if s < 0 or s >= total:
-                shard_index[i] = -1
+                shard_position[i] = -1
                 row[i] = -1
                 bad += 1
                 continue
@@ -46,7 +46,7 @@ def locate_rows(const int64_t[::1] sample_ids, const int64_t[::1] offsets,
                     lo = mid
                 else:
                     hi = mid - 1
-            shard_index[i] = lo
+            shard_position[i] = lo
             row[i] = s - offsets[lo]
     return bad
 

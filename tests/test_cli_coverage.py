@@ -47,7 +47,7 @@ def test_tables_show_each_epochs_shards_and_the_share_seen(config: Path, capsys:
     assert "expected: 1 - (1 - k/N)^E" in out and "expected: min(1, E*k/N)" in out
     counts = np.array([SHARD_SIZE] * (SHARDS - 1) + [7])
     for policy in ("random", "permutation"):
-        curve = coverage(counts, EpochSpec(4, 3, policy), 5)
+        curve = coverage(counts, EpochSpec(shards_per_epoch=4, random_subset_seed=3, shard_policy=policy), 5)
         table = rows(out, policy)
         assert [r[0] for r in table] == ["1", "2", "3", "4", "5"]
         for e, r in enumerate(table):

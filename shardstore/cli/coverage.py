@@ -63,7 +63,7 @@ def coverage(
     curves = []
     for name in policies:
         try:
-            spec = EpochSpec(k, config.random_subset_seed, name)
+            spec = EpochSpec(shards_per_epoch=k, random_subset_seed=config.random_subset_seed, shard_policy=name)
         except ValueError as exc:
             raise ConfigError(f"{data_config or DEFAULT_DATA_CONFIG}: {exc}") from None
         curves.append(draw_coverage(counts, spec, epochs))

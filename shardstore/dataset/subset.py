@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -36,10 +37,27 @@ def resolve_world(rank: int | None, world_size: int | None) -> World:
     return World()
 
 
+#: the arguments' former names (before each took its ``data_config.yaml`` key's name)
+FORMER_ARGUMENTS = {"seed": "random_subset_seed", "policy": "shard_policy", "order": "sample_order"}
+
+
+def _former_spellings(given: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """Map deprecated keyword arguments to their current names, warning once per call; unknown ones are a TypeError."""
+    renamed = {}
+    for old, value in given.items():
+        new = FORMER_ARGUMENTS.get(old)
+        if new is None:
+            raise TypeError(f"RandomShardSubsetCachedDataset() got an unexpected keyword argument {old!r}")
+        warnings.warn(f"RandomShardSubsetCachedDataset({old}=...) is deprecated; use {new}=..., the name of the "
+                      "data_config.yaml key", DeprecationWarning, stacklevel=3)
+        renamed[new] = value
+    return renamed
+
+
 class RandomShardSubsetCachedDataset(Dataset):
     """Map-style dataset whose item ``i`` is this rank's ``i``-th sample of the current epoch.
 
-    ``set_epoch(e)`` draws the epoch's shards from ``(seed, e)`` alone. The epoch's global
+    ``set_epoch(e)`` draws the epoch's shards from ``(random_subset_seed, e)`` alone. The epoch's global
     read order does not depend on the world size: global batch ``b`` (``world_size *
     batch_size`` samples) is split so each rank reads a contiguous run of it, and every rank
     gets ``min(samples // global_batch, max_steps_per_epoch)`` batches — the remainder of the
@@ -54,10 +72,10 @@ class RandomShardSubsetCachedDataset(Dataset):
         self,
         base: CachedTensorDataset | ShardStore,
         shards_per_epoch: int | None = 15,
-        seed: int = 42,
-        policy: str = "random",
+        random_subset_seed: int = 42,
+        shard_policy: str = "random",
         *,
-        order: str = "sequential",
+        sample_order: str = "sequential",
         active_shards: int = 4,
         batch_size: int = 64,
         max_steps_per_epoch: int | None = None,
@@ -65,7 +83,12 @@ class RandomShardSubsetCachedDataset(Dataset):
         world_size: int | None = None,
         refresh_manifest: bool = False,
         held_out_ids: np.ndarray | list[int] | None = None,
+        **former: Any,
     ) -> None:
+        # Deprecated spellings (``seed``, ``policy``, ``order``) still work, with a warning.
+        settings = {"random_subset_seed": random_subset_seed, "shard_policy": shard_policy,
+                    "sample_order": sample_order}
+        settings.update(_former_spellings(former, settings))
         self.base = base if isinstance(base, CachedTensorDataset) else CachedTensorDataset(base)
         self.store = self.base.store
         #: re-read the manifest at every ``set_epoch``: shards added to the cache join from that epoch on
@@ -75,7 +98,7 @@ class RandomShardSubsetCachedDataset(Dataset):
         #: bumped whenever ``store`` is replaced: a loader's job planned on another store is not reused
         self.store_version = 0
         try:
-            self.spec = EpochSpec(shards_per_epoch, seed, policy, order, active_shards)
+            self.spec = EpochSpec(shards_per_epoch=shards_per_epoch, active_shards=active_shards, **settings)
             if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
                 raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
             if max_steps_per_epoch is not None and (not isinstance(max_steps_per_epoch, int)
@@ -106,7 +129,7 @@ class RandomShardSubsetCachedDataset(Dataset):
         store = open_data_store(config)
         kwargs.setdefault("refresh_manifest", config.refresh_manifest)
         return cls(store, config.shards_per_epoch, config.random_subset_seed, config.shard_policy,
-                   order=config.sample_order, active_shards=config.active_shards, **kwargs)
+                   sample_order=config.sample_order, active_shards=config.active_shards, **kwargs)
 
     # -- epochs ----------------------------------------------------------------------------
 
@@ -318,10 +341,10 @@ class RandomShardSubsetCachedDataset(Dataset):
             epoch=self.epoch,
             samples_consumed=(start_batch + steps_done) * self.global_batch,
             global_batch=self.global_batch,
-            seed=self.spec.seed,
+            random_subset_seed=self.spec.random_subset_seed,
             shards_per_epoch=self.spec.shards_per_epoch,
             shard_policy=self.spec.shard_policy,
-            order=self.spec.order,
+            sample_order=self.spec.sample_order,
             active_shards=self.spec.active_shards,
             snapshot_id=self.store.snapshot_id,
             plan_id=self.plan_id,
@@ -343,8 +366,8 @@ class RandomShardSubsetCachedDataset(Dataset):
         (``world_size * batch_size``) is the same.
         """
         saved = SamplerState.from_dict(state)
-        mine = {"seed": self.spec.seed, "shards_per_epoch": self.spec.shards_per_epoch,
-                "shard_policy": self.spec.shard_policy, "order": self.spec.order,
+        mine = {"random_subset_seed": self.spec.random_subset_seed, "shards_per_epoch": self.spec.shards_per_epoch,
+                "shard_policy": self.spec.shard_policy, "sample_order": self.spec.sample_order,
                 "active_shards": self.spec.active_shards, "global_batch": self.global_batch}
         for key, value in mine.items():
             if getattr(saved, key) != value:

@@ -38,7 +38,7 @@ class Coverage:
 def coverage(counts: np.ndarray, spec: EpochSpec, epochs: int) -> Coverage:
     """Run ``spec``'s shard policy for epochs ``0 .. epochs-1`` over shards of ``counts[p]`` samples.
 
-    ``spec.shards_per_epoch`` (None: the whole cache), ``spec.seed`` and ``spec.shard_policy``
+    ``spec.shards_per_epoch`` (None: the whole cache), ``spec.random_subset_seed`` and ``spec.shard_policy``
     are used; the within-shard order does not change what is seen.
     """
     counts = _check_counts(counts)
@@ -48,7 +48,7 @@ def coverage(counts: np.ndarray, spec: EpochSpec, epochs: int) -> Coverage:
     positions, new_samples, seen_shards = [], np.zeros(epochs, np.int64), np.zeros(epochs, np.int64)
     distinct = 0
     for e in range(epochs):
-        taken = policy(counts.size, spec.shards_per_epoch, spec.seed, e)
+        taken = policy(counts.size, spec.shards_per_epoch, spec.random_subset_seed, e)
         fresh = taken[~seen[taken]]
         seen[fresh] = True
         distinct += fresh.size

@@ -35,26 +35,29 @@ def _positive_or_none(name: str, value: object) -> int | None:
     return int(value)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EpochSpec:
-    """How epochs are drawn; everything that, with the manifest, fixes an epoch's global read order."""
+    """How epochs are drawn; everything that, with the manifest, fixes an epoch's global read order.
+
+    Each field has the name of its ``data_config.yaml`` key.
+    """
 
     shards_per_epoch: int | None = 15
     """Shards per epoch; None (or at least the shard count) means the whole cache."""
-    seed: int = 42
-    """``random_subset_seed``: with the epoch, the only source of randomness."""
+    random_subset_seed: int = 42
+    """With the epoch, the only source of randomness."""
     shard_policy: str = "random"
     """``random`` (independent draws, epochs overlap) or ``permutation`` (all shards before any repeats)."""
-    order: str = "sequential"
+    sample_order: str = "sequential"
     """Within-shard order: ``sequential`` (file order) or ``interleave`` (mix ``active_shards`` shards)."""
     active_shards: int = 4
     """Shards read at once by ``interleave``."""
 
     def __post_init__(self) -> None:
         _positive_or_none("shards_per_epoch", self.shards_per_epoch)
-        check_seed(self.seed)
+        check_seed(self.random_subset_seed)
         _choice("shard_policy", self.shard_policy, SHARD_POLICIES)
-        _choice("sample_order", self.order, ORDER_POLICIES)
+        _choice("sample_order", self.sample_order, ORDER_POLICIES)
         if _positive_or_none("active_shards", self.active_shards) is None:
             raise ValueError("active_shards must be a positive integer, got None")
 
@@ -94,9 +97,10 @@ def plan_epoch(counts: np.ndarray, offsets: np.ndarray, spec: EpochSpec, epoch: 
     num_shards = int(counts.size)
     if num_shards == 0:
         raise ValueError("the cache has no shards; write some and rebuild the manifest")
-    positions = SHARD_POLICIES[spec.shard_policy](num_shards, spec.shards_per_epoch, spec.seed, int(epoch))
+    seed = spec.random_subset_seed
+    positions = SHARD_POLICIES[spec.shard_policy](num_shards, spec.shards_per_epoch, seed, int(epoch))
     visit_counts = np.ascontiguousarray(counts[positions], dtype=np.int64)
-    source = ORDER_POLICIES[spec.order](visit_counts, spec.seed, int(epoch), spec.active_shards)
+    source = ORDER_POLICIES[spec.sample_order](visit_counts, seed, int(epoch), spec.active_shards)
     starts = np.ascontiguousarray(offsets[positions], dtype=np.int64)
     return EpochPlan(int(epoch), positions, visit_counts, starts, source)
 

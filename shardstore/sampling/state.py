@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+#: field names of states saved before each field took its ``data_config.yaml`` key's name
+_FORMER_NAMES = {"seed": "random_subset_seed", "order": "sample_order"}
+
 
 @dataclass(frozen=True)
 class SamplerState:
@@ -13,10 +16,10 @@ class SamplerState:
     epoch: int
     samples_consumed: int  # global, over all ranks; a multiple of the global batch
     global_batch: int  # world_size * batch_size when the state was taken
-    seed: int
+    random_subset_seed: int
     shards_per_epoch: int | None
     shard_policy: str
-    order: str
+    sample_order: str
     active_shards: int
     snapshot_id: str  # the manifest snapshot the epoch was planned on (for messages)
     #: what the epoch's order depends on besides the settings: its shards' ids and sample counts, hashed
@@ -32,7 +35,10 @@ class SamplerState:
 
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> SamplerState:
-        """Validate and rebuild a state saved with ``to_dict``."""
+        """Validate and rebuild a state saved with ``to_dict`` (by this version or one that named fields otherwise)."""
+        if not isinstance(state, dict):
+            raise ValueError(f"not a sampler state (a {type(state).__name__}); pass what state_dict() returned")
+        state = {_FORMER_NAMES.get(key, key): value for key, value in state.items()}
         try:
             return cls(**state)  # a state saved before plan_id existed gets "": its epoch cannot be continued
         except TypeError as exc:

@@ -31,7 +31,7 @@ def whole_epoch_under_a_low_fd_limit(root: str) -> int:
     from shardstore.loader import ShardLoader
 
     store = ShardStore.open(root)
-    dataset = RandomShardSubsetCachedDataset(store, shards_per_epoch=None, seed=0, batch_size=16)
+    dataset = RandomShardSubsetCachedDataset(store, shards_per_epoch=None, random_subset_seed=0, batch_size=16)
     before = _open_fds()
     loader = ShardLoader(dataset, num_threads=2)
     loader.set_epoch(0)

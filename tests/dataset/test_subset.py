@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,7 @@ def test_items_follow_the_plan(store: ShardStore) -> None:
 @pytest.mark.parametrize(("rank", "world_size"), [(0, 1), (1, 2), (2, 3)])
 def test_rank_plan_is_this_ranks_part_without_side_effects(store: ShardStore, order: str, rank: int,
                                                            world_size: int) -> None:
-    ds = make(store, order=order, active_shards=3, rank=rank, world_size=world_size, k=6, batch_size=2)
+    ds = make(store, sample_order=order, active_shards=3, rank=rank, world_size=world_size, k=6, batch_size=2)
     ds.set_epoch(2)
     current = ds.indices().copy()
     plan = ds.rank_plan(5, 3)
@@ -107,18 +108,45 @@ def test_set_epoch_reaches_dataloader_workers(store: ShardStore, persistent: boo
 
 
 def test_resumed_state_yields_exactly_the_remaining_sequence(store: ShardStore) -> None:
-    ds = make(store, k=None, order="interleave", active_shards=2)
+    ds = make(store, k=None, sample_order="interleave", active_shards=2)
     ds.set_epoch(5)
     full = ds.indices().tolist()
     state = ds.state_dict(steps_done=7)
-    assert set(state) >= {"epoch", "samples_consumed", "seed", "snapshot_id"} and state["samples_consumed"] == 28
-    fresh = make(store, k=None, order="interleave", active_shards=2)
+    assert set(state) >= {"epoch", "samples_consumed", "random_subset_seed", "sample_order", "snapshot_id"}
+    assert state["samples_consumed"] == 28
+    fresh = make(store, k=None, sample_order="interleave", active_shards=2)
     fresh.load_state_dict(state)
     assert fresh.epoch == 5 and fresh.indices().tolist() == full[7 * 4 :]
     # Resuming twice composes: 3 more steps, then another resume.
-    again = make(store, k=None, order="interleave", active_shards=2)
+    again = make(store, k=None, sample_order="interleave", active_shards=2)
     again.load_state_dict(fresh.state_dict(steps_done=3))
     assert again.indices().tolist() == full[10 * 4 :]
+
+
+def test_a_state_saved_with_the_former_field_names_still_resumes(store: ShardStore) -> None:
+    ds = make(store, k=None, sample_order="interleave", active_shards=2)
+    ds.set_epoch(2)
+    state = ds.state_dict(steps_done=3)
+    state["seed"], state["order"] = state.pop("random_subset_seed"), state.pop("sample_order")  # an older checkpoint
+    fresh = make(store, k=None, sample_order="interleave", active_shards=2)
+    fresh.load_state_dict(state)
+    assert fresh.epoch == 2 and fresh.indices().tolist() == ds.indices().tolist()[3 * 4 :]
+    with pytest.raises(ConfigError, match="sample_order='interleave' but this dataset has 'sequential'"):
+        make(store, k=None, active_shards=2).load_state_dict(state)
+
+
+def test_the_former_argument_spellings_work_with_a_deprecation_warning(store: ShardStore) -> None:
+    new = RandomShardSubsetCachedDataset(store, 3, random_subset_seed=5, shard_policy="permutation",
+                                         sample_order="interleave", batch_size=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = RandomShardSubsetCachedDataset(store, 3, seed=5, policy="permutation", order="interleave", batch_size=4)
+    assert old.spec == new.spec
+    assert sorted(str(w.message).split(" is deprecated; use ")[1].split("=")[0] for w in caught
+                  if w.category is DeprecationWarning) == ["random_subset_seed", "sample_order", "shard_policy"]
+    assert {w.filename for w in caught} == {__file__}  # the warning points at the caller's line
+    with pytest.raises(TypeError, match="unexpected keyword argument 'shuffle'"):
+        RandomShardSubsetCachedDataset(store, 3, shuffle=True)
 
 
 def test_four_ranks_resume_on_two_with_the_same_global_sequence(store: ShardStore) -> None:
@@ -143,7 +171,7 @@ def test_four_ranks_resume_on_two_with_the_same_global_sequence(store: ShardStor
 
 def test_state_from_other_settings_or_manifest_is_refused(store: ShardStore) -> None:
     state = make(store).state_dict(steps_done=1)
-    with pytest.raises(ConfigError, match="seed=3 but this dataset has 4"):
+    with pytest.raises(ConfigError, match="random_subset_seed=3 but this dataset has 4"):
         make(store, seed=4).load_state_dict(state)
     with pytest.raises(ConfigError, match="planned on other shards"):
         make(store).load_state_dict({**state, "plan_id": "0" * 16})
@@ -166,7 +194,7 @@ def test_cap_applies_per_rank(store: ShardStore) -> None:
     [
         ({"k": 0}, "shards_per_epoch must be a positive integer or null, got 0"),
         ({"seed": 2.5}, "random_subset_seed must be a non-negative integer, got 2.5"),
-        ({"policy": "uniform"}, "unknown shard_policy 'uniform'"),
+        ({"shard_policy": "uniform"}, "unknown shard_policy 'uniform'"),
         ({"batch_size": 0}, "batch_size must be a positive integer"),
         ({"rank": 2, "world_size": 2}, r"rank must be an integer in \[0, 2\)"),
         ({"rank": 0}, "give both rank and world_size"),
@@ -182,7 +210,7 @@ def test_from_data_config(store: ShardStore, tmp_path: Path) -> None:
     cfg.write_text(f"cache_root: {store.root}\nshards_per_epoch: 3\nrandom_subset_seed: 3\nshard_policy: permutation\n")
     ds = RandomShardSubsetCachedDataset.from_data_config(cfg, batch_size=4)
     assert ds.spec.shard_policy == "permutation" and len(ds.selected_shards) == 3
-    assert ds.selected_shards == make(store, k=3, policy="permutation").selected_shards
+    assert ds.selected_shards == make(store, k=3, shard_policy="permutation").selected_shards
 
 
 @pytest.mark.parametrize(

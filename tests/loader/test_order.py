@@ -50,7 +50,7 @@ def test_batches_equal_plain_indexing(store: ShardStore, num_threads: int, batch
 @pytest.mark.parametrize("order", ["sequential", "interleave"])
 @pytest.mark.parametrize("rank", [0, 1, 2])
 def test_each_rank_reads_its_part(store: ShardStore, order: str, rank: int) -> None:
-    ds = make(store, 4, order=order, active_shards=3, rank=rank, world_size=3, k=None)
+    ds = make(store, 4, sample_order=order, active_shards=3, rank=rank, world_size=3, k=None)
     with ShardLoader(ds) as loader:
         for epoch in (0, 1):
             loader.set_epoch(epoch)

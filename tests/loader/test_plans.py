@@ -56,7 +56,7 @@ def check_batches(loader: ShardLoader, store: ShardStore, ids: np.ndarray, batch
 def test_every_policy_order_and_rank_reads_the_plain_batches(store: ShardStore, policy: str, order: str,
                                                              world_size: int, cap: int | None) -> None:
     for rank in range(world_size):
-        ds = RandomShardSubsetCachedDataset(store, 7, 5, policy, order=order, active_shards=3, batch_size=4,
+        ds = RandomShardSubsetCachedDataset(store, 7, 5, policy, sample_order=order, active_shards=3, batch_size=4,
                                             max_steps_per_epoch=cap, rank=rank, world_size=world_size)
         with ShardLoader(ds, num_threads=2, prefetch=2) as loader:
             for epoch in (0, 1):  # epoch 1 was prepared while epoch 0 drained
@@ -83,7 +83,7 @@ def test_a_whole_store_reads_the_plain_batches(store: ShardStore, batch_size: in
 
 def test_the_loader_neither_locates_ids_nor_asks_the_dataset_for_them(store: ShardStore,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    ds = RandomShardSubsetCachedDataset(store, 5, 7, order="interleave", batch_size=8)
+    ds = RandomShardSubsetCachedDataset(store, 5, 7, sample_order="interleave", batch_size=8)
     want = [want_ids(store, ds, e) for e in range(3)]
     ids = {e: fields_at(store, w)["gid"] for e, w in enumerate(want)}
 
@@ -116,7 +116,7 @@ def test_each_epoch_is_read_through_the_store_it_was_planned_on(tmp_path: Path, 
     root = write_gid_cache(tmp_path / "cache")
     grown = ShardStore.open(root)
     old = grown.subset(range(8))  # the first 8 shards: the cache before 4 more were written
-    ds = RandomShardSubsetCachedDataset(old, None, 3, order="interleave", batch_size=4)
+    ds = RandomShardSubsetCachedDataset(old, None, 3, sample_order="interleave", batch_size=4)
     with ShardLoader(ds, read_ahead_shards=2, drop_pages=drop_pages) as loader:
         check_batches(loader, old, want_ids(old, ds, 0), 4)
         wait_planned(loader)  # epoch 1 is prepared on the old store
@@ -137,7 +137,7 @@ def test_rank_plans_are_split_like_the_global_sequence(store: ShardStore) -> Non
     def global_sequence(world_size: int, batch_size: int) -> list[int]:
         parts = []
         for rank in range(world_size):
-            ds = RandomShardSubsetCachedDataset(store, None, 9, order="interleave", batch_size=batch_size,
+            ds = RandomShardSubsetCachedDataset(store, None, 9, sample_order="interleave", batch_size=batch_size,
                                                 rank=rank, world_size=world_size)
             with ShardLoader(ds) as loader:
                 parts.append([b["gid"].numpy().copy() for b in loader])
@@ -151,7 +151,7 @@ def test_rank_plans_are_split_like_the_global_sequence(store: ShardStore) -> Non
 def test_a_job_knows_when_each_shard_is_first_and_last_read(store: ShardStore, order: str, rank: int,
                                                             world_size: int, start_batch: int) -> None:
     """What unmapping, dropping pages and reading ahead rely on, against a count over the samples."""
-    ds = RandomShardSubsetCachedDataset(store, None, 4, order=order, active_shards=4, batch_size=5, rank=rank,
+    ds = RandomShardSubsetCachedDataset(store, None, 4, sample_order=order, active_shards=4, batch_size=5, rank=rank,
                                         world_size=world_size)
     plans = [ds.rank_plan(2, start_batch)]
     for batch_size, drop_last in ((5, True), (7, False), (7, True)):

@@ -155,7 +155,7 @@ def test_every_policy_and_order_reads_the_plain_batches_with_pread(gid_root: Pat
     plain = ShardStore.open(gid_root)  # the expected batches are read through another store: its maps stay there
     for rank in range(world_size):
         store = ShardStore.open(gid_root)
-        ds = RandomShardSubsetCachedDataset(store, 7, 5, policy, order=order, active_shards=3, batch_size=4,
+        ds = RandomShardSubsetCachedDataset(store, 7, 5, policy, sample_order=order, active_shards=3, batch_size=4,
                                             rank=rank, world_size=world_size)
         with ShardLoader(ds, num_threads=2, prefetch=2, pread=True) as loader:
             for epoch in (0, 1, 2):
@@ -181,7 +181,7 @@ def test_which_fields_are_read_from_files(tmp_path: Path) -> None:
     for order in ("sequential", "interleave"):
         for pread in (False, True):
             store = ShardStore.open(root)
-            ds = RandomShardSubsetCachedDataset(store, None, 1, order=order, batch_size=8)
+            ds = RandomShardSubsetCachedDataset(store, None, 1, sample_order=order, batch_size=8)
             with ShardLoader(ds, num_threads=1, pread=pread) as loader:
                 for batch in loader:
                     job = loader._pipeline._jobs[0]

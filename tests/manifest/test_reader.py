@@ -30,7 +30,7 @@ def _first_batch_error(store: ShardStore) -> str:
     from shardstore.dataset.subset import RandomShardSubsetCachedDataset
     from shardstore.loader import ShardLoader
 
-    dataset = RandomShardSubsetCachedDataset(store, None, 0, batch_size=2, order="sequential")
+    dataset = RandomShardSubsetCachedDataset(store, None, 0, batch_size=2, sample_order="sequential")
     with pytest.raises(CorruptShardError) as info, ShardLoader(dataset, num_threads=1) as loader:
         for _ in loader:
             pass

@@ -75,7 +75,7 @@ def test_s3_epochs_equal_the_local_store_and_fetch_each_shard_once(tmp_path: Pat
     s3_proxy.reset()
 
     def loader_of(s: ShardStore) -> ShardLoader:
-        ds = RandomShardSubsetCachedDataset(s, shards_per_epoch=4, seed=3, batch_size=8)
+        ds = RandomShardSubsetCachedDataset(s, shards_per_epoch=4, random_subset_seed=3, batch_size=8)
         return ShardLoader(ds, batch_size=8, num_threads=2)
 
     with loader_of(local) as a, loader_of(store) as b:
@@ -130,7 +130,7 @@ def test_the_local_cache_stays_under_its_limit_over_many_epochs(tmp_path: Path) 
     root = _cache(tmp_path, n=64 * 16, shard=16)  # 64 shards
     store = ShardStore.open(f"file://{root}", local_cache=tmp_path / "node", cache_limit="600KB",
                             prefetch_shards=2)
-    ds = RandomShardSubsetCachedDataset(store, shards_per_epoch=4, seed=1, batch_size=8)
+    ds = RandomShardSubsetCachedDataset(store, shards_per_epoch=4, random_subset_seed=1, batch_size=8)
     peak = 0
     with ShardLoader(ds, batch_size=8, num_threads=2) as loader:
         for e in range(12):
@@ -147,7 +147,7 @@ def test_eviction_order_follows_the_seeded_schedule(tmp_path: Path) -> None:
 
     root = _cache(tmp_path, n=32 * 16, shard=16)
     store = ShardStore.open(f"file://{root}", local_cache=tmp_path / "node", cache_limit="64MB")
-    ds = RandomShardSubsetCachedDataset(store, shards_per_epoch=4, seed=5, batch_size=8)
+    ds = RandomShardSubsetCachedDataset(store, shards_per_epoch=4, random_subset_seed=5, batch_size=8)
     ds.set_epoch(3)
     next_use = store.remote.next_use
     assert next_use is not None
@@ -177,7 +177,7 @@ def test_a_store_nobody_uses_any_more_stops_its_prefetch_threads(tmp_path: Path)
 
     root = _cache(tmp_path)
     store = ShardStore.open(f"file://{root}", local_cache=tmp_path / "node", cache_limit="64MB")
-    ds = RandomShardSubsetCachedDataset(store, shards_per_epoch=4, seed=3, batch_size=8)
+    ds = RandomShardSubsetCachedDataset(store, shards_per_epoch=4, random_subset_seed=3, batch_size=8)
     ds.set_epoch(0)
     progress = store.remote._progress_path
 

@@ -351,7 +351,8 @@ def loader_batches(store: ShardStore, epochs: list[int], *, shards_per_epoch: in
     """Every batch of ``epochs`` as a ``ShardLoader`` (the rank's own threads) reads them, copied."""
     from shardstore.loader.shard_loader import ShardLoader
 
-    ds = RandomShardSubsetCachedDataset(store, shards_per_epoch=shards_per_epoch, seed=seed, batch_size=batch_size)
+    ds = RandomShardSubsetCachedDataset(store, shards_per_epoch=shards_per_epoch, random_subset_seed=seed,
+                                        batch_size=batch_size)
     out = []
     with ShardLoader(ds, batch_size=batch_size, num_threads=2) as loader:
         for epoch in epochs:
@@ -379,7 +380,8 @@ def test_a_third_of_requests_answered_503_slowdown_cost_bounded_retries(
     store = open_remote(f"s3://{bucket}/cache", local_cache=tmp_path / "node", cache_limit="8MB")
     assert_same(loader_batches(store, [0]), loader_batches(ShardStore.open(root), [0]))
     stats = s3_proxy.stats()
-    epoch = set(RandomShardSubsetCachedDataset(store, shards_per_epoch=6, seed=3, batch_size=16).set_epoch(0))
+    epoch = set(RandomShardSubsetCachedDataset(store, shards_per_epoch=6, random_subset_seed=3,
+                                               batch_size=16).set_epoch(0))
     attempts = RetryPolicy().attempts
     for key, data in files.items():
         st = stats.get(f"{bucket}/cache/{key}")
@@ -402,7 +404,8 @@ def test_a_body_cut_short_once_is_fetched_again(
     files = source_files(root)
     s3_server.upload_tree(root, bucket, "cache")
     store = open_remote(f"s3://{bucket}/cache", local_cache=tmp_path / "node", cache_limit="8MB")
-    first = RandomShardSubsetCachedDataset(store, shards_per_epoch=6, seed=3, batch_size=16).set_epoch(0)[0]
+    first = RandomShardSubsetCachedDataset(store, shards_per_epoch=6, random_subset_seed=3,
+                                           batch_size=16).set_epoch(0)[0]
     key = f"shard_{first:06d}/images.npy"
     s3_proxy.truncate_next(1, lambda method, k, headers: method == "GET" and k == f"{bucket}/cache/{key}")
     assert_same(loader_batches(store, [0]), loader_batches(ShardStore.open(root), [0]))
@@ -608,7 +611,7 @@ def test_a_shard_whose_every_get_fails_is_one_line_at_the_batch_that_needs_it(
     local = ShardStore.open(root)
     store = open_remote(f"s3://{bucket}/cache", local_cache=tmp_path / "node", cache_limit="8MB",
                             prefetch_shards=2)
-    ds = RandomShardSubsetCachedDataset(store, shards_per_epoch=6, seed=3, batch_size=16)
+    ds = RandomShardSubsetCachedDataset(store, shards_per_epoch=6, random_subset_seed=3, batch_size=16)
     broken = ds.set_epoch(0)[3]  # the fourth shard the epoch visits
     key = f"shard_{broken:06d}/labels.npy"
     s3_proxy.fail_next(503, 10_000, lambda method, k, headers: method == "GET" and k == f"{bucket}/cache/{key}")

@@ -66,7 +66,8 @@ def test_policy_over_seeds_agrees_with_the_expectation(policy: str, sizes: str) 
     """The mean over 200 seeds lies within 5 standard errors (sd / sqrt(200), sd from ``expected_coverage``)."""
     n, k, epochs = 60, 7, 25
     counts = np.full(n, 100) if sizes == "equal" else np.random.default_rng(1).integers(1, 400, n)
-    runs = np.stack([coverage(counts, EpochSpec(k, seed, policy), epochs).seen_fraction for seed in range(SEEDS)])
+    runs = np.stack([coverage(counts, EpochSpec(shards_per_epoch=k, random_subset_seed=seed, shard_policy=policy),
+                              epochs).seen_fraction for seed in range(SEEDS)])
     mean, std = expected_coverage(counts, k, policy, epochs)
     error = np.abs(runs.mean(axis=0) - mean)
     bound = Z * std / math.sqrt(SEEDS)
@@ -77,7 +78,7 @@ def test_policy_over_seeds_agrees_with_the_expectation(policy: str, sizes: str) 
 def test_permutation_sees_every_sample_after_ceil_n_over_k_epochs(n: int, k: int) -> None:
     counts = np.random.default_rng(n).integers(1, 50, n)
     full = math.ceil(n / k)
-    curve = coverage(counts, EpochSpec(k, 3, "permutation"), full + 2)
+    curve = coverage(counts, EpochSpec(shards_per_epoch=k, random_subset_seed=3, shard_policy="permutation"), full + 2)
     assert np.array_equal(curve.seen_shards, np.minimum(n, k * np.arange(1, full + 3)))
     assert curve.seen_fraction[full - 1] == 1.0 and np.all(curve.seen_fraction[full:] == 1.0)
     if full > 1:
@@ -87,7 +88,7 @@ def test_permutation_sees_every_sample_after_ceil_n_over_k_epochs(n: int, k: int
 
 def test_the_curve_is_what_the_policy_chose() -> None:
     counts = np.array([5, 0, 7, 3, 9, 2, 4, 4], np.int64)  # an empty shard counts no samples
-    spec = EpochSpec(3, 11, "random")
+    spec = EpochSpec(shards_per_epoch=3, random_subset_seed=11, shard_policy="random")
     curve = coverage(counts, spec, 6)
     seen: set[int] = set()
     for e, positions in enumerate(curve.positions):
@@ -114,7 +115,7 @@ def test_the_curve_is_what_the_policy_chose() -> None:
 )
 def test_bad_input_is_one_clear_error(counts: list, epochs: object, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        coverage(np.asarray(counts), EpochSpec(1, 0), epochs)  # type: ignore[arg-type]
+        coverage(np.asarray(counts), EpochSpec(shards_per_epoch=1, random_subset_seed=0), epochs)  # type: ignore[arg-type]
 
 
 def test_unknown_policy_in_the_expectation() -> None:

@@ -44,7 +44,7 @@ def check_plan(plan: EpochPlan, counts: np.ndarray, offsets: np.ndarray, spec: E
     for p in positions:
         rows = plan.order[(plan.order >= offsets[p]) & (plan.order < offsets[p + 1])]
         assert np.all(np.diff(rows) == 1)
-    if spec.order == "sequential":
+    if spec.sample_order == "sequential":
         assert np.array_equal(plan.order, want)
 
 
@@ -61,25 +61,27 @@ POLICIES = [(s, o) for s in SHARD_POLICIES for o in ORDER_POLICIES]
 )
 def test_every_policy_keeps_the_invariants(shard_policy, order, counts, k, seed, epoch, active) -> None:
     c, offs = cache(counts)
-    spec = EpochSpec(k, seed, shard_policy, order, active)
+    spec = EpochSpec(shards_per_epoch=k, random_subset_seed=seed, shard_policy=shard_policy, sample_order=order,
+                     active_shards=active)
     check_plan(plan_epoch(c, offs, spec, epoch), c, offs, spec)
 
 
 @pytest.mark.parametrize(("shard_policy", "order"), POLICIES)
 def test_same_seed_and_epoch_same_plan_different_epochs_differ(shard_policy: str, order: str) -> None:
     c, offs = cache([50] * 40)
-    spec = EpochSpec(5, 7, shard_policy, order)
+    spec = EpochSpec(shards_per_epoch=5, random_subset_seed=7, shard_policy=shard_policy, sample_order=order)
     a, b = plan_epoch(c, offs, spec, 3), plan_epoch(c, offs, spec, 3)
     assert np.array_equal(a.order, b.order) and np.array_equal(a.shard_positions, b.shard_positions)
     assert not np.array_equal(plan_epoch(c, offs, spec, 4).order, a.order)
-    other_seed = plan_epoch(c, offs, EpochSpec(5, 8, shard_policy, order), 3)
+    other_seed = plan_epoch(c, offs, EpochSpec(shards_per_epoch=5, random_subset_seed=8, shard_policy=shard_policy,
+                                               sample_order=order), 3)
     assert not np.array_equal(other_seed.order, a.order)
 
 
 def test_seed_and_epoch_do_not_collide() -> None:
     c, offs = cache([10] * 30)
-    a = plan_epoch(c, offs, EpochSpec(5, 1), 0).shard_positions
-    b = plan_epoch(c, offs, EpochSpec(5, 0), 1).shard_positions
+    a = plan_epoch(c, offs, EpochSpec(shards_per_epoch=5, random_subset_seed=1), 0).shard_positions
+    b = plan_epoch(c, offs, EpochSpec(shards_per_epoch=5, random_subset_seed=0), 1).shard_positions
     assert not np.array_equal(a, b)
 
 
@@ -90,7 +92,9 @@ def test_plan_is_the_same_in_a_fresh_process_with_another_hash_seed() -> None:
         "from shardstore.sampling.plan import EpochSpec, plan_epoch\n"
         "c = np.array([37, 2048, 5, 900] * 8, dtype=np.int64); o = np.concatenate([[0], np.cumsum(c)])\n"
         "for s, p in [('random', 'sequential'), ('permutation', 'interleave')]:\n"
-        "    plan = plan_epoch(c, o, EpochSpec(7, 42, s, p, 3), 11)\n"
+        "    spec = EpochSpec(shards_per_epoch=7, random_subset_seed=42, shard_policy=s, sample_order=p,\n"
+        "                     active_shards=3)\n"
+        "    plan = plan_epoch(c, o, spec, 11)\n"
         "    print(hashlib.sha256(plan.order.tobytes()).hexdigest())\n"
     )
     outs = {
@@ -104,7 +108,7 @@ def test_plan_is_the_same_in_a_fresh_process_with_another_hash_seed() -> None:
 @pytest.mark.parametrize(("num_shards", "k"), [(10, 3), (122, 15), (7, 7), (9, 1), (13, 5)])
 def test_permutation_covers_every_shard_before_any_repeats(num_shards: int, k: int) -> None:
     c, offs = cache([4] * num_shards)
-    spec = EpochSpec(k, 3, "permutation")
+    spec = EpochSpec(shards_per_epoch=k, random_subset_seed=3, shard_policy="permutation")
     epochs = math.ceil(num_shards / k)
     seen: list[int] = []
     for e in range(epochs * 4):
@@ -117,7 +121,8 @@ def test_permutation_covers_every_shard_before_any_repeats(num_shards: int, k: i
 
 def test_random_policy_overlaps_across_epochs() -> None:
     c, offs = cache([4] * 20)
-    sets = [set(plan_epoch(c, offs, EpochSpec(10, 0), e).shard_positions.tolist()) for e in range(6)]
+    sets = [set(plan_epoch(c, offs, EpochSpec(shards_per_epoch=10, random_subset_seed=0),
+                           e).shard_positions.tolist()) for e in range(6)]
     assert any(sets[i] & sets[i + 1] for i in range(5))
 
 
@@ -128,7 +133,7 @@ UNEVEN = [2048, 2048, 1000, 2048, 17, 2048, 0, 1500, 2048, 333, 2048, 2048]
 @pytest.mark.parametrize("order", ["sequential", "interleave"])
 def test_ranks_are_disjoint_equal_and_cover_all_but_the_remainder(world_size: int, order: str) -> None:
     c, offs = cache(UNEVEN)
-    spec = EpochSpec(7, 5, "random", order)
+    spec = EpochSpec(shards_per_epoch=7, random_subset_seed=5, shard_policy="random", sample_order=order)
     plan = plan_epoch(c, offs, spec, 2)
     batch = 32
     parts = [rank_indices(plan, World(r, world_size), batch, None) for r in range(world_size)]
@@ -151,7 +156,7 @@ def test_max_steps_per_epoch_caps_batches() -> None:
     assert steps_per_epoch(15 * 2048, 1, 64, 250) == 250
     assert steps_per_epoch(15 * 2048, 4, 64, 250) == 120  # 30720 // 256: fewer than the cap
     c, offs = cache([2048] * 122)
-    plan = plan_epoch(c, offs, EpochSpec(15, 42), 0)
+    plan = plan_epoch(c, offs, EpochSpec(shards_per_epoch=15, random_subset_seed=42), 0)
     assert rank_indices(plan, World(), 64, None).size == 480 * 64
     assert rank_indices(plan, World(), 64, 250).size == 250 * 64
     assert rank_indices(plan, World(1, 2), 64, 100).size == 100 * 64
@@ -159,7 +164,8 @@ def test_max_steps_per_epoch_caps_batches() -> None:
 
 def test_global_sequence_does_not_depend_on_world_size() -> None:
     c, offs = cache(UNEVEN)
-    plan = plan_epoch(c, offs, EpochSpec(None, 9, "random", "interleave"), 1)
+    plan = plan_epoch(c, offs, EpochSpec(shards_per_epoch=None, random_subset_seed=9,
+                                         shard_policy="random", sample_order="interleave"), 1)
 
     def global_sequence(world_size: int, batch: int, start: int = 0) -> list[int]:
         parts = [rank_indices(plan, World(r, world_size), batch, None, start) for r in range(world_size)]
@@ -200,7 +206,8 @@ def test_rank_plan_reads_the_rank_indices(shard_policy: str, order: str, world_s
     c, offs = cache(UNEVEN)
     store = FakeStore(offs)
     for epoch in range(3):
-        plan = plan_epoch(c, offs, EpochSpec(6, 11, shard_policy, order, 3), epoch)
+        plan = plan_epoch(c, offs, EpochSpec(shards_per_epoch=6, random_subset_seed=11, shard_policy=shard_policy,
+                                             sample_order=order, active_shards=3), epoch)
         rank_plan(plan, store, World(world_size - 1, world_size), 16, None, 1)
         assert "order" not in plan.__dict__  # planning a rank's part did not expand the epoch's global ids
         for rank in range(world_size):
@@ -217,7 +224,7 @@ def test_rank_plan_reads_the_rank_indices(shard_policy: str, order: str, world_s
 
 def test_rank_plan_past_the_epoch_is_an_error() -> None:
     c, offs = cache(UNEVEN)
-    plan = plan_epoch(c, offs, EpochSpec(3, 1), 0)
+    plan = plan_epoch(c, offs, EpochSpec(shards_per_epoch=3, random_subset_seed=1), 0)
     steps = steps_per_epoch(plan.num_samples, 1, 16, None)
     assert rank_plan(plan, FakeStore(offs), World(), 16, None, steps).num_samples == 0
     with pytest.raises(ValueError, match=f"start batch {steps + 1} is past the epoch's {steps} batches"):
@@ -243,10 +250,10 @@ def test_whole_store_plan_reads_every_sample_in_id_order(drop_last: bool) -> Non
     [
         ({"shards_per_epoch": 0}, "shards_per_epoch must be a positive integer or null, got 0"),
         ({"shards_per_epoch": -3}, "shards_per_epoch must be a positive integer or null"),
-        ({"seed": 1.5}, "random_subset_seed must be a non-negative integer, got 1.5"),
-        ({"seed": "42"}, "random_subset_seed must be a non-negative integer"),
+        ({"random_subset_seed": 1.5}, "random_subset_seed must be a non-negative integer, got 1.5"),
+        ({"random_subset_seed": "42"}, "random_subset_seed must be a non-negative integer"),
         ({"shard_policy": "permutaton"}, "unknown shard_policy 'permutaton'; did you mean 'permutation'?"),
-        ({"order": "shuffle"}, "unknown sample_order 'shuffle'"),
+        ({"sample_order": "shuffle"}, "unknown sample_order 'shuffle'"),
         ({"active_shards": 0}, "active_shards must be a positive integer"),
     ],
 )
@@ -270,7 +277,8 @@ def test_the_interleave_mix_depends_on_the_epoch() -> None:
     assert not np.array_equal(mix(counts, 7, 4, 4), a)
     # Through the plan: which visited shard feeds each position (not which shards are visited) differs.
     c, offs = cache([30] * 8)
-    spec = EpochSpec(None, 7, "random", "interleave", 4)
+    spec = EpochSpec(shards_per_epoch=None, random_subset_seed=7,
+                     shard_policy="random", sample_order="interleave", active_shards=4)
 
     def pattern(epoch: int) -> np.ndarray:
         plan = plan_epoch(c, offs, spec, epoch)
@@ -280,3 +288,10 @@ def test_the_interleave_mix_depends_on_the_epoch() -> None:
 
     assert np.array_equal(pattern(5), pattern(5))
     assert not np.array_equal(pattern(5), pattern(6))
+
+
+def test_epoch_spec_is_keyword_only_with_the_yaml_keys_names() -> None:
+    with pytest.raises(TypeError):
+        EpochSpec(5, 42)  # type: ignore[misc]
+    spec = EpochSpec(shards_per_epoch=5, random_subset_seed=7, shard_policy="permutation", sample_order="interleave")
+    assert (spec.random_subset_seed, spec.shard_policy, spec.sample_order) == (7, "permutation", "interleave")
