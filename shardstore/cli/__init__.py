@@ -1,110 +1,28 @@
-"""``shardstore ...``: a thin typer front end over the library; user errors end in one line and exit code 2."""
+"""``shardstore ...``: a thin typer front end over the library; user errors end in one line and exit code 2.
+
+The application and its consoles are in ``cli/app.py``, each group of commands in its own module, progress display
+in ``cli/progress.py``; here: which commands exist and ``main``, which turns errors into one line.
+"""
 
 from __future__ import annotations
 
-import logging
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.text import Text
 
-from shardstore import __version__
+# The manifest commands first: `shardstore --help` lists commands in the order they are registered.
+from shardstore.cli import manifest as _manifest_commands  # noqa: F401  (registers build-manifest, info, verify)
+from shardstore.cli.app import app, err, out  # noqa: F401  (re-exported: `from shardstore.cli import app`)
+
+# isort: split
+from shardstore.cli import coverage as _coverage_commands  # noqa: F401  (registers coverage)
+from shardstore.cli import teacher as _teacher_commands  # noqa: F401  (registers cache-teacher)
+from shardstore.cli import train as _train_commands  # noqa: F401  (registers train, plot and demo)
+from shardstore.cli import write as _write_commands  # noqa: F401  (registers write)
 from shardstore.errors import ShardstoreError
 from shardstore.store.atomic import disk_full_error, is_disk_full
-
-app = typer.Typer(
-    name="shardstore",
-    help="Shard-level random epochs over a memory-mapped tensor cache: write a cache, build its manifest, "
-         "train a student by distillation from it.",
-    add_completion=False,
-    # `shardstore` alone prints the help (see main); -h works everywhere --help does.
-    context_settings={"help_option_names": ["-h", "--help"]},
-    # Plain help, as click writes it: a flag reads `--checksum`, never `--checksum <bool>` (rich mode's rendering),
-    # and the text stays readable in a log file or a narrow terminal.
-    rich_markup_mode=None,
-    pretty_exceptions_enable=False,
-)
-# Piped or logged output gets room for the wider tables (rich would assume 80 columns). Markup and emoji codes
-# are off: the text printed holds the user's paths and names, and `[b]` or `:x:` in a path must print as written.
-out = Console(soft_wrap=True, highlight=False, markup=False, emoji=False, width=None if sys.stdout.isatty() else 120)
-err = Console(stderr=True, soft_wrap=True, highlight=False, markup=False, emoji=False)
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
-        n /= 1000
-    return str(n)
-
-
-class _RateColumn(ProgressColumn):
-    """Items per second, e.g. ``1,234 images/s``."""
-
-    def __init__(self, unit: str) -> None:
-        super().__init__()
-        self.unit = unit
-
-    def render(self, task: Task) -> Text:
-        return Text(f"{task.speed or 0:,.0f} {self.unit}/s")
-
-
-class _Advance:
-    """``advance(n)`` for a library's progress callback; ``advance.set_total(n)`` when the total is known late."""
-
-    def __init__(self, bar: Progress, task: Any) -> None:
-        self.bar, self.task = bar, task
-
-    def __call__(self, n: int) -> None:
-        self.bar.advance(self.task, n)
-
-    def set_total(self, total: int) -> None:
-        self.bar.update(self.task, total=total)
-
-
-@contextmanager
-def _progress(description: str, total: int | None, *, bytes_: bool = False, rate: str | None = None,
-              hidden: bool = False) -> Iterator[_Advance]:
-    """A rich progress bar on stderr; yields ``advance(n)``. Hidden when stderr is not a terminal (or ``hidden``)."""
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn() if not bytes_ else
-               TransferSpeedColumn(), *([_RateColumn(rate)] if rate else []), TimeRemainingColumn()]
-    with Progress(*columns, console=err, transient=True, disable=hidden or not err.is_terminal) as bar:
-        yield _Advance(bar, bar.add_task(description, total=total))
-
-
-def _print_version(value: bool) -> None:
-    if value:
-        out.print(f"shardstore {__version__}", markup=False)
-        raise typer.Exit()
-
-
-@app.callback()
-def _options(
-    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error instead of its one line.")
-                     ] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what the library does (INFO: shards read, "
-                                          "threads chosen, checkpoints written) on stderr.")] = False,
-    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
-) -> None:
-    """Options before the command apply to every command: `shardstore -v train ...`."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
 
 
 def _fail(message: str | ShardstoreError) -> int:
@@ -113,16 +31,6 @@ def _fail(message: str | ShardstoreError) -> int:
     for problem in problems:
         sys.stderr.write(f"shardstore: error: {' '.join(problem.split())}\n")
     return 2
-
-
-# The manifest commands first: `shardstore --help` lists commands in the order they are registered.
-from shardstore.cli import manifest as _manifest_commands  # noqa: E402,F401  (registers build-manifest, info, verify)
-
-# isort: split
-from shardstore.cli import coverage as _coverage_commands  # noqa: E402,F401  (registers coverage)
-from shardstore.cli import teacher as _teacher_commands  # noqa: E402,F401  (registers cache-teacher)
-from shardstore.cli import train as _train_commands  # noqa: E402,F401  (registers train, plot and demo)
-from shardstore.cli import write as _write_commands  # noqa: E402,F401  (registers write)
 
 
 def main(argv: list[str] | None = None) -> int:

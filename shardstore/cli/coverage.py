@@ -10,7 +10,7 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from shardstore.cli import app, out
+from shardstore.cli.app import app, out
 from shardstore.cli.train import DataConfigOption
 from shardstore.errors import ConfigError
 

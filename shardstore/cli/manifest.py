@@ -9,7 +9,8 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from shardstore.cli import _fmt_bytes, _progress, app, err, out
+from shardstore.cli.app import app, err, out
+from shardstore.cli.progress import format_bytes, progress_bar
 from shardstore.errors import ManifestError, ShardstoreError
 from shardstore.manifest.build import build_manifest
 from shardstore.manifest.verify import verify_checksums
@@ -32,7 +33,7 @@ def print_summary(root: Path, manifest: Manifest) -> None:
                                 "converts it to format 3)")
     table.add_row("shards", f"{n:,}")
     table.add_row("samples", f"{manifest.num_samples:,}")
-    table.add_row("bytes", _fmt_bytes(manifest.total_bytes))
+    table.add_row("bytes", format_bytes(manifest.total_bytes))
     table.add_row("left out", f"{len(manifest.left_out):,} shard(s)")
     checksummed = sum(int((manifest.checksummed(f) & manifest.has(f)).sum()) for f in manifest.fields)
     files = sum(int(manifest.has(f).sum()) for f in manifest.fields)
@@ -92,7 +93,7 @@ def build_manifest_cmd(
         _report_build(root, report, checksum, strict, where=report.manifest_url)
         return
     path = _root(root)
-    with _progress("checksums", None, bytes_=True) as advance:
+    with progress_bar("checksums", None, bytes_=True) as advance:
         report = build_manifest(path, checksum=checksum, incremental=not full, progress=advance if checksum else None)
     _report_build(path, report, checksum, strict, where=str(report.path))
 
@@ -163,11 +164,11 @@ def verify(root: Annotated[str, typer.Argument(metavar="ROOT", help="Cache direc
     if total == 0 and manifest.num_shards:
         raise ManifestError(f"{manifest_path(path)} has no checksums; "
                             f"run `shardstore build-manifest --checksum {path}`")
-    with _progress("verifying", total, bytes_=True) as advance:
+    with progress_bar("verifying", total, bytes_=True) as advance:
         report = verify_checksums(path, manifest, progress=advance)
     for problem in report.mismatches:
         err.print(f"mismatch: {problem}", markup=False)
     note = f", {report.without_checksum:,} files without a checksum" if report.without_checksum else ""
-    out.print(f"checked {report.checked:,} files ({_fmt_bytes(report.bytes)}): {len(report.mismatches)} bad{note}")
+    out.print(f"checked {report.checked:,} files ({format_bytes(report.bytes)}): {len(report.mismatches)} bad{note}")
     if report.mismatches:
         raise typer.Exit(1)

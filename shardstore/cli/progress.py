@@ -1,4 +1,4 @@
-"""Plain progress lines for output that is not a terminal (a SLURM log), where a progress bar draws nothing.
+"""Progress as the commands show it: a rich bar on a terminal, plain lines where a bar draws nothing (a SLURM log).
 
 A bar redraws one line in place; in a file it would be either nothing (rich's choice) or thousands of
 lines. A line every ``every_s`` seconds inside an epoch says the job is alive and when the epoch ends:
@@ -8,7 +8,23 @@ lines. A line every ``every_s`` seconds inside an epoch says the job is alive an
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.text import Text
+
+from shardstore.cli.app import err
 
 
 def format_duration(seconds: float) -> str:
@@ -81,3 +97,46 @@ class PlainProgress:
         if step <= first_step or now <= first_time:
             return None
         return max(0, self._steps - step) * (now - first_time) / (step - first_step)
+
+
+def format_bytes(n: float) -> str:
+    """``512 B``, ``1.23 MB``: decimal units, as `info` and `verify` print sizes."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+class RateColumn(ProgressColumn):
+    """Items per second, e.g. ``1,234 images/s``."""
+
+    def __init__(self, unit: str) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed or 0:,.0f} {self.unit}/s")
+
+
+class Advance:
+    """``advance(n)`` for a library's progress callback; ``advance.set_total(n)`` when the total is known late."""
+
+    def __init__(self, bar: Progress, task: Any) -> None:
+        self.bar, self.task = bar, task
+
+    def __call__(self, n: int) -> None:
+        self.bar.advance(self.task, n)
+
+    def set_total(self, total: int) -> None:
+        self.bar.update(self.task, total=total)
+
+
+@contextmanager
+def progress_bar(description: str, total: int | None, *, bytes_: bool = False, rate: str | None = None,
+              hidden: bool = False) -> Iterator[Advance]:
+    """A rich progress bar on stderr; yields ``advance(n)``. Hidden when stderr is not a terminal (or ``hidden``)."""
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn() if not bytes_ else
+               TransferSpeedColumn(), *([RateColumn(rate)] if rate else []), TimeRemainingColumn()]
+    with Progress(*columns, console=err, transient=True, disable=hidden or not err.is_terminal) as bar:
+        yield Advance(bar, bar.add_task(description, total=total))

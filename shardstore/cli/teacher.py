@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from shardstore.cli import _fmt_bytes, _progress, app, err, out
+from shardstore.cli.app import app, err, out
+from shardstore.cli.progress import format_bytes, progress_bar
 from shardstore.cli.train import DataConfigOption, ModelConfigOption, SetOption, TrainConfigOption, load_configs
 
 
@@ -46,7 +47,8 @@ def cache_teacher(
     a crash, or when new shards arrive. Under torchrun each GPU fills its share of the shards. Train from the targets
     with `--set data.teacher_targets=NAME` (no teacher is loaded then).
     """
-    from shardstore.kd.teacher_cache import check_teacher_cache, fill_teacher_cache
+    from shardstore.kd.teacher_cache import fill_teacher_cache
+    from shardstore.kd.teacher_check import check_teacher_cache
     from shardstore.store.groups import check_group_name
 
     check_group_name(name)  # the name becomes file names in the cache: one line and exit 2 before any work
@@ -77,7 +79,7 @@ def cache_teacher(
         out.print("check passed", markup=False)
         return
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun every rank fills its share of the shards
-    with _progress("teacher", None, rate="images", hidden=not main_rank) as advance:
+    with progress_bar("teacher", None, rate="images", hidden=not main_rank) as advance:
         report = fill_teacher_cache(cfg, name=name, views=views, topk=topk, dense=dense, logits=logits,
                                     embeddings=embeddings, seed=seed, batch_size=batch_size, device=device,
                                     overwrite=overwrite, progress=advance, on_plan=advance.set_total)
@@ -86,7 +88,7 @@ def cache_teacher(
     spec = report.spec
     out.print(f"filled {len(report.shards_filled):,} shard(s) ({report.images:,} images x {spec.views} views, "
               f"{report.images_per_s:,.0f} images/s); {report.shards_present:,} already had them", markup=False)
-    out.print(f"targets {name!r}: {_fmt_bytes(spec.bytes_per_sample())} per sample ({spec.views} views, "
+    out.print(f"targets {name!r}: {format_bytes(spec.bytes_per_sample())} per sample ({spec.views} views, "
               + (f"top-{spec.topk} of {spec.num_classes} classes" if spec.logits == "topk" else
                  f"{spec.logits} logits") + (f", embedding {spec.embedding_dim}" if spec.embedding_dim else "")
               + f"); train with --set data.teacher_targets={name}", markup=False)

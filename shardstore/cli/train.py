@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from shardstore.cli import app, err, out
+from shardstore.cli.app import app, err, out
 from shardstore.cli.progress import PlainProgress
 
 if TYPE_CHECKING:

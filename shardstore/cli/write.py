@@ -6,8 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from shardstore.cli import _progress, app, err, out
+from shardstore.cli.app import app, err, out
 from shardstore.cli.manifest import build_manifest_cmd
+from shardstore.cli.progress import progress_bar
 from shardstore.errors import ShardstoreError
 
 
@@ -88,7 +89,7 @@ def write(
                                       "arrays' rows in their order without decoding: drop it")
         arrays = open_npy_inputs(_parse_npy_specs(from_npy))
         total = next(iter(arrays.values())).shape[0]
-        with _progress("writing", total) as advance:
+        with progress_bar("writing", total) as advance:
             report = write_arrays(root, arrays, shard_size=shard_size, start_shard=start_shard,
                                   num_shards=num_shards, progress=advance)
     else:
@@ -102,7 +103,7 @@ def write(
             source = hf_image_source(from_hf, image_column=image_column, label_column=label_column, split=split,
                                      config=config)
         start, stop = job_range(source.num_rows, shard_size, start_shard, num_shards)
-        with _progress("images", stop - start, rate="images") as advance:
+        with progress_bar("images", stop - start, rate="images") as advance:
             report = write_images(root, source, image_size=image_size, shard_size=shard_size,
                                   start_shard=start_shard, num_shards=num_shards, on_error=on_error,
                                   workers=workers, shuffle_seed=None if no_shuffle else (shuffle_seed or 0),
