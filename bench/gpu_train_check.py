@@ -82,7 +82,8 @@ def teacher_share(cfg, device: torch.device, batch: int, size: int, steps: int =
 
 def cached_pass(sets: list[str], root: Path, views: int, batch: int) -> list[tuple[str, str]]:
     """cache-teacher (K views, top-10) on the same cache, the check in this precision, and training from it."""
-    from shardstore.kd.teacher_cache import check_teacher_cache, fill_teacher_cache
+    from shardstore.kd.teacher_cache import fill_teacher_cache
+    from shardstore.kd.teacher_check import check_teacher_cache
 
     cfg = load_run_config(DEFAULT_DATA_CONFIG, DEFAULT_TRAIN_CONFIG, DEFAULT_MODEL_CONFIG, sets)
     fill = fill_teacher_cache(cfg, name="gpu_check", views=views, topk=10, batch_size=4 * batch, fsync=False,

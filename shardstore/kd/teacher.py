@@ -1,8 +1,10 @@
-"""The frozen teacher: whether a run needs it, loading it, and rendering its input and running it on a batch."""
+"""The frozen teacher: whether a run needs it, loading it, rendering its input, running it, and what identifies it."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -10,9 +12,11 @@ from torch import Tensor, nn
 from shardstore.config.resolve import RunConfig
 from shardstore.errors import ConfigError
 from shardstore.kd.augment import apply_views
+from shardstore.kd.autocast import amp_enabled
 from shardstore.kd.images import network_inputs
 from shardstore.kd.models.io import InputAdapter, freeze, load_checkpoint_into, load_torchscript
 from shardstore.kd.models.registry import build_model
+from shardstore.manifest.checksum import file_checksum
 from shardstore.sampling.seeds import TEACHER_INIT, derive_seed
 
 log = logging.getLogger(__name__)
@@ -80,3 +84,16 @@ def teacher_forward(teacher: InputAdapter, x: Tensor, *, features: bool) -> tupl
         feats = teacher.forward_features(x)
         return teacher.forward_head(feats).float(), feats.float()
     return teacher(x).float(), None
+
+
+#: what makes two teachers the same (the checkpoint is known by its content, not its path)
+TEACHER_KEYS = ("name", "checkpoint_sha256", "init_seed", "input_size", "mean", "std", "dtype")
+
+
+def teacher_identity(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+    """The teacher as the targets record it: ``TEACHER_KEYS``, and where it was and how it ran, for information."""
+    t = cfg.model.teacher
+    return {"name": t.name, "checkpoint_sha256": file_checksum(Path(t.checkpoint)) if t.checkpoint else None,
+            "init_seed": None if t.checkpoint else cfg.train.seed,  # a random teacher (tests) is its seed
+            "input_size": t.input.size, "mean": list(t.input.mean), "std": list(t.input.std), "dtype": t.dtype,
+            "checkpoint": t.checkpoint, "precision": "bf16" if amp_enabled(cfg, device) else "fp32"}

@@ -29,7 +29,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,16 +40,13 @@ from torch import Tensor
 from shardstore.config.resolve import RunConfig
 from shardstore.errors import ConfigError, ManifestError, ShardstoreError
 from shardstore.kd import distributed
-from shardstore.kd.autocast import amp_enabled
-from shardstore.kd.images import SETTING_KEYS, ImageFormat, check_channels, check_values, image_format
-from shardstore.kd.losses import kl_per_sample
+from shardstore.kd.autocast import autocast_for
+from shardstore.kd.images import ImageFormat, check_channels, check_values, image_format
 from shardstore.kd.models.io import InputAdapter
 from shardstore.kd.target_spec import SAME_SETTINGS, TargetSpec, read_target_spec, shard_views
-from shardstore.kd.targets import SparseLogits, encode_topk, teacher_log_probs
-from shardstore.kd.teacher import load_teacher, render_teacher_input, teacher_forward
+from shardstore.kd.targets import encode_topk
+from shardstore.kd.teacher import TEACHER_KEYS, load_teacher, render_teacher_input, teacher_forward, teacher_identity
 from shardstore.manifest.build import build_manifest
-from shardstore.manifest.checksum import file_checksum
-from shardstore.sampling.seeds import CHECK_SAMPLES, rng_for
 from shardstore.store.groups import (
     add_shard_fields,
     check_group_name,
@@ -67,19 +63,6 @@ from shardstore.store.reader import ShardStore
 log = logging.getLogger(__name__)
 
 
-#: what makes two teachers the same (the checkpoint is known by its content, not its path)
-TEACHER_KEYS = ("name", "checkpoint_sha256", "init_seed", "input_size", "mean", "std", "dtype")
-
-
-def teacher_identity(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
-    """The teacher as the targets record it: ``TEACHER_KEYS``, and where it was and how it ran, for information."""
-    t = cfg.model.teacher
-    return {"name": t.name, "checkpoint_sha256": file_checksum(Path(t.checkpoint)) if t.checkpoint else None,
-            "init_seed": None if t.checkpoint else cfg.train.seed,  # a random teacher (tests) is its seed
-            "input_size": t.input.size, "mean": list(t.input.mean), "std": list(t.input.std), "dtype": t.dtype,
-            "checkpoint": t.checkpoint, "precision": "bf16" if amp_enabled(cfg, device) else "fp32"}
-
-
 @dataclass
 class FillReport:
     spec: TargetSpec
@@ -91,10 +74,6 @@ class FillReport:
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds else 0.0
-
-
-def _autocast(cfg: RunConfig, device: torch.device) -> Any:
-    return torch.autocast(device.type, dtype=torch.bfloat16) if amp_enabled(cfg, device) else nullcontext()
 
 
 @torch.no_grad()
@@ -271,7 +250,7 @@ def _fill_shard(cfg: RunConfig, device: torch.device, teacher: InputAdapter, spe
         raise ManifestError(f"{directory} is a symbolic link (or leads outside {store.root}); cache-teacher writes "
                             "only into the cache's own shard directories: replace the link with the directory itself")
     remove_stale_temporaries(directory)
-    amp = _autocast(cfg, device)
+    amp = autocast_for(cfg, device)
     dtype = next(teacher.parameters()).dtype
     per_batch = max(1, batch_size // spec.views)
     shard_v = shard_views(spec, entry.id, entry.num_samples)
@@ -287,115 +266,3 @@ def _fill_shard(cfg: RunConfig, device: torch.device, teacher: InputAdapter, spe
     arrays[names["views"]] = shard_v.numpy().astype(spec.field_specs()[names["views"]][0])
     add_shard_fields(targets, arrays, fsync=fsync)
     return entry.num_samples
-
-
-@dataclass
-class CheckReport:
-    """How well stored targets match the live teacher on the replayed views (worst values over the sample)."""
-
-    spec: TargetSpec
-    checked: int = 0
-    views_not_redrawn: int = 0  # stored views that differ from the seeded draw
-    top1_match: float | None = None
-    worst_kl: float | None = None
-    mean_kl: float | None = None
-    worst_cosine: float | None = None
-    teacher_differs: str | None = None
-    failures: list[str] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return self.checked > 0 and not self.failures
-
-
-@torch.no_grad()
-def check_teacher_cache(cfg: RunConfig, *, name: str = "teacher", samples: int = 64, seed: int = 0,
-                        batch_size: int = 256, device: str | torch.device | None = None, max_kl: float = 1e-2,
-                        min_top1: float = 0.99, min_cosine: float = 0.99) -> CheckReport:
-    """Recompute ``samples`` random stored (sample, view) targets with the live teacher on the replayed views.
-
-    Three things are checked: the stored view equals the one drawn again from the group's
-    seed (so the augmentation really is replayable); the teacher's top-1 on the replayed
-    view matches the stored one in at least ``min_top1`` of the checked views; and the
-    targets agree — for top-k logits the live logits are encoded the same way and both are
-    rebuilt (``tail="spread"``) before taking KL(live || stored), so the only difference
-    left is float16 rounding (and bf16 if the cache was made under bf16 autocast); dense
-    logits are compared by the KL of their softmaxes; embeddings by cosine similarity.
-    """
-    root = Path(cfg.data.cache_root)
-    spec = read_target_spec(root, check_group_name(name))
-    fmt, store = image_format(cfg.data, ShardStore.open(root), labels=False)
-    names = spec.field_names()
-    positions = store.manifest.positions_with(list(names.values()))
-    report = CheckReport(spec)
-    differ = [k for k, v in fmt.settings().items() if spec.image_format.get(k) != v]
-    if differ:
-        key = differ[0]
-        report.failures.append(f"the targets were made on images read with {key} {spec.image_format.get(key)!r}, "
-                               f"the data config reads them with {getattr(fmt, key)!r} (data.{SETTING_KEYS[key]})")
-    if not len(positions):
-        report.failures.append(f"no shard of {root} has the targets {name!r}; fill them with cache-teacher first")
-        return report
-    counts = np.asarray(store.counts[positions])
-    rng = rng_for(seed, CHECK_SAMPLES)
-    picks = np.sort(rng.choice(int(counts.sum()), size=min(samples, int(counts.sum())), replace=False))
-    which = rng.integers(0, spec.views, size=picks.size)
-    starts = np.concatenate([[0], np.cumsum(counts)])
-    at = np.searchsorted(starts, picks, side="right") - 1
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher = load_teacher(cfg, dev)
-    identity = teacher_identity(cfg, dev)
-    differ = [k for k in TEACHER_KEYS if identity[k] != spec.teacher.get(k)]
-    if differ:
-        report.teacher_differs = (f"the model config's teacher differs from the one that made the targets in "
-                                  f"{differ[0]} ({identity[differ[0]]!r} vs {spec.teacher[differ[0]]!r})")
-    amp = _autocast(cfg, dev)
-    dtype = next(teacher.parameters()).dtype
-    redrawn: dict[int, Tensor] = {}
-    rows: dict[str, list[Tensor]] = {"kl": [], "top1": [], "cos": []}
-    for lo in range(0, picks.size, batch_size):
-        sel = range(lo, min(lo + batch_size, picks.size))
-        images, stored = [], {role: [] for role in names}
-        for i in sel:
-            position, row, j = positions[at[i]], int(picks[i] - starts[at[i]]), int(which[i])
-            entry = store.shards[position]
-            if entry.id not in redrawn:
-                redrawn[entry.id] = shard_views(spec, entry.id, entry.num_samples)
-            images.append(torch.from_numpy(store.read(position, fmt.image_field, row)))
-            for role, fname in names.items():
-                stored[role].append(torch.from_numpy(store.read(position, fname, (row, j))))
-            report.views_not_redrawn += not torch.equal(stored["views"][-1].float(), redrawn[entry.id][row, j])
-        got = {role: torch.stack(ts).to(dev) for role, ts in stored.items()}
-        x = render_teacher_input(fmt.images(torch.stack(images).to(dev)), got["views"], teacher)
-        with amp:
-            logits, features = teacher_forward(teacher, x.to(dtype), features=spec.embedding_dim > 0)
-        if spec.logits == "topk":
-            live = encode_topk(logits, spec.topk)
-            mine = SparseLogits(got["index"], got["logp"], got["tail"], spec.num_classes)
-            log_live, log_stored = teacher_log_probs(live, 1.0), teacher_log_probs(mine, 1.0)
-            rows["kl"].append(kl_per_sample(log_live, log_stored))
-            rows["top1"].append((got["index"][:, 0].long() == logits.argmax(-1)).float())
-        elif spec.logits == "dense":
-            log_live, log_stored = torch.log_softmax(logits, -1), torch.log_softmax(got["logits"].float(), -1)
-            rows["kl"].append(kl_per_sample(log_live, log_stored))
-            rows["top1"].append((got["logits"].float().argmax(-1) == logits.argmax(-1)).float())
-        if features is not None:
-            rows["cos"].append(torch.nn.functional.cosine_similarity(features, got["embedding"].float(), dim=-1))
-    report.checked = int(picks.size)
-    if report.views_not_redrawn:
-        report.failures.append(f"{report.views_not_redrawn} of {report.checked} stored views differ from the views "
-                               f"drawn again from seed {spec.seed}: the view parameters were changed or corrupted")
-    if rows["kl"]:
-        kl = torch.cat(rows["kl"])
-        report.worst_kl, report.mean_kl = float(kl.max()), float(kl.mean())
-        report.top1_match = float(torch.cat(rows["top1"]).mean())
-        if report.top1_match < min_top1:
-            report.failures.append(f"the live teacher's top-1 matches the stored one on {100 * report.top1_match:.1f}% "
-                                   f"of the replayed views (need {100 * min_top1:.1f}%)")
-        if report.worst_kl > max_kl:
-            report.failures.append(f"worst KL(live || stored) is {report.worst_kl:.4g} nats (allowed {max_kl:g})")
-    if rows["cos"]:
-        report.worst_cosine = float(torch.cat(rows["cos"]).min())
-        if report.worst_cosine < min_cosine:
-            report.failures.append(f"worst embedding cosine is {report.worst_cosine:.4f} (need {min_cosine})")
-    return report

@@ -13,7 +13,8 @@ import shardstore.kd.trainer as trainer_module
 from shardstore.config.resolve import DEFAULT_DATA_CONFIG, DEFAULT_MODEL_CONFIG, DEFAULT_TRAIN_CONFIG, load_run_config
 from shardstore.errors import ConfigError
 from shardstore.kd.target_spec import read_target_spec
-from shardstore.kd.teacher_cache import check_teacher_cache, fill_teacher_cache
+from shardstore.kd.teacher_cache import fill_teacher_cache
+from shardstore.kd.teacher_check import check_teacher_cache
 from shardstore.kd.trainer import train
 
 from .conftest import overrides

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import shardstore.kd.teacher_cache as teacher_cache
+import shardstore.kd.teacher_check as teacher_check
 import shardstore.kd.trainer as trainer_module
 import shardstore.store.groups as groups_module
 from shardstore import ShardWriter
@@ -28,7 +29,8 @@ from shardstore.kd.cached_targets import CachedTargets
 from shardstore.kd.target_spec import read_target_spec, shard_views
 from shardstore.kd.targets import SparseLogits, encode_topk, teacher_log_probs
 from shardstore.kd.teacher import load_teacher, render_teacher_input, teacher_forward
-from shardstore.kd.teacher_cache import check_teacher_cache, fill_teacher_cache
+from shardstore.kd.teacher_cache import fill_teacher_cache
+from shardstore.kd.teacher_check import check_teacher_cache
 from shardstore.kd.trainer import train
 from shardstore.manifest.build import build_manifest
 from shardstore.store.groups import read_group_specs
@@ -490,7 +492,7 @@ def test_check_fails_on_corrupted_crop_boxes(filled: Filled, tmp_path: Path) -> 
 @pytest.mark.parametrize("bug", ["flip", "shift"])
 def test_check_fails_when_the_replay_renders_other_pixels(filled: Filled, monkeypatch: pytest.MonkeyPatch,
                                                          bug: str) -> None:
-    real = teacher_cache.render_teacher_input
+    real = teacher_check.render_teacher_input
 
     def buggy(images, views, teacher):
         if bug == "flip":
@@ -499,7 +501,7 @@ def test_check_fails_when_the_replay_renders_other_pixels(filled: Filled, monkey
         shifted[:, 1] += 3  # the box three pixels to the right
         return real(images, shifted, teacher)
 
-    monkeypatch.setattr(teacher_cache, "render_teacher_input", buggy)
+    monkeypatch.setattr(teacher_check, "render_teacher_input", buggy)
     report = check_teacher_cache(filled.cfg(), samples=10_000)
     assert not report.passed
     assert report.views_not_redrawn == 0  # the stored views are fine, the replay is not
