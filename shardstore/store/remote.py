@@ -19,6 +19,7 @@ has mapped, are pinned (a shared lock on their lock file): eviction never remove
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import json
 import logging
@@ -26,6 +27,7 @@ import mmap
 import os
 import secrets
 import shutil
+import tempfile
 import threading
 import time
 import weakref
@@ -697,25 +699,46 @@ def open_remote(url: str, *, local_cache: str | os.PathLike[str] | None, cache_l
 
 
 def _claim(local: Path, url: str) -> None:
-    """One local cache serves one bucket prefix: refuse a directory that holds another's shards."""
+    """One local cache serves one bucket prefix: refuse a directory that holds another's shards.
+
+    The claim is written whole under a temporary name and linked into place (``link`` fails if a claim exists), so
+    a rank never reads a claim another is still writing, and one killed mid-claim leaves none, or an empty file from
+    an older version, which the next claim replaces.
+    """
     meta = local / BOOKKEEPING
-    meta.mkdir(exist_ok=True)
-    source = meta / "source"
     try:
-        fd = os.open(source, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        held = source.read_text().strip()
-        if held != url:
-            raise ShardstoreError(f"local_cache {local} holds shards of {held}, not {url}; give each remote cache "
-                                  "its own local_cache directory") from None
-        return
+        meta.mkdir(exist_ok=True)
+        for stale in meta.glob(".source-*"):  # a claimer killed between its write and its link (a few bytes)
+            with contextlib.suppress(OSError):
+                if time.time() - stale.stat().st_mtime > 60:
+                    stale.unlink()
+        fd, tmp = tempfile.mkstemp(prefix=".source-", dir=meta)
     except OSError as exc:
         if exc.errno in (errno.EROFS, errno.EACCES):
             raise ShardstoreError(f"local_cache {local} is not writable; pass a writable node-local "
                                   "directory") from None
         raise
-    with os.fdopen(fd, "w") as f:
-        f.write(url + "\n")
+    source = meta / "source"
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(url + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, source)
+            return
+        except FileExistsError:
+            pass
+        held = source.read_text().strip()
+        if not held:  # an older version's claim, cut before its write
+            os.replace(tmp, source)
+            return
+        if held != url:
+            raise ShardstoreError(f"local_cache {local} holds shards of {held}, not {url}; give each remote cache "
+                                  "its own local_cache directory") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def read_remote_manifest(url: str, *, storage_options: Mapping[str, Any] | None = None,
