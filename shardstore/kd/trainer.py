@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,50 @@ def no_evaluation_note(t: TrainConfig) -> str | None:
     best = "" if t.checkpoint.best_metric == "loss" else " and keeps no best.pt"
     return (f"no evaluation: {why}, so this run measures no top-1{best}; set train.eval.held_out_shards "
             "(e.g. 1) or train.eval.cache_root to evaluate")
+
+
+@dataclass
+class _Targets:
+    """What the teacher says of a batch's views: logits, pooled features, or stored log-probabilities (any None)."""
+
+    logits: torch.Tensor | None = None
+    features: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None
+
+
+@dataclass
+class _LogWindow:
+    """The steps since the last progress line: when they began, their samples, the loader's waits and downloads."""
+
+    loader: ShardLoader
+    began: float
+    wait_s: float
+    samples: int = 0
+    remote_s: float = 0.0
+    downloaded: int = 0
+
+    @classmethod
+    def start(cls, loader: ShardLoader, now: float) -> _LogWindow:
+        remote = loader.store.remote
+        return cls(loader, now, loader.stats.total_s, remote_s=loader.stats.remote_s,
+                   downloaded=remote.cache.stats.bytes_downloaded if remote is not None else 0)
+
+    def figures(self, world_size: int) -> dict[str, float]:
+        """The window's throughput, share of time waiting for data and, from object storage, its downloads; then
+        a new window begins."""
+        now = time.perf_counter()
+        span = max(now - self.began, 1e-9)
+        stats, remote = self.loader.stats, self.loader.store.remote
+        values = {"samples_per_s": self.samples * world_size / span, "wait_frac": (stats.total_s - self.wait_s) / span}
+        if remote is not None:  # a cache in object storage
+            cache = remote.cache.stats
+            values |= {"remote_wait_frac": (stats.remote_s - self.remote_s) / span,
+                       "download_MBps": (cache.bytes_downloaded - self.downloaded) / span / 1e6,
+                       "local_cache_GB": cache.usage_bytes / 1e9, "local_cache_limit_GB": remote.limit / 1e9}
+        fresh = _LogWindow.start(self.loader, now)
+        self.began, self.wait_s, self.samples, self.remote_s, self.downloaded = (
+            fresh.began, fresh.wait_s, 0, fresh.remote_s, fresh.downloaded)
+        return values
 
 
 class _Run(RunState):
@@ -253,15 +298,13 @@ class _Run(RunState):
         return TrainResult(self.run_dir, self.global_step, t.epochs, last_eval, digest)
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
-        t, loss_cfg = self.cfg.train, self.cfg.train.loss
+        """Train one epoch (the rest of it when resuming) and return its means and figures."""
         self.trainable.train()
         loader, tally = self.active, self.tally  # the tally holds the batches before a resume too
         first = loader.dataset.start_batch
         num = len(loader)
         started = self.epoch_started = time.perf_counter()
-        window_start, window_samples, window_wait = started, 0, loader.stats.total_s
-        remote = loader.store.remote
-        window_remote = (loader.stats.remote_s, remote.cache.stats.bytes_downloaded) if remote is not None else None
+        window = _LogWindow.start(loader, started)
         step_parts: dict[str, torch.Tensor] = {}
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
         b = first - 1
@@ -271,70 +314,22 @@ class _Run(RunState):
             images = fmt.images(batch[fmt.image_field].to(self.device, non_blocking=True))
             labels = fmt.labels(batch[fmt.label_field].to(self.device, non_blocking=True))
             # Views (fresh or stored) depend on (seed, rank, epoch, batch) only: a resumed run uses the same ones.
-            step = epoch * (1 << 32) + b
-            t_logits = t_feats = t_log_probs = None
-            if self.cached is not None and not self.live_step(step):
-                picked = self.cached.pick({k: v.to(self.device, non_blocking=True) for k, v in batch.items()
-                                           if k in self.cached.names.values()}, step)
-                x = apply_views(images, picked.views, self.augment.spec.size)
-                t_logits, t_log_probs, t_feats = picked.logits, picked.log_probs, picked.features
-            else:
-                x, views = self.augment(images, step=step)
-                if loss_cfg.target_field:
-                    t_logits = batch[loss_cfg.target_field].to(self.device).float()
-                elif loss_cfg.alpha > 0 or loss_cfg.feature_loss != "none":
-                    assert self.teacher is not None
-                    tx = x if self.teacher.size == x.shape[-1] else render_teacher_input(images, views, self.teacher)
-                    with torch.no_grad(), amp:
-                        t_logits, t_feats = teacher_forward(self.teacher, tx.to(self.teacher_dtype),
-                                                            features=loss_cfg.feature_loss != "none")
-            if t.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x, targets = self.student_input_and_targets(batch, images, epoch * (1 << 32) + b, amp)
             sync = (i + 1) % self.accum == 0 or i == num - 1
-            no_sync = self.ddp.no_sync() if self.ddp is not None and not sync else nullcontext()
-            with no_sync:
-                with amp:
-                    loss, parts, _ = self.forward(x, labels, t_logits, t_feats, t_log_probs)
-                (loss / self.accum).backward()
+            parts = self.backward(x, labels, targets, sync, amp)
             for k, v in parts.items():
                 step_parts[k] = step_parts[k] + v if k in step_parts else v
             tally.add(parts, labels.shape[0])
-            window_samples += labels.shape[0]
+            window.samples += labels.shape[0]
             self.samples_seen += labels.shape[0] * self.info.world_size
             if not sync:
                 continue
-            micro = (i % self.accum) + 1
-            if t.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), t.grad_clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-            if self.ema is not None:
-                self.ema.update(self.student)
-            self.global_step += 1
-            logging_now = self.global_step % t.log.every_steps == 0
-            # Reading the losses waits for the device: only on logged steps.
-            values = {k: float(v) / micro for k, v in step_parts.items()} if logging_now else {}
+            self.optimizer_step()
+            logging_now = self.global_step % self.cfg.train.log.every_steps == 0
+            if logging_now:  # reading the losses waits for the device: only on logged steps
+                micro = (i % self.accum) + 1
+                self.log_step(epoch, b + 1, {k: float(v) / micro for k, v in step_parts.items()}, window)
             step_parts = {}
-            if logging_now:
-                self.check_finite(epoch, b + 1)  # the device was just read: checking every batch so far is cheap
-                now = time.perf_counter()
-                wait = loader.stats.total_s - window_wait
-                values |= {"lr": self.optimizer.param_groups[0]["lr"],
-                           "samples_per_s": window_samples * self.info.world_size / max(now - window_start, 1e-9),
-                           "wait_frac": wait / max(now - window_start, 1e-9)}
-                if remote is not None and window_remote is not None:  # a cache in object storage
-                    cache = remote.cache.stats
-                    span = max(now - window_start, 1e-9)
-                    values |= {"remote_wait_frac": (loader.stats.remote_s - window_remote[0]) / span,
-                               "download_MBps": (cache.bytes_downloaded - window_remote[1]) / span / 1e6,
-                               "local_cache_GB": cache.usage_bytes / 1e9, "local_cache_limit_GB": remote.limit / 1e9}
-                    window_remote = (loader.stats.remote_s, cache.bytes_downloaded)
-                window_start, window_samples, window_wait = now, 0, loader.stats.total_s
-                if self.metrics is not None:
-                    self.metrics.write("step", {"global_step": self.global_step, "epoch": epoch, "step": b + 1,
-                                                **values})
-                self.reporter.step(epoch, b + 1, values)
             # Under torchrun the ranks agree on logged steps, where they wait for the device anyway.
             stop, due = self.recovery.at_step(self.global_step, can_agree=logging_now)
             if stop or (due and i < num - 1):  # the epoch's own checkpoint follows its last batch
@@ -349,6 +344,63 @@ class _Run(RunState):
                 "wait_frac": loader.stats.epoch_s / max(elapsed, 1e-9), "batches": tally.batches,
                 "shards": loader.dataset.selected_shards}
         return out
+
+    def student_input_and_targets(self, batch: dict[str, torch.Tensor], images: torch.Tensor, step: int,
+                                  amp: Any) -> tuple[torch.Tensor, _Targets]:
+        """The student's augmented input for ``step`` and the teacher's targets on the same view.
+
+        From the cache (a stored view and its stored targets) unless the step is taught live: then fresh views, and
+        the targets from ``loss.target_field`` or the live teacher (None when the loss needs none).
+        """
+        loss_cfg = self.cfg.train.loss
+        targets = _Targets()
+        if self.cached is not None and not self.live_step(step):
+            picked = self.cached.pick({k: v.to(self.device, non_blocking=True) for k, v in batch.items()
+                                       if k in self.cached.names.values()}, step)
+            x = apply_views(images, picked.views, self.augment.spec.size)
+            targets = _Targets(picked.logits, picked.features, picked.log_probs)
+        else:
+            x, views = self.augment(images, step=step)
+            if loss_cfg.target_field:
+                targets.logits = batch[loss_cfg.target_field].to(self.device).float()
+            elif loss_cfg.alpha > 0 or loss_cfg.feature_loss != "none":
+                assert self.teacher is not None
+                tx = x if self.teacher.size == x.shape[-1] else render_teacher_input(images, views, self.teacher)
+                with torch.no_grad(), amp:
+                    targets.logits, targets.features = teacher_forward(
+                        self.teacher, tx.to(self.teacher_dtype), features=loss_cfg.feature_loss != "none")
+        if self.cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, targets
+
+    def backward(self, x: torch.Tensor, labels: torch.Tensor, targets: _Targets, sync: bool,
+                 amp: Any) -> dict[str, torch.Tensor]:
+        """Forward and backward of one micro-batch (gradients reduced over ranks only when ``sync``); its loss parts."""
+        no_sync = self.ddp.no_sync() if self.ddp is not None and not sync else nullcontext()
+        with no_sync:
+            with amp:
+                loss, parts, _ = self.forward(x, labels, targets.logits, targets.features, targets.log_probs)
+            (loss / self.accum).backward()
+        return parts
+
+    def optimizer_step(self) -> None:
+        """Clip, step, clear the gradients, advance the schedule and the EMA: one optimizer step taken."""
+        if self.cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.student)
+        self.global_step += 1
+
+    def log_step(self, epoch: int, step: int, values: dict[str, float], window: _LogWindow) -> None:
+        """Check finiteness, add the window's throughput, waits and downloads to ``values``, write and report them."""
+        self.check_finite(epoch, step)  # the device was just read: checking every batch so far is cheap
+        values = values | {"lr": self.optimizer.param_groups[0]["lr"]} | window.figures(self.info.world_size)
+        if self.metrics is not None:
+            self.metrics.write("step", {"global_step": self.global_step, "epoch": epoch, "step": step, **values})
+        self.reporter.step(epoch, step, values)
 
     def save_recovery(self, epoch: int, step: int) -> None:
         """A recovery checkpoint of the current step (every rank calls it: the finiteness check is collective)."""
