@@ -131,68 +131,93 @@ def run_kd_demo(base: str | os.PathLike[str], *, seeds: tuple[int, ...] = (0, 1,
     """
     import time
 
-    import torch
-
-    from shardstore.config.resolve import (
-        DEFAULT_DATA_CONFIG,
-        DEFAULT_MODEL_CONFIG,
-        DEFAULT_TRAIN_CONFIG,
-        load_run_config,
-    )
-    from shardstore.kd.evaluate import evaluate
-    from shardstore.kd.teacher import build_teacher
-    from shardstore.kd.teacher_cache import fill_teacher_cache
-    from shardstore.kd.trainable import build_student
-    from shardstore.kd.trainer import train
-    from shardstore.store.reader import ShardStore
-
     s = {**DEMO_SETTINGS, **(settings or {})}
     base = Path(base).absolute()
     start = time.perf_counter()
     cache, test_cache = write_digits_caches(base, shard_size=s["shard_size"], size=s["image_size"],
                                             labeled_fraction=s["labeled_fraction"])
-    configs = [DEFAULT_DATA_CONFIG, DEFAULT_TRAIN_CONFIG, DEFAULT_MODEL_CONFIG]
-    common = demo_overrides(s, cache)
-
-    progress(f"teacher: {s['teacher']} on labels, {s['teacher_epochs']} epochs")
-    teacher_cfg = load_run_config(*configs, common + [
-        f"train.run_dir={base / 'runs' / 'teacher'}", f"train.epochs={s['teacher_epochs']}", "train.loss.alpha=0",
-        "model.teacher.checkpoint=null",
-        f"model.student.name={s['teacher']}", "model.student.kwargs={}"])
-    _fresh(teacher_cfg.train.run_dir)
-    train(teacher_cfg, reporter=reporter)
-    teacher_file = _export_student(base / "runs" / "teacher", base / "teacher.pt")
-
+    demo = _Demo(base, s, demo_overrides(s, cache), progress, reporter)
+    teacher_file = demo.train_teacher()
     modes: list[tuple[str, float, list[str]]] = [("labels only", 0.0, []), ("distilled", s["alpha"], [])]
     if s["cached_views"]:
-        views = s["cached_views"]
-        progress(f"teacher targets: {views} views per image, top-{s['cached_topk']} (cache-teacher)")
-        fill_cfg = load_run_config(*configs, common + [f"train.run_dir={base / 'runs' / 'cache_teacher'}",
-                                                       f"model.teacher.checkpoint={teacher_file}"])
-        fill_teacher_cache(fill_cfg, name="teacher", views=views, topk=s["cached_topk"], device="cpu", overwrite=True)
-        modes.append((f"distilled, cached {views} views", s["alpha"], ["data.teacher_targets=teacher"]))
+        demo.cache_teacher_targets(teacher_file)
+        modes.append((f"distilled, cached {s['cached_views']} views", s["alpha"], ["data.teacher_targets=teacher"]))
     rows: dict[str, dict[str, list[float]]] = {}
-    test_store = ShardStore.open(test_cache)
-    teacher = None  # built once, for every student's evaluation
     teacher_top1 = 0.0
     for mode, alpha, extra in modes:
         for seed in seeds:
-            progress(f"student ({mode}), seed {seed}: {s['student']} width {s['student_width']}, "
-                     f"{s['student_epochs']} epochs")
-            run_dir = base / "runs" / (mode.replace(", ", "_").replace(" ", "_") + f"_seed{seed}")
-            cfg = load_run_config(*configs, common + student_overrides(s, run_dir, seed, alpha, teacher_file) + extra)
-            _fresh(cfg.train.run_dir)
-            train(cfg, reporter=reporter)
-            student = build_student(cfg)
-            student.load_state_dict(_load_latest_student(cfg.train.run_dir))
-            if teacher is None:
-                teacher = build_teacher(cfg, torch.device("cpu"))
-            m = evaluate(student, teacher, test_store, image_field="images", label_field="labels",
-                         size=cfg.model.student.input.size, batch_size=256, device=torch.device("cpu"))
+            m = demo.train_and_evaluate_student(mode, seed, alpha, extra, teacher_file, test_cache)
             teacher_top1 = m["teacher_top1"]
             for key in ("top1", "agreement", "kl"):
                 rows.setdefault(mode, {}).setdefault(key, []).append(m[key])
     return DemoResult(teacher_top1, rows, time.perf_counter() - start, s)
+
+
+class _Demo:
+    """The demo's steps: the teacher trained on labels, its cached targets, each student trained and evaluated."""
+
+    def __init__(self, base: Path, settings: dict[str, Any], common: list[str], progress: Callable[[str], None],
+                 reporter: Any) -> None:
+        from shardstore.config.resolve import DEFAULT_DATA_CONFIG, DEFAULT_MODEL_CONFIG, DEFAULT_TRAIN_CONFIG
+
+        self.base, self.s, self.common, self.progress, self.reporter = base, settings, common, progress, reporter
+        self.configs = [DEFAULT_DATA_CONFIG, DEFAULT_TRAIN_CONFIG, DEFAULT_MODEL_CONFIG]
+        self.teacher: Any = None  # built once, for every student's evaluation
+        self.test_store: Any = None
+
+    def config(self, extra: list[str]) -> Any:
+        from shardstore.config.resolve import load_run_config
+
+        return load_run_config(*self.configs, self.common + extra)
+
+    def train_teacher(self) -> Path:
+        """Train the teacher on the labels; return its exported weights."""
+        from shardstore.kd.trainer import train
+
+        s = self.s
+        self.progress(f"teacher: {s['teacher']} on labels, {s['teacher_epochs']} epochs")
+        cfg = self.config([f"train.run_dir={self.base / 'runs' / 'teacher'}", f"train.epochs={s['teacher_epochs']}",
+                           "train.loss.alpha=0", "model.teacher.checkpoint=null", f"model.student.name={s['teacher']}",
+                           "model.student.kwargs={}"])
+        _fresh(cfg.train.run_dir)
+        train(cfg, reporter=self.reporter)
+        return _export_student(self.base / "runs" / "teacher", self.base / "teacher.pt")
+
+    def cache_teacher_targets(self, teacher_file: Path) -> None:
+        """Store the teacher's top-k on ``cached_views`` views of every image (what `cache-teacher` does)."""
+        from shardstore.kd.teacher_cache import fill_teacher_cache
+
+        views, topk = self.s["cached_views"], self.s["cached_topk"]
+        self.progress(f"teacher targets: {views} views per image, top-{topk} (cache-teacher)")
+        cfg = self.config([f"train.run_dir={self.base / 'runs' / 'cache_teacher'}",
+                           f"model.teacher.checkpoint={teacher_file}"])
+        fill_teacher_cache(cfg, name="teacher", views=views, topk=topk, device="cpu", overwrite=True)
+
+    def train_and_evaluate_student(self, mode: str, seed: int, alpha: float, extra: list[str], teacher_file: Path,
+                                   test_cache: Path) -> dict[str, float]:
+        """Train one student and evaluate it (and the teacher) on the test split."""
+        import torch
+
+        from shardstore.kd.evaluate import evaluate
+        from shardstore.kd.teacher import build_teacher
+        from shardstore.kd.trainable import build_student
+        from shardstore.kd.trainer import train
+        from shardstore.store.reader import ShardStore
+
+        s = self.s
+        self.progress(f"student ({mode}), seed {seed}: {s['student']} width {s['student_width']}, "
+                      f"{s['student_epochs']} epochs")
+        run_dir = self.base / "runs" / (mode.replace(", ", "_").replace(" ", "_") + f"_seed{seed}")
+        cfg = self.config(student_overrides(s, run_dir, seed, alpha, teacher_file) + extra)
+        _fresh(cfg.train.run_dir)
+        train(cfg, reporter=self.reporter)
+        student = build_student(cfg)
+        student.load_state_dict(_load_latest_student(cfg.train.run_dir))
+        if self.teacher is None:
+            self.teacher = build_teacher(cfg, torch.device("cpu"))
+            self.test_store = ShardStore.open(test_cache)
+        return evaluate(student, self.teacher, self.test_store, image_field="images", label_field="labels",
+                        size=cfg.model.student.input.size, batch_size=256, device=torch.device("cpu"))
 
 
 def _fresh(run_dir: str | os.PathLike[str]) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
@@ -11,6 +11,7 @@ from rich.table import Table
 from shardstore.cli.app import app, err, out
 from shardstore.cli.progress import format_bytes, progress_bar
 from shardstore.cli.train import DataConfigOption, ModelConfigOption, SetOption, TrainConfigOption, load_configs
+from shardstore.config.resolve import RunConfig
 
 
 @app.command("cache-teacher", short_help="Store the teacher's outputs on K views of every sample.")
@@ -47,8 +48,6 @@ def cache_teacher(
     a crash, or when new shards arrive. Under torchrun each GPU fills its share of the shards. Train from the targets
     with `--set data.teacher_targets=NAME` (no teacher is loaded then).
     """
-    from shardstore.kd.teacher_cache import fill_teacher_cache
-    from shardstore.kd.teacher_check import check_teacher_cache
     from shardstore.store.groups import check_group_name
 
     check_group_name(name)  # the name becomes file names in the cache: one line and exit 2 before any work
@@ -56,33 +55,46 @@ def cache_teacher(
     if check:
         if check < 0:
             raise typer.BadParameter("must be positive", param_hint="--check")
-        report = check_teacher_cache(cfg, name=name, samples=check, device=device, batch_size=batch_size,
-                                     max_kl=max_kl, min_top1=min_top1, min_cosine=min_cosine)
-        table = Table("check", "value", title=f"{report.checked} stored views of {name!r} recomputed",
-                      title_justify="left")
-        table.add_row("views equal to the seeded redraw", f"{report.checked - report.views_not_redrawn:,} "
-                      f"of {report.checked:,}")
-        if report.top1_match is not None:
-            table.add_row("top-1 match", f"{100 * report.top1_match:.2f}%")
-            table.add_row("KL(live || stored), worst / mean", f"{report.worst_kl:.3g} / {report.mean_kl:.3g} nats")
-        if report.worst_cosine is not None:
-            table.add_row("embedding cosine, worst", f"{report.worst_cosine:.5f}")
-        out.print(table)
-        if report.teacher_differs:
-            out.print(f"note: {report.teacher_differs}", markup=False)
-        if not report.passed:
-            for failure in report.failures:
-                err.print(f"FAILED: {failure}", markup=False)
-            err.print(f"the cached targets {name!r} do not match the live teacher; do not train from them "
-                      "(run cache-teacher again with --overwrite)", markup=False)
-            raise typer.Exit(1)
-        out.print("check passed", markup=False)
+        _check(cfg, name, samples=check, device=device, batch_size=batch_size, max_kl=max_kl, min_top1=min_top1,
+               min_cosine=min_cosine)
         return
+    _fill(cfg, name, views=views, topk=topk, dense=dense, logits=logits, embeddings=embeddings, seed=seed,
+          batch_size=batch_size, device=device, overwrite=overwrite)
+
+
+def _check(cfg: RunConfig, name: str, **settings: Any) -> None:
+    """``--check N``: recompute stored targets, print the figures; exit 1 with each failure when they disagree."""
+    from shardstore.kd.teacher_check import check_teacher_cache
+
+    report = check_teacher_cache(cfg, name=name, **settings)
+    table = Table("check", "value", title=f"{report.checked} stored views of {name!r} recomputed",
+                  title_justify="left")
+    table.add_row("views equal to the seeded redraw", f"{report.checked - report.views_not_redrawn:,} "
+                  f"of {report.checked:,}")
+    if report.top1_match is not None:
+        table.add_row("top-1 match", f"{100 * report.top1_match:.2f}%")
+        table.add_row("KL(live || stored), worst / mean", f"{report.worst_kl:.3g} / {report.mean_kl:.3g} nats")
+    if report.worst_cosine is not None:
+        table.add_row("embedding cosine, worst", f"{report.worst_cosine:.5f}")
+    out.print(table)
+    if report.teacher_differs:
+        out.print(f"note: {report.teacher_differs}", markup=False)
+    if not report.passed:
+        for failure in report.failures:
+            err.print(f"FAILED: {failure}", markup=False)
+        err.print(f"the cached targets {name!r} do not match the live teacher; do not train from them "
+                  "(run cache-teacher again with --overwrite)", markup=False)
+        raise typer.Exit(1)
+    out.print("check passed", markup=False)
+
+
+def _fill(cfg: RunConfig, name: str, **settings: Any) -> None:
+    """Fill the shards that lack the targets, with a progress bar; the main rank prints what was stored."""
+    from shardstore.kd.teacher_cache import fill_teacher_cache
+
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun every rank fills its share of the shards
     with progress_bar("teacher", None, rate="images", hidden=not main_rank) as advance:
-        report = fill_teacher_cache(cfg, name=name, views=views, topk=topk, dense=dense, logits=logits,
-                                    embeddings=embeddings, seed=seed, batch_size=batch_size, device=device,
-                                    overwrite=overwrite, progress=advance, on_plan=advance.set_total)
+        report = fill_teacher_cache(cfg, name=name, progress=advance, on_plan=advance.set_total, **settings)
     if not main_rank:
         return
     spec = report.spec
