@@ -18,6 +18,7 @@ class DataConfig:
     cache_root: str
     """Directory of the cache (holding manifest.json), or an object-store URL: ``s3://bucket/prefix``, ``gs://``,
     ``az://``, ``file://`` (read through ``local_cache``)."""
+    # -- a cache in object storage ----------------------------------------------------------------------------
     local_cache: str | None = None
     """For a ``cache_root`` in object storage: the node-local directory the shards an epoch needs are copied into."""
     cache_limit: Any = None
@@ -28,6 +29,7 @@ class DataConfig:
     come from the usual environment and profiles."""
     prefetch_shards: int = 8
     """For a ``cache_root`` in object storage: how many shards are fetched ahead of the readers."""
+    # -- epochs (``epoch_settings``) ----------------------------------------------------------------------------
     cache_shard_size: int | None = None
     """Samples per shard the cache was written with, checked against the manifest; null = as the manifest says."""
     shards_per_epoch: int | None = 15
@@ -42,6 +44,7 @@ class DataConfig:
     """Shards read at once by ``interleave``."""
     refresh_manifest: bool = False
     """Re-read the manifest at every epoch: shards added to the cache (and to its manifest) join from that epoch on."""
+    # -- the loader (``loader_kwargs``) --------------------------------------------------------------------------
     loader_threads: int = 2
     """Background threads gathering batches (``ShardLoader(num_threads=)``); two saturate memory copies."""
     prefetch_batches: int = 4
@@ -50,10 +53,12 @@ class DataConfig:
     """Shards read into the page cache ahead of the threads; 0 turns read-ahead off."""
     drop_finished_pages: bool = False
     """Drop a shard's pages from the page cache once the epoch is done with it (a cache larger than RAM)."""
+    # -- cached teacher targets ---------------------------------------------------------------------------------
     teacher_targets: str | None = None
     """Train from the teacher targets cached under this name (``cache-teacher --name``); no teacher is loaded."""
     missing_targets: str = "error"
     """Shards without those targets: ``error`` (stop and say which) or ``skip`` (train on the others)."""
+    # -- the images and labels as stored (see ``shardstore.kd.images``) ------------------------------------------
     image_field: str = "images"
     """The field holding the images."""
     label_field: str = "labels"
@@ -70,6 +75,12 @@ class DataConfig:
     """The stored images are already mean/std normalised: the networks' ``input.mean`` and ``std`` are skipped."""
     repeat_gray: bool = False
     """Repeat 1-channel (grayscale) images to 3 channels for networks that take 3."""
+
+    def epoch_settings(self) -> dict[str, Any]:
+        """The settings that draw epochs, by their names: ``EpochSpec`` and the dataset take the same ones."""
+        return {"shards_per_epoch": self.shards_per_epoch, "random_subset_seed": self.random_subset_seed,
+                "shard_policy": self.shard_policy, "sample_order": self.sample_order,
+                "active_shards": self.active_shards}
 
     def loader_kwargs(self) -> dict[str, Any]:
         """The ``ShardLoader`` arguments this config sets."""

@@ -128,8 +128,7 @@ class RandomShardSubsetCachedDataset(Dataset):
             config = load_data_config(config)
         store = open_data_store(config)
         kwargs.setdefault("refresh_manifest", config.refresh_manifest)
-        return cls(store, config.shards_per_epoch, config.random_subset_seed, config.shard_policy,
-                   sample_order=config.sample_order, active_shards=config.active_shards, **kwargs)
+        return cls(store, **config.epoch_settings(), **kwargs)
 
     # -- epochs ----------------------------------------------------------------------------
 

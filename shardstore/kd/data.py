@@ -169,8 +169,7 @@ def train_dataset(cfg: RunConfig, store: ShardStore, info: DistInfo, *,
     """
     d = cfg.data
     return RandomShardSubsetCachedDataset(
-        store, d.shards_per_epoch, d.random_subset_seed, d.shard_policy, sample_order=d.sample_order,
-        active_shards=d.active_shards, batch_size=cfg.train.batch_size,
+        store, **d.epoch_settings(), batch_size=cfg.train.batch_size,
         max_steps_per_epoch=cfg.train.max_steps_per_epoch, rank=info.rank, world_size=info.world_size,
         refresh_manifest=d.refresh_manifest, held_out_ids=held_out_ids)
 

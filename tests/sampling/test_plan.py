@@ -295,3 +295,18 @@ def test_epoch_spec_is_keyword_only_with_the_yaml_keys_names() -> None:
         EpochSpec(5, 42)  # type: ignore[misc]
     spec = EpochSpec(shards_per_epoch=5, random_subset_seed=7, shard_policy="permutation", sample_order="interleave")
     assert (spec.random_subset_seed, spec.shard_policy, spec.sample_order) == (7, "permutation", "interleave")
+
+
+def test_the_yaml_keys_the_spec_the_dataset_and_the_saved_state_share_one_name_per_setting() -> None:
+    import inspect
+    from dataclasses import fields
+
+    from shardstore.config.data import DataConfig
+    from shardstore.dataset.subset import RandomShardSubsetCachedDataset
+    from shardstore.sampling.state import SamplerState
+
+    settings = DataConfig(cache_root="cache").epoch_settings()
+    assert set(settings) == {f.name for f in fields(EpochSpec)} == set(DataConfig.__dataclass_fields__) & set(settings)
+    assert EpochSpec(**settings) == EpochSpec()  # and the same defaults
+    assert set(settings) <= set(inspect.signature(RandomShardSubsetCachedDataset).parameters)
+    assert set(settings) <= {f.name for f in fields(SamplerState)}
