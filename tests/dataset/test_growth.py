@@ -232,9 +232,9 @@ def check_resumed(whole: tuple[dict, dict], stopped_after: int, rest: list, batc
 
 SETTINGS = {
     "whole-sequential": {"k": None},
-    "random-interleave": {"k": 4, "order": "interleave", "active_shards": 2},
+    "random-interleave": {"k": 4, "sample_order": "interleave", "active_shards": 2},
     "permutation-sequential": {"k": 3, "policy": "permutation"},
-    "permutation-interleave": {"k": 5, "policy": "permutation", "order": "interleave", "active_shards": 3},
+    "permutation-interleave": {"k": 5, "policy": "permutation", "sample_order": "interleave", "active_shards": 3},
 }
 
 

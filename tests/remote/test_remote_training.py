@@ -432,8 +432,8 @@ def write_big_shard(root: Path, rows: int = 150, row_bytes: int = 4096, *, check
 class ReplaceObject:
     """A proxy hook that overwrites ``key`` through the server (not the proxy) before some ranged GETs of it.
 
-    ``every=False``: once, at the second ranged GET (the first has left the proxy: the download is half
-    done). ``every=True``: before every ranged GET, each time with other bytes, so no download can finish.
+    ``every=False``: once, at the second ranged GET (the download has begun; whether the first part left the
+    server before the new version landed depends on the threads' timing). ``every=True``: before every ranged GET, each time with other bytes, so no download can finish.
     """
 
     def __init__(self, s3_server, bucket: str, key: str, new: bytes, *, every: bool = False) -> None:
@@ -471,7 +471,8 @@ def test_an_object_replaced_between_two_ranged_gets_is_fetched_again_whole(
     assert (tmp_path / "node" / key).read_bytes() == new
     np.testing.assert_array_equal(images, np.load(io.BytesIO(new)))
     st = s3_proxy.stats()[f"{bucket}/big/{key}"]
-    assert st.count("HEAD") == 2 and st.count("GET", 412) >= 1 and st.count("GET", 206) >= 4
+    # One HEAD per version; the parts that met the new version were refused (412), and the new one came whole.
+    assert st.count("HEAD") == 2 and st.count("GET", 412) >= 1 and st.count("GET", 206) >= 3
 
 
 def test_an_object_replaced_mid_download_against_a_manifest_with_checksums_is_refused_in_one_line(
