@@ -18,7 +18,7 @@ lends checksums (a file read again may need hashing).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from operator import attrgetter
 from typing import NamedTuple
@@ -324,18 +324,6 @@ class Reader:
         b = self._batches.popleft()
         block = _Block(self.scan, b.cands, b.names, b.paths, b.heads.result())
         _sort(self.scan, block, b.layout, self.group_fields, self.careful, self.signatures)
-
-
-def read_bulk(scan: Scan, cands: Iterable[Candidate], group_fields: set[str],
-              careful: Callable[[Candidate, Preread], None]) -> dict[tuple, Signature]:
-    """Read every candidate; shards passing the per-file checks are grouped by signature, the others go to ``careful``.
-
-    A signature whose own files differ in row count, or a flat shard whose files write its id
-    in two widths, goes to ``careful`` as well (it names them shard by shard). (A build that
-    starts reading while it discovers uses a ``Reader`` itself.)
-    """
-    with Reader(scan, group_fields, careful) as reader:
-        return reader.finish(list(cands))
 
 
 def _sort(scan: Scan, block: _Block, layout: str, group_fields: set[str],

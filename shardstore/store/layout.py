@@ -35,11 +35,6 @@ def field_file_name(field: str) -> str:
     return f"{field}.npy"
 
 
-def is_temporary(name: str) -> bool:
-    """True for names that writers own while a file or shard is incomplete; readers skip them silently."""
-    return name.startswith(".") or ".tmp" in name or name.endswith((".part", ".partial", "~"))
-
-
 def check_field_name(field: str) -> str:
     """Return ``field`` if it can name a file in both layouts, else raise ``ValueError`` with the rule."""
     if not FIELD_NAME.match(field):

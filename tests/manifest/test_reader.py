@@ -211,3 +211,12 @@ def test_subset_keeps_chosen_shards_in_id_order(native_cache: Path) -> None:
     assert part.snapshot_id != store.snapshot_id
     with pytest.raises(IndexError, match="shard positions must be in \\[0, 3\\)"):
         store.subset([3])
+
+
+def test_relative_path_names_the_file_under_the_root(native_cache: Path) -> None:
+    build_manifest(native_cache)
+    store = ShardStore.open(native_cache)
+    last = store.num_shards - 1
+    rel = store.relative_path(last, "images")
+    assert not Path(rel).is_absolute() and store.root / rel == store.path(last, "images")
+    assert rel == f"shard_{int(store.shard_ids[last]):06d}/images.npy"

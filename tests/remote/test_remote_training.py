@@ -433,7 +433,8 @@ class ReplaceObject:
     """A proxy hook that overwrites ``key`` through the server (not the proxy) before some ranged GETs of it.
 
     ``every=False``: once, at the second ranged GET (the download has begun; whether the first part left the
-    server before the new version landed depends on the threads' timing). ``every=True``: before every ranged GET, each time with other bytes, so no download can finish.
+    server before the new version landed depends on the threads' timing). ``every=True``: before every ranged
+    GET, each time with other bytes, so no download can finish.
     """
 
     def __init__(self, s3_server, bucket: str, key: str, new: bytes, *, every: bool = False) -> None:
