@@ -48,6 +48,9 @@ def _former_spellings(given: dict[str, Any], settings: dict[str, Any]) -> dict[s
         new = FORMER_ARGUMENTS.get(old)
         if new is None:
             raise TypeError(f"RandomShardSubsetCachedDataset() got an unexpected keyword argument {old!r}")
+        if settings[new] != EpochSpec.__dataclass_fields__[new].default and settings[new] != value:
+            raise TypeError(f"RandomShardSubsetCachedDataset() got {new}={settings[new]!r} and its former spelling "
+                            f"{old}={value!r}; pass {new} alone")
         warnings.warn(f"RandomShardSubsetCachedDataset({old}=...) is deprecated; use {new}=..., the name of the "
                       "data_config.yaml key", DeprecationWarning, stacklevel=3)
         renamed[new] = value

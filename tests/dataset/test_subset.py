@@ -145,6 +145,9 @@ def test_the_former_argument_spellings_work_with_a_deprecation_warning(store: Sh
     assert sorted(str(w.message).split(" is deprecated; use ")[1].split("=")[0] for w in caught
                   if w.category is DeprecationWarning) == ["random_subset_seed", "sample_order", "shard_policy"]
     assert {w.filename for w in caught} == {__file__}  # the warning points at the caller's line
+    with pytest.raises(TypeError,
+                       match="random_subset_seed=5 and its former spelling seed=6; pass random_subset_seed"):
+        RandomShardSubsetCachedDataset(store, 3, random_subset_seed=5, seed=6)
     with pytest.raises(TypeError, match="unexpected keyword argument 'shuffle'"):
         RandomShardSubsetCachedDataset(store, 3, shuffle=True)
 
