@@ -68,7 +68,7 @@ def test_one_policy_and_both_spellings(config: Path, capsys: pytest.CaptureFixtu
 
 def test_many_shards_are_abbreviated(config: Path, capsys: pytest.CaptureFixture) -> None:
     config.write_text("cache_root: cache\nshards_per_epoch: 11\n")
-    code, out, _ = run(["coverage", "--data-config", str(config), "--epochs", "1", "--policy", "random"], capsys)
+    code, out, _ = run(["coverage", "--data-config", str(config), "--epochs", "1", "--shard-policy", "random"], capsys)
     assert code == 0
     shown = rows(out, "random")[0][1]
     assert shown.endswith(", ... (+3)") and len(shown.split(", ")) == 9
@@ -118,7 +118,7 @@ def test_plot_without_matplotlib_names_the_extra(config: Path, tmp_path: Path, c
         (["--data-config", "{cfg}"], "Missing option '--epochs'"),
         (["--data-config", "{cfg}", "--epochs", "two"], "Invalid value for '--epochs'"),
         (["--data-config", "{cfg}", "--epochs", "2", "--policy", "permutaton"],
-         "--policy must be random, permutation or both, got 'permutaton'; did you mean 'permutation'?"),
+         "--shard-policy must be random, permutation or both, got 'permutaton'; did you mean 'permutation'?"),
         (["--data-config", "{nocache}", "--epochs", "2"], "does not exist"),
         (["--data-config", "{cfg}", "--epochs", "2", "--plot", "{tmp}/no/such/dir/c.png"], "does not exist; create it"),
     ],

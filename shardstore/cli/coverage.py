@@ -35,8 +35,9 @@ def coverage(
     plot: Annotated[Optional[str], typer.Option("--plot", metavar="FILE.png",
                                                 help="Also draw the curves (each policy and its expectation) "
                                                      "into this PNG; needs matplotlib.")] = None,
-    policy: Annotated[str, typer.Option("--policy", metavar="random|permutation|both",
-                                        help="The shard policy to draw epochs with.")] = "both",
+    policy: Annotated[str, typer.Option("--shard-policy", "--policy", metavar="random|permutation|both",
+                                        help="The shard_policy to draw epochs with (--policy: the former "
+                                             "spelling).")] = "both",
 ) -> None:
     """Per epoch: the shards each policy takes and the share of the cache's samples seen so far.
 
@@ -94,7 +95,7 @@ def _policies(policy: str) -> tuple[str, ...]:
         return (policy,)
     close = difflib.get_close_matches(policy, [*POLICIES, "both"], n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ConfigError(f"--policy must be random, permutation or both, got {policy!r}{hint}")
+    raise ConfigError(f"--shard-policy must be random, permutation or both, got {policy!r}{hint}")
 
 
 def _ids(ids: np.ndarray) -> str:
