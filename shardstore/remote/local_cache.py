@@ -275,12 +275,30 @@ class _Download:
 _caches: weakref.WeakSet[LocalCache] = weakref.WeakSet()
 
 
+_forking: list[threading.Lock] = []  # the descriptor locks the forking thread holds across a fork
+
+
+def _before_fork() -> None:
+    """No lock descriptor is half-registered while the process forks: a child must know every one to close it
+    (a copy it kept would hold the parent's flock after the parent died, until the child exits)."""
+    for cache in list(_caches):
+        guard = getattr(cache, "_fd_guard", None)
+        if guard is not None and guard.acquire(timeout=5):
+            _forking.append(guard)
+
+
+def _after_fork_in_parent() -> None:
+    while _forking:
+        _forking.pop().release()
+
+
 def _after_fork_in_child() -> None:
+    _forking.clear()  # the child's copies of those locks are replaced by _forget_parent
     for cache in list(_caches):
         cache._forget_parent()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 
 
 class LocalCache:
@@ -340,6 +358,7 @@ class LocalCache:
                 os.close(fd)
         self._pid = os.getpid()
         self._mutex = threading.Lock()
+        self._fd_guard = threading.Lock()           # held while a lock descriptor is opened and registered
         self._fds: set[int] = set()                 # every lock descriptor this process has open
         self._pins: dict[str, list[int]] = {}       # name -> [descriptor holding LOCK_SH, count]
         self._pool: ThreadPoolExecutor | None = None
@@ -405,15 +424,20 @@ class LocalCache:
         """A new descriptor of ``name``'s lock file (flocks belong to it alone); None if absent and not ``create``."""
         path = self._lock_path(name)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            return self._open_tracked(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
             if not create:
                 return None
             # A new name in locks/ can grow that directory: created under space.lock like every allocation.
-            fd = self._reserve(name, _dir_growth(1), deadline,
-                               lambda: os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644))
-        with self._mutex:
-            self._fds.add(fd)
+            return self._reserve(name, _dir_growth(1), deadline,
+                                 lambda: self._open_tracked(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC))
+
+    def _open_tracked(self, path: str, flags: int) -> int:
+        """Open a lock file and register the descriptor, with no fork in between (see ``_before_fork``)."""
+        with self._fd_guard:
+            fd = os.open(path, flags, 0o644)
+            with self._mutex:
+                self._fds.add(fd)
         return fd
 
     def _close_lock(self, fd: int) -> None:
@@ -437,9 +461,7 @@ class LocalCache:
 
     @contextlib.contextmanager
     def _space_locked(self, deadline: float | None) -> Iterator[None]:
-        fd = os.open(self._space, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        with self._mutex:
-            self._fds.add(fd)
+        fd = self._open_tracked(self._space, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
         try:
             while not _try_flock(fd, fcntl.LOCK_EX):
                 if deadline is not None and time.monotonic() >= deadline:

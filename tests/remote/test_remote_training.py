@@ -289,7 +289,9 @@ def kill_victim(server: RankServer, pids: dict[int, int], victim: int, config: d
     pids[victim] = restarted = server.start(config)
     opened = Path(config["out"] + ".opened")
     assert wait_for(lambda: opened.exists() and opened.read_text() == str(restarted), 30)
-    assert of_pid(temporaries(node), pid) == []  # gone once the restarted rank has opened the store
+    # Gone once the restarted rank has opened the store, or, when another process held the shard's lock at that
+    # moment (taking the download over, or removing them itself), as soon as that one has.
+    assert wait_for(lambda: of_pid(temporaries(node), pid) == [], 2), of_pid(temporaries(node), pid)
     return midway
 
 
