@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
+import numpy as np
 import pytest
 
 from tests.remote.s3server import CREDENTIALS, FaultProxy, S3Server
@@ -47,3 +49,21 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, s3_proxy: FaultProxy) -> dict[str, 
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return env
+
+
+def read_epochs(loader: Any, epochs: Iterable[int]) -> list[dict[str, np.ndarray]]:
+    """Every batch a ``ShardLoader`` yields over ``epochs``, copied out of its ring."""
+    out = []
+    for epoch in epochs:
+        loader.set_epoch(epoch)
+        out += [{k: v.numpy().copy() for k, v in b.items()} for b in loader]
+    return out
+
+
+def assert_same(got: list[dict[str, np.ndarray]], want: list[dict[str, np.ndarray]]) -> None:
+    """The same non-empty list of batches, field by field."""
+    assert len(got) == len(want) and want
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.keys() == b.keys(), i
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=f"batch {i}, field {name}")

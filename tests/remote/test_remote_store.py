@@ -15,6 +15,7 @@ from shardstore.loader.shard_loader import ShardLoader
 from shardstore.manifest.build import build_manifest
 from shardstore.store.reader import ShardStore
 from tests.conftest import write_native
+from tests.remote.conftest import assert_same, read_epochs
 
 
 def _cache(tmp_path: Path, n: int = 256, shard: int = 16) -> Path:
@@ -33,22 +34,6 @@ def _du(path: Path) -> int:
             except FileNotFoundError:
                 pass
     return total
-
-
-def _batches(loader: ShardLoader, epochs: list[int]) -> list[dict[str, np.ndarray]]:
-    out = []
-    for e in epochs:
-        loader.set_epoch(e)
-        out += [{k: v.numpy().copy() for k, v in b.items()} for b in loader]
-    return out
-
-
-def _same(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]]) -> None:
-    assert len(a) == len(b) and a
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k])
 
 
 def test_a_file_url_reads_every_sample_the_local_store_reads(tmp_path: Path) -> None:
@@ -79,7 +64,7 @@ def test_s3_epochs_equal_the_local_store_and_fetch_each_shard_once(tmp_path: Pat
         return ShardLoader(ds, batch_size=8, num_threads=2)
 
     with loader_of(local) as a, loader_of(store) as b:
-        _same(_batches(a, [0, 1, 2]), _batches(b, [0, 1, 2]))
+        assert_same(read_epochs(a, [0, 1, 2]), read_epochs(b, [0, 1, 2]))
     stats = s3_proxy.stats()
     sizes = {f"{bucket}/cache/{p.relative_to(root)}": p.stat().st_size for p in root.rglob("*.npy")}
     fetched = {k: v for k, v in stats.items() if k in sizes and v.body_bytes}

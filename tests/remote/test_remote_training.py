@@ -25,6 +25,7 @@ from shardstore.remote.local_cache import BOOKKEEPING
 from shardstore.remote.objects import RemoteError
 from shardstore.store.reader import ShardStore
 from tests.conftest import write_native
+from tests.remote.conftest import assert_same, read_epochs
 from tests.remote.rank_worker import (
     ROOT,
     RankServer,
@@ -355,20 +356,8 @@ def loader_batches(store: ShardStore, epochs: list[int], *, shards_per_epoch: in
 
     ds = RandomShardSubsetCachedDataset(store, shards_per_epoch=shards_per_epoch, random_subset_seed=seed,
                                         batch_size=batch_size)
-    out = []
     with ShardLoader(ds, batch_size=batch_size, num_threads=2) as loader:
-        for epoch in epochs:
-            loader.set_epoch(epoch)
-            out += [{k: v.numpy().copy() for k, v in b.items()} for b in loader]
-    return out
-
-
-def assert_same(got: list[dict[str, np.ndarray]], want: list[dict[str, np.ndarray]]) -> None:
-    assert len(got) == len(want) and want
-    for i, (a, b) in enumerate(zip(got, want)):
-        assert a.keys() == b.keys(), i
-        for name in a:
-            np.testing.assert_array_equal(a[name], b[name], err_msg=f"batch {i}, field {name}")
+        return read_epochs(loader, epochs)
 
 
 def test_a_third_of_requests_answered_503_slowdown_cost_bounded_retries(
