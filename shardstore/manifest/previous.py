@@ -30,6 +30,7 @@ from shardstore.store.manifest import (
     shard_file_path,
 )
 from shardstore.store.manifest_json import CHECKSUM, parse_header
+from shardstore.store.npy import load_array
 from shardstore.store.snapshot import (
     TABLE_DIR,
     TABLE_NAME,
@@ -148,7 +149,7 @@ def salvage(root: Path) -> tuple[dict[str, FileEntry], bool]:
 def _column(resolved_root: str, directory: Path, name: str) -> np.ndarray:
     fd = open_within(resolved_root, directory / f"{name}.npy", f"{TABLE_DIR}/{directory.name}/{name}.npy")
     with os.fdopen(fd, "rb") as f:
-        return np.load(f, allow_pickle=False)
+        return load_array(f)
 
 
 def _salvage_table(root: Path, doc: dict) -> dict[str, FileEntry]:

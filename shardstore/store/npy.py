@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import math
 import os
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import IO
 
 import numpy as np
 from numpy.lib import format as npformat
@@ -15,6 +17,11 @@ from shardstore.errors import ShardstoreError
 
 MAGIC = b"\x93NUMPY"
 MAX_HEADER_BYTES = 10_000  # NumPy's own default limit for untrusted headers
+
+# NumPy parses a header with ``ast.literal_eval``, and CPython 3.11 builds AST objects with a recursion counter
+# that threads share: two threads parsing at once can fail with "SystemError: AST constructor recursion depth
+# mismatch". Every header parse and ``np.load`` here holds this lock (headers are cached, loads map: it is short).
+_PARSE_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -42,8 +49,15 @@ def _parse(version: tuple[int, int], length_and_header: bytes) -> tuple[tuple[in
     # Shards of one cache share a handful of distinct headers, so NumPy parses each only once.
     f = io.BytesIO(length_and_header)
     reader = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
-    shape, fortran_order, dtype = reader(f)
+    with _PARSE_LOCK:
+        shape, fortran_order, dtype = reader(f)
     return tuple(int(d) for d in shape), bool(fortran_order), np.dtype(dtype)
+
+
+def load_array(file: str | os.PathLike[str] | IO[bytes], *, mmap: bool = False) -> np.ndarray:
+    """``np.load`` of a plain array (never a pickle), memory-mapped read-only with ``mmap``, safe in any thread."""
+    with _PARSE_LOCK:
+        return np.load(file, mmap_mode="r" if mmap else None, allow_pickle=False)
 
 
 class NotNpyError(ValueError):
@@ -146,6 +160,6 @@ def open_npy(path: str | os.PathLike[str]) -> np.ndarray:
         raise ShardstoreError(f"{where}: header promises {header.file_bytes:,} bytes, file has {st.st_size:,} "
                               "(truncated); write the file again")
     try:
-        return np.load(where, mmap_mode="r", allow_pickle=False)
+        return load_array(where, mmap=True)
     except (OSError, ValueError) as exc:  # changed since the header was read
         raise ShardstoreError(f"{where}: not a readable .npy array ({' '.join(str(exc).split())})") from None

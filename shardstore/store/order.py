@@ -23,6 +23,7 @@ import numpy as np
 from shardstore.errors import ShardstoreError
 from shardstore.store.atomic import write_bytes_atomic
 from shardstore.store.layout import NATIVE_DIR, field_file_name, shard_dir_name
+from shardstore.store.npy import load_array
 from shardstore.store.writer import ShardWriter
 
 ORDER_FILE = "order.json"
@@ -145,7 +146,7 @@ def resume_position(writer: ShardWriter, order: np.ndarray, start: int, stop: in
     damaged = (f"an image ingest resumes after the last source row recorded there; delete {shard_dir} "
                "(it is written again) and run again")
     try:
-        ids = np.load(ids_path, mmap_mode="r", allow_pickle=False)
+        ids = load_array(ids_path, mmap=True)
     except FileNotFoundError:
         raise ShardstoreError(
             f"{shard_dir} has no ids.npy: an image ingest resumes after the last source row its shards record, so it "

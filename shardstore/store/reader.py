@@ -14,6 +14,7 @@ from shardstore import kernels
 from shardstore.errors import ManifestError
 from shardstore.store.manifest import FieldSpec, Manifest, ShardList
 from shardstore.store.mmaps import MapCache, map_array, shrunk_error
+from shardstore.store.npy import load_array
 from shardstore.store.snapshot import TABLE_DIR, check_columns, manifest_path, read_manifest
 
 if TYPE_CHECKING:
@@ -431,7 +432,7 @@ def _reopen_table(fields: dict[str, FieldSpec], table: dict[str, Any]) -> Manife
     for column, (dtype, shape) in table["columns"].items():
         path = directory / f"{column}.npy"
         try:
-            array = np.load(path, mmap_mode="r" if shape[0] else None, allow_pickle=False)
+            array = load_array(path, mmap=bool(shape[0]))
         except FileNotFoundError:
             raise ManifestError(f"{directory}: the manifest snapshot this store was opened on has been replaced "
                                 "twice since; open the store again") from None

@@ -49,6 +49,7 @@ from shardstore.store.manifest_json import (
     parse_legacy,
     rebuild_fix,
 )
+from shardstore.store.npy import load_array
 
 TABLE_DIR = "manifest.d"
 TABLE_NAME = re.compile(r"^[0-9a-f]{16}-[0-9a-f]{8}\Z")
@@ -282,9 +283,9 @@ def _load_column(path: Path, dtype: np.dtype, shape: tuple) -> np.ndarray:
                             "a table holds only its own files")
     try:
         if shape[0] == 0:
-            array = np.load(path, allow_pickle=False)
+            array = load_array(path)
         else:
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            array = load_array(path, mmap=True)
     except FileNotFoundError:
         if not path.parent.exists():
             raise _TableReplaced() from None
