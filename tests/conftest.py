@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,25 @@ def sample_arrays(n: int, start: int = 0) -> dict[str, np.ndarray]:
         "labels": (idx % 7).astype(np.int64),
         "feats": (idx[:, None] * np.array([1.0, -0.5, 0.25], dtype=np.float16)).astype(np.float16),
     }
+
+
+def errors_in_threads(target: Callable[[int], object], count: int = 8) -> list[BaseException]:
+    """Run ``target(0)`` ... ``target(count - 1)`` in as many threads released at once; what they raised."""
+    barrier, errors = threading.Barrier(count), []
+
+    def run(n: int) -> None:
+        try:
+            barrier.wait()
+            target(n)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
 
 
 def write_native(root: Path, n: int, shard_size: int, **kwargs) -> Path:

@@ -14,7 +14,7 @@ from shardstore.errors import ConfigError, ShardstoreError
 from shardstore.loader.shard_loader import ShardLoader
 from shardstore.manifest.build import build_manifest
 from shardstore.store.reader import ShardStore
-from tests.conftest import write_native
+from tests.conftest import errors_in_threads, write_native
 from tests.remote.conftest import assert_same, read_epochs
 
 
@@ -99,28 +99,14 @@ def test_one_local_cache_serves_one_bucket_prefix(tmp_path: Path) -> None:
 def test_the_claim_is_never_seen_half_written_and_an_empty_one_is_replaced(tmp_path: Path) -> None:
     """A rank killed between creating the claim and writing it (an older version wrote it in place) left an empty
     file that refused every later open; ranks opening at once never see a claim that is still being written."""
-    import threading
-
     a = _cache(tmp_path / "a")
     node = tmp_path / "node"
     (node / ".shardstore").mkdir(parents=True)
     (node / ".shardstore" / "source").write_text("")
     ShardStore.open(f"file://{a}", local_cache=node, cache_limit="64MB")
     assert (node / ".shardstore" / "source").read_text() == f"file://{a}\n"
-    errors: list[BaseException] = []
-
-    def open_it(n: int) -> None:
-        try:
-            ShardStore.open(f"file://{a}", local_cache=tmp_path / f"fresh{n % 2}", cache_limit="64MB")
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    threads = [threading.Thread(target=open_it, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert errors_in_threads(lambda n: ShardStore.open(f"file://{a}", local_cache=tmp_path / f"fresh{n % 2}",
+                                                       cache_limit="64MB")) == []
     assert sorted(p.name for p in (node / ".shardstore").iterdir() if p.name.startswith(".source-")) == []
 
 
