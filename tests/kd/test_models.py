@@ -106,6 +106,7 @@ def test_residual_blocks_start_with_zero_gamma_and_kaiming_convs() -> None:
     assert abs(conv.weight.std().item() - expected_std) / expected_std < 0.1
 
 
+@pytest.mark.slow  # over 0.3 s
 def test_small_input_stem_keeps_resolution() -> None:
     big = resnet(18, 10)
     small = resnet(18, 10, small_input=True)

@@ -87,6 +87,7 @@ def test_keyboard_interrupt_while_waiting_for_data(store: ShardStore) -> None:
     assert no_threads_within(5)
 
 
+@pytest.mark.slow  # over 0.3 s
 def test_garbage_collection_and_close_stop_the_threads(store: ShardStore) -> None:
     loader = ShardLoader(make(store))
     assert sum(1 for _ in loader) == len(loader)

@@ -104,6 +104,7 @@ def test_arguments_are_checked(tree: tuple[int, list[bytes]]) -> None:
     assert len(empty) == 0 and empty.heads.shape == (0, 16)
 
 
+@pytest.mark.slow  # over 0.3 s
 @settings(max_examples=40, deadline=None)
 @given(sizes=st.lists(st.integers(0, 700), min_size=1, max_size=12), width=st.integers(0, 600),
        offset=st.integers(0, 800))

@@ -158,6 +158,7 @@ def test_object_stamp_changes_with_the_etag_within_one_second() -> None:
 # -- against the S3 server ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # over 0.3 s
 def test_native_cache_in_s3_gets_the_manifest_a_local_build_writes(tmp_path, s3_server, bucket, aws_env, s3_proxy,
                                                                    recorder) -> None:
     local = write_native(tmp_path / "cache", range(5), rows={4: 9})

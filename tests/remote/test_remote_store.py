@@ -169,6 +169,7 @@ def test_eviction_order_follows_the_seeded_schedule(tmp_path: Path) -> None:
     assert [int(m.ids[p]) for m, p, _ in remote._next] == ids_of(4)
 
 
+@pytest.mark.slow  # over 0.3 s
 def test_a_store_nobody_uses_any_more_stops_its_prefetch_threads(tmp_path: Path) -> None:
     import gc
     import threading
