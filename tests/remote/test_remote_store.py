@@ -175,22 +175,23 @@ def test_a_store_nobody_uses_any_more_stops_its_prefetch_threads(tmp_path: Path)
     import threading
     import time
 
+    def prefetchers() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("shardstore-prefetch")}
+
+    others = prefetchers()  # of stores earlier tests still hold: not this test's business
     root = _cache(tmp_path)
     store = ShardStore.open(f"file://{root}", local_cache=tmp_path / "node", cache_limit="64MB")
     ds = RandomShardSubsetCachedDataset(store, shards_per_epoch=4, random_subset_seed=3, batch_size=8)
     ds.set_epoch(0)
     progress = store.remote._progress_path
-
-    def prefetchers() -> list[threading.Thread]:
-        return [t for t in threading.enumerate() if t.name.startswith("shardstore-prefetch")]
-
-    assert prefetchers() and progress.exists()
+    mine = prefetchers() - others
+    assert mine and progress.exists()
     del store, ds
     deadline = time.monotonic() + 5
-    while prefetchers() and time.monotonic() < deadline:
+    while mine & prefetchers() and time.monotonic() < deadline:
         gc.collect()
         time.sleep(0.05)
-    assert not prefetchers(), "prefetch threads outlived their store"
+    assert not mine & prefetchers(), "prefetch threads outlived their store"
     assert not progress.exists()
 
 
