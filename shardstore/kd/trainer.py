@@ -85,9 +85,15 @@ class _LogWindow:
 
     @classmethod
     def start(cls, loader: ShardLoader, now: float) -> _LogWindow:
-        remote = loader.store.remote
-        return cls(loader, now, loader.stats.total_s, remote_s=loader.stats.remote_s,
-                   downloaded=remote.cache.stats.bytes_downloaded if remote is not None else 0)
+        window = cls(loader, now, 0.0)
+        window.restart(now)
+        return window
+
+    def restart(self, now: float) -> None:
+        """Begin a new window at ``now``: no samples yet, the loader's wait and download counters as they stand."""
+        stats, remote = self.loader.stats, self.loader.store.remote
+        self.began, self.samples, self.wait_s, self.remote_s = now, 0, stats.total_s, stats.remote_s
+        self.downloaded = remote.cache.stats.bytes_downloaded if remote is not None else 0
 
     def figures(self, world_size: int) -> dict[str, float]:
         """The window's throughput, share of time waiting for data and, from object storage, its downloads; then
@@ -101,9 +107,7 @@ class _LogWindow:
             values |= {"remote_wait_frac": (stats.remote_s - self.remote_s) / span,
                        "download_MBps": (cache.bytes_downloaded - self.downloaded) / span / 1e6,
                        "local_cache_GB": cache.usage_bytes / 1e9, "local_cache_limit_GB": remote.limit / 1e9}
-        fresh = _LogWindow.start(self.loader, now)
-        self.began, self.wait_s, self.samples, self.remote_s, self.downloaded = (
-            fresh.began, fresh.wait_s, 0, fresh.remote_s, fresh.downloaded)
+        self.restart(now)
         return values
 
 

@@ -25,7 +25,7 @@ from shardstore.remote.local_cache import BOOKKEEPING
 from shardstore.remote.objects import RemoteError
 from shardstore.store.reader import ShardStore
 from tests.conftest import write_native
-from tests.remote.conftest import assert_same, read_epochs
+from tests.remote.conftest import assert_same, du, read_epochs
 from tests.remote.rank_worker import (
     ROOT,
     RankServer,
@@ -57,18 +57,6 @@ def open_remote():
     for store in stores:
         store.remote.close()
         store.remote.cache.close()
-
-
-def du(path: Path) -> int:
-    """What ``du`` counts: allocated blocks of ``path`` and of every file and directory under it."""
-    total = os.lstat(path).st_blocks * 512
-    for dirpath, dirnames, filenames in os.walk(path):
-        for name in dirnames + filenames:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-            except FileNotFoundError:
-                pass
-    return total
 
 
 class DuWatcher:
